@@ -1,0 +1,37 @@
+# Two set-up commands on a fresh machine: `make demo` and `make test`. Both create .venv when it is
+# missing and install llmopt with torch pinned through constraints.txt (an unpinned torch pulls
+# gigabytes of CUDA packages).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+# The console script and `ray` of the venv come first (tests run `llmopt`, later `ray start`).
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: install demo test lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+demo: install
+	$(BIN)/python -m jobs.demo
+
+lint: install
+	$(BIN)/ruff check platform jobs tests
+	$(BIN)/ruff format --check platform jobs tests
+	$(BIN)/lint-imports
+
+format: install
+	$(BIN)/ruff format platform jobs tests
+	$(BIN)/ruff check --fix platform jobs tests
+
+test: lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

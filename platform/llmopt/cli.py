@@ -1,0 +1,319 @@
+"""`llmopt` command line: thin commands that parse, load the config and call the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from llmopt.config import (
+    ConfigError,
+    backend_errors,
+    dump_config,
+    get_template,
+    load_config,
+    rule_based_recommendation,
+    templates,
+    validate_config,
+)
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Search, fine-tune and serve LLMs on Ray.")
+config_app = typer.Typer(no_args_is_help=True, help="Validate, show and list run configs.")
+models_app = typer.Typer(no_args_is_help=True, help="Build and inspect models of the zoo.")
+data_app = typer.Typer(no_args_is_help=True, help="Generate and inspect datasets.")
+app.add_typer(config_app, name="config")
+app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
+
+console = Console()
+err = Console(stderr=True)
+
+Overrides = Annotated[list[str] | None, typer.Argument(help="Overrides as a.b=value (YAML values).")]
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _load(path: Path | None, overrides: list[str] | None):
+    try:
+        return load_config(path, overrides or [])
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _split_args(args: list[str] | None) -> tuple[list[Path], list[str]]:
+    """Positional arguments holding `=` are overrides; the others are config files."""
+    args = args or []
+    return [Path(a) for a in args if "=" not in a], [a for a in args if "=" in a]
+
+
+ConfigArgs = Annotated[
+    list[str] | None, typer.Argument(help="Config YAML file(s) and a.b=value overrides (YAML values).")
+]
+
+
+@config_app.command("validate")
+def config_validate(
+    args: ConfigArgs = None,
+    target: Annotated[
+        str, typer.Option(help="`any`, or `train` to also check the training backend.")
+    ] = "any",
+) -> None:
+    """Validate config files, reporting every error with its field path and the fix."""
+    if target not in ("any", "train"):
+        raise _fail(f"--target {target!r} must be 'any' or 'train'", 2)
+    files, overrides = _split_args(args)
+    if not files:
+        raise _fail("give at least one config file, e.g. `llmopt config validate jobs/configs/*.yaml`", 2)
+    failed = 0
+    for path in files:
+        try:
+            config = load_config(path, overrides)
+            problems = backend_errors(config) if target == "train" else []
+        except ConfigError as exc:
+            failed += 1
+            err.print(f"[red]✗[/] {exc}", highlight=False)
+            continue
+        if problems:
+            failed += 1
+            listed = "\n".join(f"  - {p}" for p in problems)
+            err.print(f"[red]✗[/] {len(problems)} backend error(s) in {path}:\n{listed}", highlight=False)
+        else:
+            console.print(f"[green]✓[/] {path}", highlight=False)
+    if failed:
+        raise typer.Exit(2)
+
+
+@config_app.command("show")
+def config_show(
+    args: ConfigArgs = None,
+    template: Annotated[str | None, typer.Option(help="Start from this template.")] = None,
+) -> None:
+    """Print the fully resolved config (every field, defaults included) as YAML."""
+    files, overrides = _split_args(args)
+    if len(files) > 1:
+        raise _fail(f"show takes one config file, got {len(files)}", 2)
+    if template:
+        overrides.insert(0, f"template={template}")
+    sys.stdout.write(dump_config(_load(files[0] if files else None, overrides)))
+
+
+@config_app.command("templates")
+def config_templates(
+    name: Annotated[str | None, typer.Argument(help="Show this template's settings as YAML.")] = None,
+) -> None:
+    """List the seed system's strategy templates (the search's baseline)."""
+    if name:
+        try:
+            tpl = get_template(name)
+        except ConfigError as exc:
+            raise _fail(str(exc), 2) from None
+        import yaml
+
+        sys.stdout.write(f"# {tpl.description}\n" + yaml.safe_dump(tpl.overlay, sort_keys=False))
+        return
+    table = Table("template", "description", title="Strategy templates (use `template: NAME` in a config)")
+    for tpl in templates().values():
+        validate_config({"template": tpl.name})  # shipped data must stay valid
+        table.add_row(tpl.name, tpl.description)
+    console.print(table)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List the built-in presets."""
+    from llmopt.models import PRESETS
+
+    table = Table("preset", "architecture", "built by default", "description")
+    for p in PRESETS.values():
+        table.add_row(p.name, p.model_type, "yes" if p.default_test else "on demand", p.description)
+    console.print(table)
+
+
+@models_app.command("build")
+def models_build(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="Presets to build; default: the tiny ones.")
+    ] = None,
+    all_presets: Annotated[
+        bool, typer.Option("--all", help="Also build the ~100M benchmark preset.")
+    ] = False,
+) -> None:
+    """Build presets into the content-addressed cache (instant when already built)."""
+    import time
+
+    from llmopt.models import PRESETS, ModelLoadError, build_preset
+
+    _quiet_transformers()
+    chosen = names or [p.name for p in PRESETS.values() if p.default_test or all_presets]
+    for name in chosen:
+        start = time.perf_counter()
+        try:
+            path = build_preset(name)
+        except ModelLoadError as exc:
+            raise _fail(str(exc)) from None
+        console.print(f"{name}: {path} ({time.perf_counter() - start:.1f} s)", highlight=False)
+
+
+@models_app.command("info")
+def models_info(
+    model: Annotated[str, typer.Argument(help="Preset name, local directory or hub id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Parameter count and weight memory at each dtype (computed without loading weights)."""
+    from llmopt.models import ModelLoadError, model_info
+
+    _quiet_transformers()
+    try:
+        info = model_info(model)
+    except ModelLoadError as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        print(json.dumps(info.to_dict(), indent=2))
+        return
+    table = Table("property", "value", title=f"{model} ({info.model_type})")
+    table.add_row("parameters", f"{info.num_parameters:,}")
+    table.add_row("  in linear layers (quantizable)", f"{info.linear_parameters:,}")
+    table.add_row("  in the input embedding", f"{info.embedding_parameters:,}")
+    table.add_row("layers / hidden / vocab", f"{info.num_layers} / {info.hidden_size} / {info.vocab_size}")
+    table.add_row("context", str(info.max_position_embeddings))
+    if info.num_experts:
+        table.add_row("experts (per token)", f"{info.num_experts} ({info.experts_per_token})")
+    for dtype, size in info.weight_bytes.items():
+        table.add_row(f"weights at {dtype}", _human_bytes(size))
+    console.print(table)
+
+
+@app.command("recommend")
+def recommend(
+    model: Annotated[str, typer.Option("--model", "-m", help="Preset name, local directory or hub id.")],
+    mode: Annotated[str, typer.Option(help="`train` or `inference`.")] = "train",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the config YAML here.")] = None,
+) -> None:
+    """Apply the seed's rule-based strategy selection by model size (the search's baseline)."""
+    from llmopt.models import ModelLoadError, model_info
+
+    if mode not in ("train", "inference"):
+        raise _fail(f"--mode {mode!r} must be 'train' or 'inference'", 2)
+    _quiet_transformers()
+    try:
+        info = model_info(model)
+    except ModelLoadError as exc:
+        raise _fail(str(exc)) from None
+    rec = rule_based_recommendation(info.num_parameters, mode)  # type: ignore[arg-type]
+    data = {"model": {"name_or_path": model}, **rec.config_data()}
+    config = validate_config(data)
+    console.print(
+        f"[bold]{model}[/]: {info.num_parameters:,} parameters → tier {rec.tier}, "
+        f"template [bold]{rec.template}[/]",
+        highlight=False,
+    )
+    for reason in rec.reasons:
+        console.print(f"  • {reason}", highlight=False)
+    for problem in backend_errors(config) if mode == "train" else []:
+        console.print(f"  [yellow]! not trainable on this backend as is:[/] {problem}", highlight=False)
+    text = dump_config(config, output)
+    if output:
+        console.print(f"config written to {output}", highlight=False)
+    else:
+        sys.stdout.write(text)
+
+
+@app.command("eval")
+def eval_command(
+    config_file: Annotated[Path | None, typer.Option("--config", "-c", help="Run config YAML.")] = None,
+    overrides: Overrides = None,
+    split: Annotated[str | None, typer.Option(help="Split to evaluate; default data.eval_split.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the result as JSON.")] = None,
+) -> None:
+    """Exact match and response loss of the config's model on the held-out split (in this process)."""
+    from llmopt.data import DatasetError
+    from llmopt.evaluation import evaluate_config, set_torch_threads
+    from llmopt.models import ModelLoadError
+
+    config = _load(config_file, overrides)
+    _quiet_transformers()
+    set_torch_threads(config.resources.cpus_per_worker)
+    try:
+        result, seconds = evaluate_config(config, split)
+    except (ModelLoadError, DatasetError) as exc:
+        raise _fail(str(exc)) from None
+    console.print(
+        f"{config.model.name_or_path} on {config.data.dataset}/{split or config.data.eval_split}: "
+        f"exact match {result.exact_match:.1%} ({result.num_correct}/{result.num_examples}), "
+        f"loss {result.loss:.4f} ({seconds:.1f} s)",
+        highlight=False,
+    )
+    for sample in result.samples[:3]:
+        console.print(f"  expected {sample['expected']!r}, got {sample['completion']!r}", highlight=False)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result.to_dict(), indent=2))
+
+
+@data_app.command("generate")
+def data_generate(
+    task: Annotated[str, typer.Option(help="Task: reverse, sort or add.")] = "reverse",
+    out_dir: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("."),
+    num_train: Annotated[int, typer.Option(help="Training rows.")] = 3000,
+    num_test: Annotated[int, typer.Option(help="Held-out rows.")] = 300,
+    seed: Annotated[int, typer.Option(help="RNG seed.")] = 0,
+) -> None:
+    """Generate a synthetic task as <task>.train.jsonl / <task>.test.jsonl (the shipped data's generator)."""
+    from llmopt.data import write_task
+
+    try:
+        written = write_task(task, out_dir, num_train=num_train, num_test=num_test, seed=seed)
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+    for split, path in written.items():
+        console.print(f"{split}: {path}", highlight=False)
+
+
+@data_app.command("show")
+def data_show(
+    dataset: Annotated[str, typer.Argument(help="Built-in name, JSONL file or directory.")] = "reverse",
+    split: Annotated[str, typer.Option(help="Split.")] = "train",
+    rows: Annotated[int, typer.Option(help="Rows to print.")] = 3,
+) -> None:
+    """Count a dataset's rows and print a few."""
+    from llmopt.data import DatasetError, load_rows
+
+    try:
+        loaded = load_rows(dataset, split)
+    except DatasetError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"{dataset}/{split}: {len(loaded)} rows", highlight=False)
+    for row in loaded[:rows]:
+        console.print(json.dumps(row, ensure_ascii=False), highlight=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,415 @@
+"""The one configuration schema of an llmopt run (pydantic v2, unknown keys rejected).
+
+Every section is its own model so that training, search, serving and the KubeRay builders
+can take just the part they need. Cross-field checks live next to the fields they relate and
+name both values plus the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=False)
+
+
+class ModelConfig(StrictModel):
+    """Which model to load and how."""
+
+    name_or_path: str = Field(
+        "tiny-llama",
+        description="A built-in preset (see `llmopt models info`), a local directory written by "
+        "`save_pretrained`, or a Hugging Face model id.",
+    )
+    tokenizer: str | None = Field(
+        None, description="Tokenizer preset, path or id; defaults to the model's own tokenizer."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a model id.")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model repo.")
+    max_seq_len: int = Field(
+        256, ge=8, le=1_048_576, description="Longest sequence (prompt + response) in tokens."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel passed to `from_pretrained`."
+    )
+
+
+class DataConfig(StrictModel):
+    """Training and evaluation data."""
+
+    dataset: str = Field(
+        "reverse",
+        description="A built-in dataset name (`reverse`) or a path to a JSONL file / directory "
+        "holding train.jsonl and test.jsonl, rows in prompt/response or chat (`messages`) form.",
+    )
+    train_split: str = Field("train", description="Split used for training.")
+    eval_split: str = Field("test", description="Held-out split used for evaluation.")
+    format: Literal["auto", "prompt_response", "chat"] = Field(
+        "auto", description="Row format; `auto` detects `messages` (chat) or `prompt`/`response`."
+    )
+    prompt_template: str = Field(
+        "### Instruction:\n{prompt}\n### Response:\n",
+        description="Template for prompt/response rows; must contain `{prompt}`. Chat rows use the "
+        "tokenizer's chat template instead.",
+    )
+    mask_prompt: bool = Field(True, description="Exclude prompt tokens from the loss (labels = -100).")
+    packing: bool = Field(False, description="Pack several examples into each max_seq_len block.")
+    max_train_samples: int | None = Field(None, ge=1, description="Use at most this many training rows.")
+    max_eval_samples: int | None = Field(None, ge=1, description="Use at most this many held-out rows.")
+
+    @model_validator(mode="after")
+    def _template_has_prompt(self) -> DataConfig:
+        if "{prompt}" not in self.prompt_template:
+            raise ValueError(
+                f"data.prompt_template={self.prompt_template!r} has no '{{prompt}}' placeholder; "
+                "add '{prompt}' where the row's prompt goes"
+            )
+        return self
+
+
+class LoraConfig(StrictModel):
+    """Low-rank adapters through peft (QLoRA when `quantization.mode` is int8 or nf4)."""
+
+    enabled: bool = Field(True, description="Train LoRA adapters; false means a full fine-tune.")
+    r: int = Field(8, ge=1, le=4096, description="Adapter rank.")
+    alpha: float = Field(16.0, gt=0, description="Scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[str] | Literal["auto", "all-linear"] = Field(
+        "auto",
+        description="Module names to adapt; `auto` uses the per-architecture preset "
+        "(attention projections), `all-linear` every linear layer but the head.",
+    )
+    target_parameters: list[str] = Field(
+        default_factory=list,
+        description="3-D parameters to adapt (fused MoE experts, e.g. `mlp.experts.gate_up_proj`).",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Modules trained in full next to the adapters (e.g. `lm_head`)."
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+
+
+class QuantizationConfig(StrictModel):
+    """Weight quantization of the base model for training (QLoRA through bitsandbytes)."""
+
+    mode: Literal["none", "int8", "nf4"] = Field("none", description="Base-weight quantization.")
+    compute_dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Dtype of the de-quantized matmuls (fp32 on CPU)."
+    )
+    double_quant: bool = Field(True, description="Quantize the nf4 scales too (saves ~0.4 bit/param).")
+
+
+class MoEConfig(StrictModel):
+    """Mixture-of-experts: fine-tune an MoE model, or upcycle a dense one."""
+
+    mode: Literal["none", "finetune", "upcycle"] = Field(
+        "none", description="`finetune` an MoE model, `upcycle` a dense model into an MoE, or `none`."
+    )
+    adapter_targets: list[Literal["attention", "experts", "router", "shared_expert"]] = Field(
+        default_factory=lambda: ["attention"],
+        description="Which parts of an MoE model get LoRA adapters.",
+    )
+    router_aux_loss_coef: float = Field(
+        0.01, ge=0.0, le=10.0, description="Weight of the router load-balancing auxiliary loss."
+    )
+    num_experts: int = Field(8, ge=2, le=1024, description="Experts per layer when upcycling.")
+    top_k: int = Field(2, ge=1, description="Experts each token is routed to.")
+
+    @model_validator(mode="after")
+    def _top_k_fits(self) -> MoEConfig:
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"moe.top_k={self.top_k} exceeds moe.num_experts={self.num_experts}; "
+                "route to at most num_experts experts"
+            )
+        return self
+
+
+class CheckpointingConfig(StrictModel):
+    """Gradient (activation) checkpointing policy."""
+
+    policy: Literal["none", "uniform", "memory_budget"] = Field(
+        "none",
+        description="`uniform`: checkpoint every k-th layer; `memory_budget`: the fewest layers whose "
+        "activation memory fits `memory_budget_gb`.",
+    )
+    every_k_layers: int = Field(1, ge=1, description="With `uniform`: checkpoint layers 0, k, 2k, ...")
+    memory_budget_gb: float | None = Field(
+        None, gt=0, description="With `memory_budget`: activation memory allowed per worker, in GiB."
+    )
+
+    @model_validator(mode="after")
+    def _budget_given(self) -> CheckpointingConfig:
+        if self.policy == "memory_budget" and self.memory_budget_gb is None:
+            raise ValueError(
+                "checkpointing.policy='memory_budget' needs checkpointing.memory_budget_gb; "
+                "set it (e.g. checkpointing.memory_budget_gb=2) or use policy 'uniform'"
+            )
+        return self
+
+
+class ParallelismConfig(StrictModel):
+    """How work is spread across Ray Train workers."""
+
+    backend: Literal["deepspeed"] = Field("deepspeed", description="Training engine inside each worker.")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks).")
+    min_workers: int | None = Field(
+        None, ge=1, description="Elastic lower bound; the run continues while this many are alive."
+    )
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage.")
+    offload_optimizer: Literal["none", "cpu"] = Field("none", description="ZeRO optimizer-state offload.")
+    offload_params: Literal["none", "cpu"] = Field("none", description="ZeRO-3 parameter offload.")
+    tensor_parallel_size: int = Field(1, ge=1, description="Tensor-parallel degree.")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline-parallel degree.")
+    deepspeed_config: str | dict | None = Field(
+        None,
+        description="A raw DeepSpeed JSON (path or mapping) whose keys override the generated ones.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ParallelismConfig:
+        errors = []
+        if self.offload_optimizer != "none" and self.zero_stage < 1:
+            errors.append(
+                f"parallelism.offload_optimizer={self.offload_optimizer!r} needs zero_stage >= 1 "
+                f"(got zero_stage={self.zero_stage}); set parallelism.zero_stage=2"
+            )
+        if self.offload_params != "none" and self.zero_stage != 3:
+            errors.append(
+                f"parallelism.offload_params={self.offload_params!r} needs zero_stage=3 "
+                f"(got zero_stage={self.zero_stage}); set parallelism.zero_stage=3"
+            )
+        model_parallel = self.tensor_parallel_size * self.pipeline_parallel_size
+        if self.num_workers % model_parallel:
+            errors.append(
+                f"parallelism.num_workers={self.num_workers} is not a multiple of tensor_parallel_size x "
+                f"pipeline_parallel_size = {self.tensor_parallel_size} x {self.pipeline_parallel_size}; "
+                f"use num_workers={model_parallel * max(1, self.num_workers // model_parallel)}"
+            )
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            errors.append(
+                f"parallelism.min_workers={self.min_workers} exceeds num_workers={self.num_workers}; "
+                "lower min_workers or raise num_workers"
+            )
+        if errors:
+            raise ValueError("\n".join(errors))
+        return self
+
+
+class TrainingConfig(StrictModel):
+    """Optimizer and schedule."""
+
+    lr: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate (AdamW).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay.")
+    max_steps: int | None = Field(
+        100, ge=1, description="Optimizer steps to run; null to train for `epochs` instead."
+    )
+    epochs: float = Field(1.0, gt=0, description="Passes over the training split when max_steps is null.")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per worker per forward pass.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "cosine", description="Decay after warm-up."
+    )
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null to disable.")
+    seed: int = Field(0, description="Seed for weights of new modules, data order and dropout.")
+    eval_every_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (and each epoch).")
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, description="Report a checkpoint through ray.train.report every N steps."
+    )
+    log_every_steps: int = Field(1, ge=1, description="Report metrics every N steps.")
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> TrainingConfig:
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"training.betas={list(self.betas)} must each be in [0, 1); e.g. [0.9, 0.999]")
+        if self.max_steps is not None and self.warmup_steps > self.max_steps:
+            raise ValueError(
+                f"training.warmup_steps={self.warmup_steps} exceeds training.max_steps={self.max_steps}; "
+                "lower warmup_steps"
+            )
+        return self
+
+
+class BatchingConfig(StrictModel):
+    """Dynamic batching inside each replica (`@serve.batch`)."""
+
+    mode: Literal["none", "static", "continuous"] = Field(
+        "continuous",
+        description="`none`: one request at a time; `static`: batches run to completion; `continuous`: "
+        "requests join and leave between decode steps.",
+    )
+    max_batch_size: int = Field(8, ge=1, le=1024, description="Most requests decoded together.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0, description="Wait for a batch to fill.")
+
+
+class KVCacheConfig(StrictModel):
+    """Key/value caches per request and per session."""
+
+    enabled: bool = Field(True, description="Keep KV caches during decoding (off recomputes every step).")
+    session_reuse: bool = Field(True, description="Keep a session's cache across turns (`X-Session-ID`).")
+    budget_mb: float = Field(
+        256.0, gt=0, description="Bytes of session caches per replica before LRU eviction."
+    )
+    ttl_s: float = Field(600.0, gt=0, description="Seconds an idle session cache is kept.")
+
+
+class AutoscalingConfig(StrictModel):
+    """Ray Serve autoscaling of the LLM deployment."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas.")
+    max_replicas: int = Field(1, ge=1, description="Most replicas.")
+    target_ongoing_requests: float = Field(8.0, gt=0, description="Requests per replica the scaler aims at.")
+    upscale_delay_s: float = Field(10.0, ge=0, description="Sustained load before adding a replica.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="Sustained idleness before removing one.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"serving.autoscaling.min_replicas={self.min_replicas} exceeds max_replicas="
+                f"{self.max_replicas}; raise max_replicas"
+            )
+        return self
+
+
+class ServingConfig(StrictModel):
+    """Ray Serve application settings."""
+
+    precision: Precision = Field("auto", description="Dtype of served weights (`auto`: fp32 on CPU).")
+    quantization: Literal["none", "int8", "nf4"] = Field(
+        "none", description="int8: torch dynamic quantization on CPU / bitsandbytes on GPU; nf4: GPU only."
+    )
+    batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Dynamic batching.")
+    kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig, description="KV caches.")
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replica scaling.")
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="Per-replica concurrency; defaults to 2 x batching.max_batch_size."
+    )
+    max_queued_requests: int = Field(64, ge=-1, description="Queue bound before HTTP 503; -1 unbounded.")
+    max_new_tokens: int = Field(64, ge=1, description="Default max_tokens of a request.")
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="LoRA adapters to serve: name -> run directory or adapter path."
+    )
+    api_keys_env: str | None = Field(
+        None, description="Environment variable holding comma-separated API keys; auth is off when unset."
+    )
+
+    @model_validator(mode="after")
+    def _ongoing_covers_batch(self) -> ServingConfig:
+        if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.batching.max_batch_size:
+            raise ValueError(
+                f"serving.max_ongoing_requests={self.max_ongoing_requests} is below "
+                f"serving.batching.max_batch_size={self.batching.max_batch_size}, so batches could never "
+                "fill; raise max_ongoing_requests or leave it unset"
+            )
+        return self
+
+
+class ResourcesConfig(StrictModel):
+    """What each worker or replica may use."""
+
+    accelerator: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="`auto`: GPU when Ray sees one, else CPU."
+    )
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per training worker or serving replica.")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per training worker or serving replica.")
+    memory_gb_per_worker: float | None = Field(
+        None, gt=0, description="Memory reserved per worker (Ray resource and Kubernetes request)."
+    )
+    memory_budget_gb: float | None = Field(
+        None, gt=0, description="Peak memory allowed per worker; the strategy search prunes above it."
+    )
+
+    @model_validator(mode="after")
+    def _gpu_consistent(self) -> ResourcesConfig:
+        if self.accelerator == "cpu" and self.gpus_per_worker > 0:
+            raise ValueError(
+                f"resources.accelerator='cpu' with resources.gpus_per_worker={self.gpus_per_worker}; "
+                "set gpus_per_worker=0 or accelerator='gpu'"
+            )
+        return self
+
+
+class RunConfig(StrictModel):
+    """A whole llmopt run: model, data, strategy, training, serving and resources."""
+
+    name: str = Field("llmopt-run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name.")
+    output_dir: str = Field("runs", description="Directory under which run directories are created.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Model to load.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Data and prompt format.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA / QLoRA adapters.")
+    quantization: QuantizationConfig = Field(
+        default_factory=QuantizationConfig, description="Base-weight quantization for training."
+    )
+    moe: MoEConfig = Field(default_factory=MoEConfig, description="Mixture-of-experts settings.")
+    checkpointing: CheckpointingConfig = Field(
+        default_factory=CheckpointingConfig, description="Gradient checkpointing."
+    )
+    parallelism: ParallelismConfig = Field(default_factory=ParallelismConfig, description="Distribution.")
+    precision: Precision = Field("auto", description="Training dtype (`auto`: bf16 on GPU, fp32 on CPU).")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Optimizer and schedule.")
+    serving: ServingConfig = Field(default_factory=ServingConfig, description="Serving.")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-worker resources.")
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> RunConfig:
+        errors = []
+        if self.quantization.mode != "none" and not self.lora.enabled:
+            errors.append(
+                f"quantization.mode={self.quantization.mode!r} needs lora.enabled=true: quantized base "
+                "weights cannot be trained in full (QLoRA trains adapters); enable LoRA or set "
+                "quantization.mode=none"
+            )
+        if self.resources.accelerator == "cpu" and self.precision == "fp16":
+            errors.append(
+                "precision='fp16' with resources.accelerator='cpu': DeepSpeed refuses fp16 on CPU; "
+                "use precision=fp32 (or bf16)"
+            )
+        if self.quantization.mode != "none" and self.parallelism.zero_stage == 3:
+            errors.append(
+                f"quantization.mode={self.quantization.mode!r} with parallelism.zero_stage=3: ZeRO-3 "
+                "cannot partition bitsandbytes-quantized weights; use zero_stage <= 2"
+            )
+        if self.moe.mode == "upcycle" and self.moe.adapter_targets == ["attention"] and self.lora.enabled:
+            # Upcycled experts and routers are new; adapters on attention alone would leave them frozen.
+            errors.append(
+                "moe.mode='upcycle' with lora.enabled=true and moe.adapter_targets=['attention'] leaves "
+                "the new experts and router untrained; add 'experts' and 'router' to moe.adapter_targets "
+                "or set lora.enabled=false"
+            )
+        if errors:
+            raise ValueError("\n".join(errors))
+        return self
+
+
+def backend_errors(config: RunConfig) -> list[str]:
+    """Return what the chosen training backend cannot run, each with the fix.
+
+    A config can describe a strategy for a larger cluster (the `large_model` template plans tensor x
+    pipeline parallelism); these checks apply when the config is about to be trained here.
+
+    Args:
+        config: A validated run config.
+
+    Returns:
+        Error messages; empty when the backend can run the config.
+    """
+    errors = []
+    par = config.parallelism
+    if par.tensor_parallel_size > 1 or par.pipeline_parallel_size > 1:
+        errors.append(
+            f"parallelism.tensor_parallel_size={par.tensor_parallel_size} x pipeline_parallel_size="
+            f"{par.pipeline_parallel_size}: backend '{par.backend}' trains with ZeRO data parallelism and "
+            "does not split layers; set both to 1 and use parallelism.zero_stage=3 (optionally "
+            "offload_params=cpu) to shard a model that does not fit one worker"
+        )
+    return errors

@@ -1,0 +1,118 @@
+"""Held-out evaluation: exact match of greedy completions and the response-token loss."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from llmopt.data._tokenize import encode_example, encode_prompt, pad_batch, render
+
+
+@dataclass
+class EvalResult:
+    """Evaluation figures of one model on one split."""
+
+    exact_match: float
+    loss: float
+    num_examples: int
+    num_correct: int
+    samples: list[dict[str, str]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def normalize_answer(text: str) -> str:
+    """The comparison form of an answer: surrounding whitespace removed."""
+    return text.strip()
+
+
+@torch.no_grad()
+def response_loss(
+    model, tokenizer, rows, prompt_template: str, max_length: int, batch_size: int = 16
+) -> float:
+    """Mean cross-entropy per response token (prompt tokens masked), over all rows."""
+    total, count = 0.0, 0
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    for start in range(0, len(rows), batch_size):
+        encoded = [
+            encode_example(r, tokenizer, prompt_template, max_length)
+            for r in rows[start : start + batch_size]
+        ]
+        batch = {k: v.to(device) for k, v in pad_batch(encoded, pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), reduction="sum"
+        )
+        total += losses.item()
+        count += int((shift_labels != -100).sum())
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy completions of rendered prompts, batched with left padding."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [
+        {"input_ids": ids, "attention_mask": [1] * len(ids)}
+        for ids in (encode_prompt(p, tokenizer) for p in prompts)
+    ]
+    batch = pad_batch(encoded, pad_id, padding_side="left")
+    device = next(model.parameters()).device
+    out = model.generate(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    new_tokens = out[:, batch["input_ids"].shape[1] :]
+    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def evaluate(
+    model,
+    tokenizer,
+    rows: list[dict[str, Any]],
+    prompt_template: str,
+    max_length: int,
+    batch_size: int = 32,
+    num_samples: int = 5,
+) -> EvalResult:
+    """Exact match and response loss of `model` on `rows`.
+
+    Args:
+        model: A causal LM (any device); put in eval mode here.
+        tokenizer: Its tokenizer.
+        rows: Prompt/response or chat rows.
+        prompt_template: Template for prompt/response rows.
+        max_length: Longest sequence in tokens.
+        batch_size: Rows per forward / generate call.
+        num_samples: Completions kept in the result for a human to read.
+
+    Returns:
+        The evaluation result.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        rendered = [render(r, tokenizer, prompt_template) for r in rows]
+        longest_answer = max(len(tokenizer.encode(resp, add_special_tokens=False)) for _, resp in rendered)
+        correct, samples = 0, []
+        for start in range(0, len(rendered), batch_size):
+            chunk = rendered[start : start + batch_size]
+            completions = generate_greedy(model, tokenizer, [p for p, _ in chunk], longest_answer + 2)
+            for (prompt, expected), got in zip(chunk, completions, strict=True):
+                ok = normalize_answer(got) == normalize_answer(expected)
+                correct += ok
+                if len(samples) < num_samples:
+                    samples.append({"prompt": prompt, "expected": expected, "completion": got})
+        loss = response_loss(model, tokenizer, rows, prompt_template, max_length, batch_size)
+    finally:
+        model.train(was_training)
+    return EvalResult(correct / len(rows), loss, len(rows), correct, samples)
