@@ -15,6 +15,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail fast instead o
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
+def pytest_configure(config):
+    import torch
+
+    # One thread: with Ray workers (or other jobs) on the same 2 cores, two threads ran 5-10x slower.
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO

@@ -26,7 +26,9 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Search, fine
 config_app = typer.Typer(no_args_is_help=True, help="Validate, show and list run configs.")
 models_app = typer.Typer(no_args_is_help=True, help="Build and inspect models of the zoo.")
 data_app = typer.Typer(no_args_is_help=True, help="Generate and inspect datasets.")
+runs_app = typer.Typer(no_args_is_help=True, help="Inspect fine-tuning run directories.")
 app.add_typer(config_app, name="config")
+app.add_typer(runs_app, name="runs")
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 
@@ -271,6 +273,82 @@ def eval_command(
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result.to_dict(), indent=2))
+
+
+@app.command("finetune")
+def finetune_command(
+    config_file: Annotated[Path | None, typer.Option("--config", "-c", help="Run config YAML.")] = None,
+    overrides: Overrides = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Run directory (default: output_dir/name-time).")
+    ] = None,
+) -> None:
+    """Fine-tune on Ray Train + DeepSpeed (the embedded local cluster, or RAY_ADDRESS)."""
+    from llmopt.train import finetune
+
+    config = _load(config_file, overrides)
+    _quiet_transformers()
+    try:
+        result = finetune(config, run_dir=run_dir)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    if not result.ok:
+        raise _fail(f"fine-tuning failed: {result.error}; run directory {result.run_dir}")
+    _print_run(result.run_dir)
+
+
+def _print_run(run_dir: Path) -> None:
+    from llmopt.train import show_run
+
+    info = show_run(run_dir)
+    table = Table("field", "value", title=info["run"])
+    for key, value in info.items():
+        if value is None or key == "run":
+            continue
+        if isinstance(value, float):
+            value = f"{value:.1%}" if key == "eval_exact_match" else f"{value:.4g}"
+        table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
+    console.print(table)
+
+
+@runs_app.command("list")
+def runs_list(
+    output_dir: Annotated[Path, typer.Option(help="Where run directories live.")] = Path("runs"),
+) -> None:
+    """List fine-tuning runs, newest first."""
+    from llmopt.train import list_runs
+
+    runs = list_runs(output_dir)
+    if not runs:
+        console.print(f"no runs under {output_dir}", highlight=False)
+        return
+    table = Table("run", "model", "method", "status", "steps", "loss", "held-out EM", "tokens/s")
+    for r in runs:
+        em = r["eval_exact_match"]
+        table.add_row(
+            r["run"],
+            r["model"],
+            r["method"],
+            str(r["status"]),
+            str(r["steps"] or "-"),
+            f"{r['loss']:.4f}" if r["loss"] is not None else "-",
+            f"{em:.1%}" if em is not None else "-",
+            f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-",
+        )
+    console.print(table)
+
+
+@runs_app.command("show")
+def runs_show(
+    run: Annotated[str, typer.Argument(help="Run directory, or its name under --output-dir.")],
+    output_dir: Annotated[Path, typer.Option(help="Where run directories live.")] = Path("runs"),
+) -> None:
+    """Show one run's status, final figures and artifacts."""
+    path = Path(run) if Path(run).is_dir() else output_dir / run
+    try:
+        _print_run(path)
+    except FileNotFoundError as exc:
+        raise _fail(str(exc)) from None
 
 
 @data_app.command("generate")

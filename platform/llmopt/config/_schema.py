@@ -168,6 +168,9 @@ class ParallelismConfig(StrictModel):
     offload_params: Literal["none", "cpu"] = Field("none", description="ZeRO-3 parameter offload.")
     tensor_parallel_size: int = Field(1, ge=1, description="Tensor-parallel degree.")
     pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline-parallel degree.")
+    max_failures: int = Field(
+        1, ge=-1, description="Worker failures survived by restoring the last checkpoint (-1: unlimited)."
+    )
     deepspeed_config: str | dict | None = Field(
         None,
         description="A raw DeepSpeed JSON (path or mapping) whose keys override the generated ones.",
@@ -226,6 +229,13 @@ class TrainingConfig(StrictModel):
         None, ge=1, description="Report a checkpoint through ray.train.report every N steps."
     )
     log_every_steps: int = Field(1, ge=1, description="Report metrics every N steps.")
+    keep_checkpoints: int | None = Field(
+        2, ge=1, description="Checkpoints kept (best by checkpoint_metric; the latest is always kept)."
+    )
+    checkpoint_metric: Literal["loss", "eval_loss", "eval_exact_match"] = Field(
+        "loss", description="Metric ranking checkpoints (exact match: higher is better; losses: lower)."
+    )
+    save_merged: bool = Field(False, description="Also write the model with LoRA adapters merged in.")
 
     @model_validator(mode="after")
     def _betas_in_range(self) -> TrainingConfig:
@@ -378,6 +388,11 @@ class RunConfig(StrictModel):
             errors.append(
                 f"quantization.mode={self.quantization.mode!r} with parallelism.zero_stage=3: ZeRO-3 "
                 "cannot partition bitsandbytes-quantized weights; use zero_stage <= 2"
+            )
+        if self.moe.mode == "upcycle" and self.quantization.mode != "none":
+            errors.append(
+                f"moe.mode='upcycle' with quantization.mode={self.quantization.mode!r}: quantized weights "
+                "cannot be copied into new experts; set quantization.mode=none to upcycle"
             )
         if self.moe.mode == "upcycle" and self.moe.adapter_targets == ["attention"] and self.lora.enabled:
             # Upcycled experts and routers are new; adapters on attention alone would leave them frozen.

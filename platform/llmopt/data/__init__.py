@@ -1,6 +1,13 @@
 """Datasets shipped in the repo, JSONL loading, tokenization with label masking, and evaluation."""
 
-from llmopt.data._evaluate import EvalResult, evaluate, generate_greedy, normalize_answer, response_loss
+from llmopt.data._evaluate import (
+    EvalResult,
+    evaluate,
+    generate_greedy,
+    normalize_answer,
+    response_loss,
+    response_loss_sum,
+)
 from llmopt.data._rows import DatasetError, builtin_datasets, dataset_path, load_rows
 from llmopt.data._tasks import BUILTIN_DIR, TASKS, generate_task, write_jsonl, write_task
 from llmopt.data._tokenize import (
@@ -31,6 +38,7 @@ __all__ = [
     "pad_batch",
     "render",
     "response_loss",
+    "response_loss_sum",
     "write_jsonl",
     "write_task",
 ]

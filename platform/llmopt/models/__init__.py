@@ -2,6 +2,17 @@
 
 from llmopt.models._info import ModelInfo, load_config_only, model_info
 from llmopt.models._presets import PRESETS, Preset
+from llmopt.models._strategy import (
+    ATTENTION_TARGETS,
+    MOE_TARGETS,
+    StrategyError,
+    StrategyReport,
+    apply_strategy,
+    load_for_training,
+    lora_targets,
+    quantization_config,
+)
+from llmopt.models._upcycle import upcycle_to_moe
 from llmopt.models._zoo import (
     ModelLoadError,
     build_preset,
@@ -14,17 +25,26 @@ from llmopt.models._zoo import (
 )
 
 __all__ = [
+    "ATTENTION_TARGETS",
+    "MOE_TARGETS",
     "PRESETS",
     "ModelInfo",
     "ModelLoadError",
     "Preset",
+    "StrategyError",
+    "StrategyReport",
+    "apply_strategy",
     "build_preset",
     "build_tokenizer",
     "cache_dir",
     "load_config_only",
+    "load_for_training",
     "load_model",
     "load_tokenizer",
+    "lora_targets",
     "model_info",
     "preset_key",
+    "quantization_config",
     "resolve_model_path",
+    "upcycle_to_moe",
 ]

@@ -1,0 +1,196 @@
+"""Apply a run's strategy to a model: quantized loading (QLoRA), MoE upcycling and router loss, LoRA.
+
+Gradient checkpointing is applied by the training loop (it needs a sample batch for the
+memory-budget policy); see `llmopt.train`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from llmopt.config import RunConfig
+from llmopt.models._upcycle import upcycle_to_moe
+from llmopt.models._zoo import load_model
+
+# Attention projections per architecture: what `lora.target_modules: auto` adapts.
+ATTENTION_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gpt2": ["c_attn", "c_proj"],
+}
+
+# MoE parts per architecture. transformers 5 fuses experts into 3-D parameters, reached through
+# peft's `target_parameters`; routers are small and trained in full (`modules_to_save`).
+MOE_TARGETS: dict[str, dict[str, dict[str, list[str]]]] = {
+    "mixtral": {
+        "experts": {"target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]},
+        "router": {"modules_to_save": ["mlp.gate"]},
+    },
+    "qwen2_moe": {
+        "experts": {"target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]},
+        "router": {"modules_to_save": ["mlp.gate"]},
+        "shared_expert": {
+            "target_modules": ["shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj"]
+        },
+    },
+}
+
+
+class StrategyError(ValueError):
+    """A strategy cannot be applied to this model (the message names the setting and the fix)."""
+
+
+@dataclass
+class StrategyReport:
+    """What was applied, and how many parameters train."""
+
+    model_type: str
+    method: str  # full | lora | qlora
+    trainable_parameters: int
+    total_parameters: int
+    lora_targets: dict[str, list[str]] = field(default_factory=dict)
+    moe: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_parameters / max(self.total_parameters, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "trainable_fraction": self.trainable_fraction}
+
+
+def quantization_config(config: RunConfig):
+    """The bitsandbytes config for QLoRA loading, or None."""
+    mode = config.quantization.mode
+    if mode == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+        config.quantization.compute_dtype
+    ]
+    if mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_use_double_quant=config.quantization.double_quant,
+        bnb_4bit_quant_storage=dtype,
+    )
+
+
+def load_for_training(config: RunConfig, dtype: str = "fp32", device: str | torch.device = "cpu"):
+    """Load the config's model for training: quantized for QLoRA, else at `dtype` on `device`."""
+    quant = quantization_config(config)
+    if quant is None:
+        return load_model(config.model, dtype=dtype, device=device)
+    device_map = {"": str(device) if str(device) != "cpu" else "cpu"}
+    model = load_model(config.model, dtype="fp32", quantization_config=quant, device_map=device_map)
+    from peft import prepare_model_for_kbit_training
+
+    # Checkpointing is applied later, per layer, by llmopt.train.
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def lora_targets(config: RunConfig, model_type: str) -> dict[str, list[str]]:
+    """Resolve `lora.target_modules` / `target_parameters` / `modules_to_save` for an architecture.
+
+    Raises:
+        StrategyError: `auto` on an architecture without a preset, or MoE targets on a dense model.
+    """
+    lora, moe = config.lora, config.moe
+    modules: list[str] | str
+    if lora.target_modules == "auto":
+        if model_type not in ATTENTION_TARGETS:
+            raise StrategyError(
+                f"lora.target_modules='auto' has no preset for model_type {model_type!r}; list the module "
+                f"names (e.g. lora.target_modules=[q_proj,v_proj]) or use 'all-linear'"
+            )
+        modules = list(ATTENTION_TARGETS[model_type])
+    else:
+        modules = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    parameters, to_save = list(lora.target_parameters), list(lora.modules_to_save)
+    if moe.mode != "none":
+        if model_type not in MOE_TARGETS:
+            raise StrategyError(
+                f"moe.mode={moe.mode!r} but model_type {model_type!r} is not a supported MoE "
+                f"({', '.join(MOE_TARGETS)}); set moe.mode=none or moe.mode=upcycle for a dense model"
+            )
+        if "attention" not in moe.adapter_targets and modules == ATTENTION_TARGETS.get(model_type):
+            modules = []
+        for part in moe.adapter_targets:
+            if part == "attention":
+                continue
+            spec = MOE_TARGETS[model_type].get(part)
+            if spec is None:
+                raise StrategyError(
+                    f"moe.adapter_targets has {part!r}, which {model_type!r} does not have; remove it"
+                )
+            if isinstance(modules, list):
+                modules += spec.get("target_modules", [])
+            parameters += spec.get("target_parameters", [])
+            to_save += spec.get("modules_to_save", [])
+    return {"target_modules": modules, "target_parameters": parameters, "modules_to_save": to_save}
+
+
+def apply_strategy(model, config: RunConfig):
+    """Upcycle (if asked), switch on the router auxiliary loss, and wrap LoRA adapters with peft.
+
+    Args:
+        model: A causal LM from `load_for_training`.
+        config: The run config.
+
+    Returns:
+        (model, StrategyReport). Without LoRA every parameter trains (a full fine-tune).
+    """
+    moe_info: dict[str, Any] = {}
+    if config.moe.mode == "upcycle":
+        model = upcycle_to_moe(
+            model,
+            config.moe.num_experts,
+            config.moe.top_k,
+            config.moe.router_aux_loss_coef,
+            seed=config.training.seed,
+        )
+        moe_info["upcycled"] = True
+    model_type = model.config.model_type
+    if config.moe.mode != "none":
+        model.config.router_aux_loss_coef = config.moe.router_aux_loss_coef
+        model.config.output_router_logits = True  # adds coef x load-balancing loss to the LM loss
+        moe_info.update(
+            num_experts=getattr(model.config, "num_local_experts", None)
+            or getattr(model.config, "num_experts", None),
+            top_k=model.config.num_experts_per_tok,
+            router_aux_loss_coef=config.moe.router_aux_loss_coef,
+        )
+    total = sum(p.numel() for p in model.parameters())
+    if not config.lora.enabled:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, StrategyReport(model_type, "full", total, total, moe=moe_info)
+
+    import peft
+
+    targets = lora_targets(config, model_type)
+    peft_config = peft.LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        bias=config.lora.bias,
+        target_modules=targets["target_modules"] or None,
+        target_parameters=targets["target_parameters"] or None,
+        modules_to_save=targets["modules_to_save"] or None,
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(config.training.seed)  # adapter initialisation
+    model = peft.get_peft_model(model, peft_config)
+    trainable, total = model.get_nb_trainable_parameters()
+    method = "qlora" if config.quantization.mode != "none" else "lora"
+    return model, StrategyReport(model_type, method, trainable, total, targets, moe_info)

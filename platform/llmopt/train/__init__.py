@@ -1,0 +1,29 @@
+"""Fine-tuning on Ray Train with DeepSpeed workers: the worker loop, DeepSpeed config, checkpoints, runs."""
+
+from llmopt.train._checkpointing import CheckpointingPlan, apply_checkpointing, plan_checkpointing
+from llmopt.train._deepspeed import PrecisionError, build_deepspeed_config, resolve_precision
+from llmopt.train._loop import lr_lambda, train_loop_per_worker
+from llmopt.train._metrics import expert_load_metrics, expert_token_counts, peak_memory_bytes
+from llmopt.train._runs import list_runs, plot_loss, read_metrics, show_run
+from llmopt.train._trainer import FinetuneResult, finetune, new_run_dir
+
+__all__ = [
+    "CheckpointingPlan",
+    "FinetuneResult",
+    "PrecisionError",
+    "apply_checkpointing",
+    "build_deepspeed_config",
+    "expert_load_metrics",
+    "expert_token_counts",
+    "finetune",
+    "list_runs",
+    "lr_lambda",
+    "new_run_dir",
+    "peak_memory_bytes",
+    "plan_checkpointing",
+    "plot_loss",
+    "read_metrics",
+    "resolve_precision",
+    "show_run",
+    "train_loop_per_worker",
+]

@@ -1,0 +1,267 @@
+"""Per-layer gradient (activation) checkpointing: plan which decoder layers to recompute, then apply it.
+
+`plan_checkpointing` turns a `CheckpointingConfig` into a `CheckpointingPlan` (`none`, `uniform` every k-th
+layer, or `memory_budget`: the fewest layers whose saved activations fit a budget, measured on a sample
+micro-batch by `measure_layer_activations`). `apply_checkpointing` switches transformers' per-layer
+checkpointing on exactly for the planned layers (non-reentrant `torch.utils.checkpoint`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from llmopt.config import CheckpointingConfig
+
+__all__ = [
+    "CheckpointingPlan",
+    "apply_checkpointing",
+    "decoder_layers",
+    "measure_layer_activations",
+    "plan_checkpointing",
+]
+
+_GIB = 1024**3
+
+
+@dataclass
+class CheckpointingPlan:
+    """Which decoder layers recompute their activations in backward, and what that is predicted to cost.
+
+    Attributes:
+        policy: The config policy the plan was made for.
+        layers: Indices of the checkpointed decoder layers, ascending.
+        num_layers: Decoder layers in the model.
+        activation_bytes_per_layer: Bytes each layer saves for backward when not checkpointed (measured).
+        input_bytes_per_layer: Bytes a checkpointed layer keeps instead (its input hidden state).
+        predicted_activation_bytes: Total saved-for-backward bytes of one forward under this plan,
+            including what is saved outside the layers (embeddings, final norm, LM head, loss).
+        fits: False when even checkpointing every layer exceeds `memory_budget_gb`.
+        budget_bytes: The `memory_budget` budget in bytes (GiB * 2**30), else None.
+    """
+
+    policy: str
+    layers: list[int]
+    num_layers: int
+    activation_bytes_per_layer: list[int] | None = None
+    input_bytes_per_layer: list[int] | None = None
+    predicted_activation_bytes: int | None = None
+    fits: bool = True
+    budget_bytes: int | None = None
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form of the plan (for logs and run records)."""
+        return asdict(self)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated decoder blocks, in execution order; works through peft wrappers.
+
+    Prefers the outermost instances of transformers' `GradientCheckpointingLayer`; falls back to the
+    longest `layers` / `h` / `blocks` `ModuleList`.
+
+    Raises:
+        ValueError: if no decoder layers can be found.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    found: list[nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer) and not any(
+            module in set(outer.modules()) for outer in found
+        ):
+            found.append(module)
+    if found:
+        return found
+    lists = [
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h", "blocks")
+    ]
+    if not lists:
+        raise ValueError(f"found no decoder layers in {type(model).__name__}")
+    return list(max(lists, key=len))
+
+
+def _storage(t: torch.Tensor) -> tuple[tuple[str, int], int] | None:
+    try:
+        s = t.untyped_storage()
+        return (str(t.device), s.data_ptr()), s.nbytes()
+    except (RuntimeError, NotImplementedError):  # storage-less tensors (e.g. some tensor subclasses)
+        return None
+
+
+def _checkpointed(layer: nn.Module) -> bool:
+    return bool(getattr(layer, "gradient_checkpointing", False)) and layer.training
+
+
+def measure_layer_activations(
+    model: nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[list[int], list[int], int]:
+    """Measure the bytes one forward of `batch` saves for backward, per decoder layer and outside them.
+
+    Saved tensors are caught with `torch.autograd.graph.saved_tensors_hooks` and attributed to the layer
+    running at the time (forward pre/post hooks on each layer). Tensors are deduplicated by storage, so
+    a storage saved twice counts once; parameters and buffers are not activations and are skipped. A
+    storage saved by several layers or outside them (rotary tables, masks) counts as outside. A
+    checkpointed layer saves only what its checkpoint keeps (its inputs), counted as its activation
+    bytes, so `sum(per_layer) + outside` is the total under the model's current setup. The forward runs
+    with grad enabled, the batch moved to the model's device and the RNG state restored afterwards.
+
+    Args:
+        model: A causal LM (plain or peft-wrapped); its train/eval mode is used as is.
+        batch: Keyword arguments of one forward (e.g. `input_ids`, `labels`).
+
+    Returns:
+        `(activation_bytes_per_layer, input_bytes_per_layer, outside_bytes)`.
+    """
+    layers = decoder_layers(model)
+    weights = (_storage(t) for t in [*model.parameters(), *model.buffers()])
+    skip = {info[0] for info in weights if info is not None}
+    owners: dict[tuple[str, int], set[int]] = {}  # storage -> layers that saved it (-1: outside)
+    sizes: dict[tuple[str, int], int] = {}
+    held: list[torch.Tensor] = []  # keeps saved storages alive so their addresses are not reused
+    inputs = [0] * len(layers)
+    current: list[int] = []
+
+    def record(t: object, owner: int) -> None:
+        info = _storage(t) if isinstance(t, torch.Tensor) else None
+        if info is not None and info[0] not in skip:
+            owners.setdefault(info[0], set()).add(owner)
+            sizes[info[0]] = info[1]
+            held.append(t)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        record(t, current[-1] if current else -1)
+        return t
+
+    def pre_hook(idx: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        inputs[idx] = (_storage(hidden) or (None, 0))[1] if isinstance(hidden, torch.Tensor) else 0
+        if _checkpointed(module):  # the checkpoint keeps the call's tensors until backward
+            record(hidden, idx)
+            for value in (*args[1:], *kwargs.values()):
+                for t in value if isinstance(value, (tuple, list)) else (value,):
+                    record(t, idx if t is hidden else -1)
+        current.append(idx)
+
+    def post_hook(*_: object) -> None:  # must return None: a returned value replaces the output
+        current.pop()
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(partial(pre_hook, i), with_kwargs=True))
+        handles.append(layer.register_forward_hook(post_hook))
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    try:
+        with (
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            torch.enable_grad(),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
+            model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    per_layer = [0] * len(layers)
+    outside = 0
+    for key, who in owners.items():
+        if len(who) == 1 and -1 not in who:
+            per_layer[next(iter(who))] += sizes[key]
+        else:
+            outside += sizes[key]
+    return per_layer, inputs, outside
+
+
+def _predict(acts: list[int], inputs: list[int], outside: int, layers: list[int]) -> int:
+    chosen = set(layers)
+    return outside + sum(inputs[i] if i in chosen else a for i, a in enumerate(acts))
+
+
+def plan_checkpointing(
+    model: nn.Module, config: CheckpointingConfig, sample_batch: dict[str, torch.Tensor] | None = None
+) -> CheckpointingPlan:
+    """Decide which decoder layers to checkpoint.
+
+    Args:
+        model: The (plain or peft-wrapped) causal LM.
+        config: The run's `checkpointing` section.
+        sample_batch: A representative micro-batch at the real sequence length; needed by
+            `memory_budget` (one forward in train mode with checkpointing off). Other policies ignore it
+            and run no forward: an un-checkpointed forward may not fit where they are meant to save memory.
+
+    Returns:
+        The plan. With `memory_budget`, the fewest layers (largest saving first) whose total saved bytes
+        fit the budget; if even all layers do not fit, all of them with `fits=False`.
+
+    Raises:
+        ValueError: `memory_budget` without a `sample_batch`.
+    """
+    n = len(decoder_layers(model))
+    if config.policy != "memory_budget":
+        layers = list(range(0, n, config.every_k_layers)) if config.policy == "uniform" else []
+        return CheckpointingPlan(policy=config.policy, layers=layers, num_layers=n)
+    if sample_batch is None:
+        raise ValueError("checkpointing.policy='memory_budget' needs a sample micro-batch to measure")
+
+    # Measure every layer un-checkpointed, in train mode; restore the model afterwards.
+    active = [layer for layer in decoder_layers(model) if getattr(layer, "gradient_checkpointing", False)]
+    was_training = model.training
+    model.train()
+    try:
+        for layer in active:
+            layer.gradient_checkpointing = False
+        acts, inputs, outside = measure_layer_activations(model, sample_batch)
+    finally:
+        for layer in active:
+            layer.gradient_checkpointing = True
+        model.train(was_training)
+    budget = int(config.memory_budget_gb * _GIB)
+    fits = _predict(acts, inputs, outside, list(range(n))) <= budget
+    by_saving = sorted(range(n), key=lambda i: (inputs[i] - acts[i], i))  # largest saving first
+    layers: list[int] = [] if fits else list(range(n))
+    while fits and _predict(acts, inputs, outside, layers) > budget:  # ends by n layers, as they fit
+        layers = sorted([*layers, by_saving[len(layers)]])
+    return CheckpointingPlan(
+        policy=config.policy,
+        layers=layers,
+        num_layers=n,
+        activation_bytes_per_layer=acts,
+        input_bytes_per_layer=inputs,
+        predicted_activation_bytes=_predict(acts, inputs, outside, layers),
+        fits=fits,
+        budget_bytes=budget,
+    )
+
+
+def apply_checkpointing(model: nn.Module, plan: CheckpointingPlan) -> None:
+    """Turn gradient checkpointing on for exactly the plan's layers (and off for the others).
+
+    Mirrors `PreTrainedModel._set_gradient_checkpointing` per layer, with non-reentrant
+    `torch.utils.checkpoint`: it needs no `enable_input_require_grads()`, so frozen embeddings (peft) are
+    fine. Sets `config.use_cache = False` when any layer is checkpointed.
+
+    Raises:
+        ValueError: if the model's layer count differs from the plan's, or its layers cannot checkpoint.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = decoder_layers(model)
+    if len(layers) != plan.num_layers:
+        raise ValueError(f"plan is for {plan.num_layers} layers, the model has {len(layers)}")
+    func = partial(checkpoint, use_reentrant=False)
+    for i, layer in enumerate(layers):
+        if isinstance(layer, GradientCheckpointingLayer):  # its forward checkpoints itself when flagged
+            layer.gradient_checkpointing = i in plan.layers
+            layer._gradient_checkpointing_func = func
+        elif i in plan.layers:
+            raise ValueError(f"{type(layer).__name__} is no GradientCheckpointingLayer; cannot checkpoint it")
+    if plan.layers:
+        config = getattr(model, "config", None)
+        if config is not None:
+            config.use_cache = False

@@ -1,0 +1,324 @@
+"""The Ray Train worker loop: a DeepSpeed engine over a Hugging Face model with the run's strategy.
+
+Every worker builds the model, applies the strategy (QLoRA loading, MoE upcycling and router loss,
+LoRA, gradient checkpointing), trains on its own shard (a DistributedSampler), reports metrics
+through `ray.train.report`, and checkpoints DeepSpeed state (model, optimizer, scheduler, data
+position) so a restarted worker group resumes where the last checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+from torch.utils.data.distributed import DistributedSampler
+
+from llmopt.config import RunConfig
+from llmopt.data import encode_example, evaluate, load_rows, pack_examples, pad_batch
+from llmopt.evaluation import set_torch_threads
+from llmopt.models import apply_strategy, load_for_training, load_tokenizer
+from llmopt.train._checkpointing import apply_checkpointing, plan_checkpointing
+from llmopt.train._deepspeed import build_deepspeed_config, resolve_precision
+from llmopt.train._metrics import (
+    current_rss_bytes,
+    expert_load_metrics,
+    expert_token_counts,
+    peak_memory_bytes,
+)
+
+STATE_TAG = "state"
+
+
+class _ResumableSampler(Sampler[int]):
+    """The DistributedSampler's order for an epoch, minus the micro-batches already consumed."""
+
+    def __init__(self, base: DistributedSampler, micro_batch: int):
+        self.base, self.micro_batch, self.skip = base, micro_batch, 0
+
+    def set_position(self, epoch: int, skip_micro_batches: int) -> None:
+        self.base.set_epoch(epoch)
+        self.skip = skip_micro_batches
+
+    def __iter__(self):
+        return iter(list(self.base)[self.skip * self.micro_batch :])
+
+    def __len__(self) -> int:
+        return max(0, len(self.base) - self.skip * self.micro_batch)
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    """Multiplier of the peak learning rate at each optimizer step: linear warm-up, then decay."""
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _all_reduce(values: list[float]) -> list[float]:
+    if not torch.distributed.is_initialized():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _distributed_eval(engine, tokenizer, config: RunConfig, rows, rank: int, world: int) -> dict[str, float]:
+    """Each rank evaluates its shard; exact match and loss are combined over all ranks."""
+    shard = rows[rank::world]
+    per_rank = math.ceil(len(rows) / world)
+    num_real = len(shard)
+    shard = shard + [rows[0]] * (per_rank - len(shard))  # equal forward passes on every rank
+    synced = config.parallelism.zero_stage == 3 and world > 1
+    result = evaluate(
+        engine.module,
+        tokenizer,
+        shard,
+        config.data.prompt_template,
+        config.model.max_seq_len,
+        batch_size=32,
+        num_real=num_real,
+        synced_gpus=synced,
+    )
+    correct, count, loss_sum, tokens = _all_reduce(
+        [result.num_correct, result.num_examples, result.loss * result.loss_tokens, result.loss_tokens]
+    )
+    return {"eval_exact_match": correct / max(count, 1), "eval_loss": loss_sum / max(tokens, 1)}
+
+
+def _save_final(engine, tokenizer, config: RunConfig, out: Path, rank: int, lora: bool) -> None:
+    """Write the adapter (LoRA) or the full model, plus the tokenizer, from rank 0.
+
+    Under ZeRO-3 the parameters are gathered first (a collective every rank joins).
+    """
+    import deepspeed
+
+    module = engine.module
+    params = list(module.parameters())
+    gather = config.parallelism.zero_stage == 3
+    context = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if gather else nullcontext()
+    with context:
+        if rank != 0:
+            return
+        target = out / ("adapter" if lora else "model")
+        module.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+        if lora and config.training.save_merged:
+            import copy
+
+            merged = copy.deepcopy(module).merge_and_unload()
+            merged.save_pretrained(out / "merged")
+            tokenizer.save_pretrained(out / "merged")
+
+
+def _quiet_ray_reports() -> None:
+    """Ray Train logs every report at INFO from every rank; our progress bar and sink cover that."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray version: keep its logging as it is
+        pass
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point; `loop_config` holds the run config (as JSON data) and a metrics sink."""
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    _quiet_ray_reports()
+    config = RunConfig.model_validate(loop_config["config"])
+    sink = loop_config.get("sink")
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    threads = set_torch_threads(config.resources.cpus_per_worker)
+    device = ray.train.torch.get_device()
+    use_gpu = device.type == "cuda"
+    precision = resolve_precision(config, use_gpu, use_gpu and torch.cuda.is_bf16_supported())
+    train = config.training
+
+    # Model, strategy and data.
+    torch.manual_seed(train.seed)
+    tokenizer = load_tokenizer(config.model)
+    model = load_for_training(config, "fp32", device)
+    model, strategy = apply_strategy(model, config)
+    rows = load_rows(
+        config.data.dataset, config.data.train_split, config.data.format, config.data.max_train_samples
+    )
+    examples = [
+        encode_example(
+            r, tokenizer, config.data.prompt_template, config.model.max_seq_len, config.data.mask_prompt
+        )
+        for r in rows
+    ]
+    if config.data.packing:
+        examples = pack_examples(examples, config.model.max_seq_len)
+    pad_id = tokenizer.pad_token_id
+    ds_config = build_deepspeed_config(config, world, precision)
+    micro = ds_config["train_micro_batch_size_per_gpu"]
+    accumulation = ds_config["gradient_accumulation_steps"]
+    longest = sorted(examples, key=lambda e: len(e["input_ids"]), reverse=True)[:micro]
+    plan = plan_checkpointing(model, config.checkpointing, pad_batch(longest, pad_id))
+    apply_checkpointing(model, plan)
+
+    base_sampler = DistributedSampler(
+        examples, num_replicas=world, rank=rank, shuffle=True, seed=train.seed, drop_last=True
+    )
+    sampler = _ResumableSampler(base_sampler, micro)
+    loader = DataLoader(
+        examples, batch_size=micro, sampler=sampler, collate_fn=lambda b: pad_batch(b, pad_id)
+    )
+    micro_per_epoch = len(base_sampler) // micro
+    if micro_per_epoch < accumulation:
+        raise ValueError(
+            f"each worker gets {len(base_sampler)} rows, fewer than one optimizer step needs "
+            f"({micro} x {accumulation}); use fewer workers, a smaller micro-batch or more data"
+        )
+    steps_per_epoch = micro_per_epoch // accumulation
+    total_steps = train.max_steps or max(1, math.ceil(train.epochs * steps_per_epoch))
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(train.lr_scheduler, train.warmup_steps, total_steps)
+    )
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+
+    step, epoch, micro_in_epoch = 0, 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            _, client_state = engine.load_checkpoint(directory, tag=STATE_TAG)
+        step, epoch, micro_in_epoch = (
+            client_state["step"],
+            client_state["epoch"],
+            client_state["micro_in_epoch"],
+        )
+    resumed_from = step
+    eval_rows = load_rows(
+        config.data.dataset, config.data.eval_split, config.data.format, config.data.max_eval_samples
+    )
+    setup_rss = current_rss_bytes()
+    static = {
+        "trainable_parameters": strategy.trainable_parameters,
+        "total_parameters": strategy.total_parameters,
+        "world_size": world,
+        "torch_threads": threads,
+        "precision": precision,
+        "checkpointed_layers": len(plan.layers),
+    }
+    top_k = getattr(engine.module.config, "num_experts_per_tok", 0) if config.moe.mode != "none" else 0
+
+    def report(metrics: dict[str, Any], with_checkpoint: bool = False, final_dir: Path | None = None) -> None:
+        if rank == 0 and sink is not None:
+            sink.log.remote(metrics)
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        local = Path(tempfile.mkdtemp(prefix="llmopt-ckpt-"))
+        try:
+            state = {"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch}
+            engine.save_checkpoint(str(local), tag=STATE_TAG, client_state=state)
+            if final_dir is not None and rank == 0:
+                shutil.copytree(final_dir, local, dirs_exist_ok=True)
+            ray.train.report(
+                metrics, checkpoint=Checkpoint.from_directory(local), checkpoint_dir_name=f"step-{step:06d}"
+            )
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+
+    engine.train()
+    window = {"loss": 0.0, "aux": 0.0, "micro": 0, "tokens": 0, "start": time.perf_counter()}
+    expert_counts: torch.Tensor | None = None
+    last_eval: dict[str, float] = {}
+    metrics: dict[str, Any] = {"step": step, **static}
+    while step < total_steps:
+        sampler.set_position(epoch, micro_in_epoch)
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            outputs = engine(**batch)
+            engine.backward(outputs.loss)
+            engine.step()
+            micro_in_epoch += 1
+            window["micro"] += 1
+            window["loss"] += outputs.loss.item()
+            window["tokens"] += int(batch["attention_mask"].sum())
+            if getattr(outputs, "aux_loss", None) is not None:
+                window["aux"] += float(outputs.aux_loss)
+            if top_k and getattr(outputs, "router_logits", None):
+                counts = expert_token_counts(outputs.router_logits, top_k, batch["attention_mask"])
+                expert_counts = counts if expert_counts is None else expert_counts + counts
+            if window["micro"] % accumulation:
+                continue
+            step += 1
+            epoch_done = micro_in_epoch >= steps_per_epoch * accumulation
+            if epoch_done:
+                epoch, micro_in_epoch = epoch + 1, 0
+            if step % train.log_every_steps == 0 or step == total_steps:
+                elapsed = time.perf_counter() - window["start"]
+                loss_sum, aux_sum, tokens, micro_count = _all_reduce(
+                    [window["loss"], window["aux"], window["tokens"], window["micro"]]
+                )
+                metrics = {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": loss_sum / micro_count,
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": tokens / elapsed,
+                    "step_time_s": elapsed / (window["micro"] / accumulation),
+                    "peak_memory_bytes": peak_memory_bytes(device),
+                    "peak_memory_over_setup_bytes": max(0, peak_memory_bytes(device) - setup_rss)
+                    if not use_gpu
+                    else peak_memory_bytes(device),
+                    "resumed_from_step": resumed_from,
+                    **static,
+                }
+                if top_k:
+                    metrics["router_aux_loss"] = aux_sum / micro_count
+                    if expert_counts is not None:
+                        summed = torch.tensor(_all_reduce(expert_counts.tolist()))
+                        metrics.update(expert_load_metrics(summed))
+                    expert_counts = None
+                do_eval = epoch_done or (train.eval_every_steps and step % train.eval_every_steps == 0)
+                if do_eval and step < total_steps:
+                    last_eval = _distributed_eval(engine, tokenizer, config, eval_rows, rank, world)
+                    engine.train()
+                metrics.update(last_eval)
+                wants_checkpoint = (
+                    bool(train.checkpoint_every_steps) and step % train.checkpoint_every_steps == 0
+                )
+                if step < total_steps:
+                    report(metrics, with_checkpoint=wants_checkpoint)
+                window = {"loss": 0.0, "aux": 0.0, "micro": 0, "tokens": 0, "start": time.perf_counter()}
+            if step >= total_steps or epoch_done:
+                break
+
+    # Final evaluation, artifacts, and a checkpointed report (so Result.metrics is set).
+    metrics.update(_distributed_eval(engine, tokenizer, config, eval_rows, rank, world))
+    metrics["final"] = True
+    final_dir = Path(tempfile.mkdtemp(prefix="llmopt-final-"))
+    try:
+        _save_final(engine, tokenizer, config, final_dir, rank, config.lora.enabled)
+        report(metrics, with_checkpoint=True, final_dir=final_dir)
+    finally:
+        shutil.rmtree(final_dir, ignore_errors=True)
