@@ -93,6 +93,12 @@ def load_for_training(config: RunConfig, dtype: str = "fp32", device: str | torc
         return load_model(config.model, dtype=dtype, device=device)
     device_map = {"": str(device) if str(device) != "cpu" else "cpu"}
     model = load_model(config.model, dtype="fp32", quantization_config=quant, device_map=device_map)
+    for module in model.modules():
+        # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights into an inference-only layout
+        # the first time a layer runs in eval mode (our held-out evaluation); training after that
+        # would go through a kernel without backward. Training runs keep the trainable layout.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     from peft import prepare_model_for_kbit_training
 
     # Checkpointing is applied later, per layer, by llmopt.train.

@@ -82,16 +82,26 @@ def _distributed_eval(engine, tokenizer, config: RunConfig, rows, rank: int, wor
     num_real = len(shard)
     shard = shard + [rows[0]] * (per_rank - len(shard))  # equal forward passes on every rank
     synced = config.parallelism.zero_stage == 3 and world > 1
-    result = evaluate(
-        engine.module,
-        tokenizer,
-        shard,
-        config.data.prompt_template,
-        config.model.max_seq_len,
-        batch_size=32,
-        num_real=num_real,
-        synced_gpus=synced,
+    model_config = engine.module.config
+    # Router logits are for the training loss only; during cached generation transformers 5.23
+    # computes the auxiliary loss with a full-length mask against one step's logits and fails.
+    router_logits, model_config.output_router_logits = (
+        getattr(model_config, "output_router_logits", False),
+        False,
     )
+    try:
+        result = evaluate(
+            engine.module,
+            tokenizer,
+            shard,
+            config.data.prompt_template,
+            config.model.max_seq_len,
+            batch_size=32,
+            num_real=num_real,
+            synced_gpus=synced,
+        )
+    finally:
+        model_config.output_router_logits = router_logits
     correct, count, loss_sum, tokens = _all_reduce(
         [result.num_correct, result.num_examples, result.loss * result.loss_tokens, result.loss_tokens]
     )
