@@ -314,11 +314,15 @@ def _print_run(run_dir: Path) -> None:
 @runs_app.command("list")
 def runs_list(
     output_dir: Annotated[Path, typer.Option(help="Where run directories live.")] = Path("runs"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List fine-tuning runs, newest first."""
     from llmopt.train import list_runs
 
     runs = list_runs(output_dir)
+    if as_json:
+        print(json.dumps(runs, indent=2))
+        return
     if not runs:
         console.print(f"no runs under {output_dir}", highlight=False)
         return

@@ -108,3 +108,26 @@ def test_data_commands(tmp_path):
     shown = invoke("data", "show", str(tmp_path / "sort.test.jsonl"), "--rows", "1")
     assert "5 rows" in shown.output
     assert invoke("data", "generate", "--task", "nope").exit_code == 2
+
+
+@pytest.mark.slow
+def test_finetune_then_runs_list_and_show(ray_cluster, tmp_path):
+    result = invoke(
+        "finetune",
+        "training.max_steps=2",
+        "parallelism.num_workers=1",
+        "model.max_seq_len=64",
+        "data.max_eval_samples=4",
+        "name=cli",
+        f"output_dir={tmp_path}",
+    )
+    assert result.exit_code == 0, result.output
+    listing = json.loads(invoke("runs", "list", "--output-dir", str(tmp_path), "--json").output)
+    assert len(listing) == 1 and listing[0]["status"] == "finished" and listing[0]["steps"] == 2
+    assert invoke("runs", "list", "--output-dir", str(tmp_path)).exit_code == 0  # the table form
+    run = next(tmp_path.glob("cli-*"))
+    shown = invoke("runs", "show", run.name, "--output-dir", str(tmp_path))
+    assert shown.exit_code == 0 and "adapter" in shown.output and "loss.png" in shown.output
+    assert invoke("runs", "show", "nope", "--output-dir", str(tmp_path)).exit_code == 1
+    bad = invoke("finetune", "parallelism.tensor_parallel_size=2", "parallelism.num_workers=2")
+    assert bad.exit_code == 2 and "does not split layers" in bad.output

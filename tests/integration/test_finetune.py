@@ -51,7 +51,9 @@ def _run(tmp_path, name, *extra):
 @pytest.fixture(scope="module")
 def reference(ray_cluster, tmp_path_factory):
     """The uninterrupted LoRA run: 2 workers, ZeRO-2, no gradient checkpointing."""
-    return _run(tmp_path_factory.mktemp("ref"), "reference", "checkpointing.policy=none")
+    return _run(
+        tmp_path_factory.mktemp("ref"), "reference", "checkpointing.policy=none", "training.save_merged=true"
+    )
 
 
 def test_golden_losses_and_run_directory(reference):
@@ -70,6 +72,21 @@ def test_golden_losses_and_run_directory(reference):
     assert 0.0 <= m["eval_exact_match"] <= 1.0 and math.isfinite(m["eval_loss"])
     kept = sorted(p.name for p in (run / "ray" / "train").glob("step-*"))
     assert kept[-1] == "step-000012" and len(kept) <= 2  # keep_checkpoints=2, latest always kept
+
+
+def test_merged_model_equals_base_plus_adapter(reference):
+    import torch
+    from peft import PeftModel
+
+    from llmopt.models import load_model
+
+    batch = torch.randint(0, 1000, (2, 24))
+    with torch.no_grad():
+        adapted = PeftModel.from_pretrained(load_model("tiny-llama"), str(reference.run_dir / "adapter"))
+        merged = load_model(str(reference.run_dir / "merged"))
+        torch.testing.assert_close(merged(batch).logits, adapted(batch).logits, atol=1e-4, rtol=1e-4)
+        base = load_model("tiny-llama")
+        assert not torch.allclose(base(batch).logits, merged(batch).logits, atol=1e-3)
 
 
 def test_gradient_checkpointing_gives_the_same_losses(reference, tmp_path):

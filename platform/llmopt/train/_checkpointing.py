@@ -184,7 +184,10 @@ def _predict(acts: list[int], inputs: list[int], outside: int, layers: list[int]
 
 
 def plan_checkpointing(
-    model: nn.Module, config: CheckpointingConfig, sample_batch: dict[str, torch.Tensor] | None = None
+    model: nn.Module,
+    config: CheckpointingConfig,
+    sample_batch: dict[str, torch.Tensor] | None = None,
+    batch_scale: float = 1.0,
 ) -> CheckpointingPlan:
     """Decide which decoder layers to checkpoint.
 
@@ -194,6 +197,9 @@ def plan_checkpointing(
         sample_batch: A representative micro-batch at the real sequence length; needed by
             `memory_budget` (one forward in train mode with checkpointing off). Other policies ignore it
             and run no forward: an un-checkpointed forward may not fit where they are meant to save memory.
+        batch_scale: Multiply the measured bytes by this. Measuring one sequence and scaling by the
+            micro-batch size keeps the measuring forward's own peak small (activations grow linearly
+            with the batch), where a full micro-batch would spike memory as high as no checkpointing.
 
     Returns:
         The plan. With `memory_budget`, the fewest layers (largest saving first) whose total saved bytes
@@ -217,6 +223,9 @@ def plan_checkpointing(
         for layer in active:
             layer.gradient_checkpointing = False
         acts, inputs, outside = measure_layer_activations(model, sample_batch)
+        acts = [int(a * batch_scale) for a in acts]
+        inputs = [int(i * batch_scale) for i in inputs]
+        outside = int(outside * batch_scale)
     finally:
         for layer in active:
             layer.gradient_checkpointing = True

@@ -133,6 +133,32 @@ def _save_final(engine, tokenizer, config: RunConfig, out: Path, rank: int, lora
             tokenizer.save_pretrained(out / "merged")
 
 
+def prepare(config: RunConfig, micro_batch: int, device: torch.device | str = "cpu"):
+    """Model, strategy, encoded training data and checkpointing, as every training loop needs them.
+
+    Returns:
+        (tokenizer, model, StrategyReport, encoded examples, CheckpointingPlan).
+    """
+    torch.manual_seed(config.training.seed)
+    tokenizer = load_tokenizer(config.model)
+    model, strategy = apply_strategy(load_for_training(config, "fp32", device), config)
+    data = config.data
+    rows = load_rows(data.dataset, data.train_split, data.format, data.max_train_samples)
+    examples = [
+        encode_example(r, tokenizer, data.prompt_template, config.model.max_seq_len, data.mask_prompt)
+        for r in rows
+    ]
+    if data.packing:
+        examples = pack_examples(examples, config.model.max_seq_len)
+    # The memory-budget policy measures the longest sequence and scales by the micro-batch size.
+    longest = max(examples, key=lambda e: len(e["input_ids"]))
+    plan = plan_checkpointing(
+        model, config.checkpointing, pad_batch([longest], tokenizer.pad_token_id), batch_scale=micro_batch
+    )
+    apply_checkpointing(model, plan)
+    return tokenizer, model, strategy, examples, plan
+
+
 def _quiet_ray_reports() -> None:
     """Ray Train logs every report at INFO from every rank; our progress bar and sink cover that."""
     import logging
@@ -165,29 +191,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     precision = resolve_precision(config, use_gpu, use_gpu and torch.cuda.is_bf16_supported())
     train = config.training
 
-    # Model, strategy and data.
-    torch.manual_seed(train.seed)
-    tokenizer = load_tokenizer(config.model)
-    model = load_for_training(config, "fp32", device)
-    model, strategy = apply_strategy(model, config)
-    rows = load_rows(
-        config.data.dataset, config.data.train_split, config.data.format, config.data.max_train_samples
-    )
-    examples = [
-        encode_example(
-            r, tokenizer, config.data.prompt_template, config.model.max_seq_len, config.data.mask_prompt
-        )
-        for r in rows
-    ]
-    if config.data.packing:
-        examples = pack_examples(examples, config.model.max_seq_len)
-    pad_id = tokenizer.pad_token_id
     ds_config = build_deepspeed_config(config, world, precision)
     micro = ds_config["train_micro_batch_size_per_gpu"]
     accumulation = ds_config["gradient_accumulation_steps"]
-    longest = sorted(examples, key=lambda e: len(e["input_ids"]), reverse=True)[:micro]
-    plan = plan_checkpointing(model, config.checkpointing, pad_batch(longest, pad_id))
-    apply_checkpointing(model, plan)
+    tokenizer, model, strategy, examples, plan = prepare(config, micro, device)
+    pad_id = tokenizer.pad_token_id
 
     base_sampler = DistributedSampler(
         examples, num_replicas=world, rank=rank, shuffle=True, seed=train.seed, drop_last=True
@@ -259,6 +267,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     engine.train()
     window = {"loss": 0.0, "aux": 0.0, "micro": 0, "tokens": 0, "start": time.perf_counter()}
+    # Steady throughput: every token and second after the first optimizer step, reports included.
+    steady = {"tokens": 0, "step_tokens": 0, "start": 0.0, "steps": 0, "step_loss": 0.0}
     expert_counts: torch.Tensor | None = None
     last_eval: dict[str, float] = {}
     metrics: dict[str, Any] = {"step": step, **static}
@@ -272,7 +282,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             micro_in_epoch += 1
             window["micro"] += 1
             window["loss"] += outputs.loss.item()
+            steady["step_loss"] += outputs.loss.item()
             window["tokens"] += int(batch["attention_mask"].sum())
+            steady["step_tokens"] += int(batch["attention_mask"].sum())
             if getattr(outputs, "aux_loss", None) is not None:
                 window["aux"] += float(outputs.aux_loss)
             if top_k and getattr(outputs, "router_logits", None):
@@ -281,18 +293,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if window["micro"] % accumulation:
                 continue
             step += 1
+            if steady["steps"] == 0:
+                steady["start"] = time.perf_counter()
+            else:
+                steady["tokens"] += steady["step_tokens"]
+            steady["steps"] += 1
+            steady["step_tokens"] = 0
+            last_step_loss, steady["step_loss"] = steady["step_loss"] / accumulation, 0.0
             epoch_done = micro_in_epoch >= steps_per_epoch * accumulation
             if epoch_done:
                 epoch, micro_in_epoch = epoch + 1, 0
             if step % train.log_every_steps == 0 or step == total_steps:
                 elapsed = time.perf_counter() - window["start"]
-                loss_sum, aux_sum, tokens, micro_count = _all_reduce(
-                    [window["loss"], window["aux"], window["tokens"], window["micro"]]
+                loss_sum, aux_sum, tokens, micro_count, step_loss_sum = _all_reduce(
+                    [window["loss"], window["aux"], window["tokens"], window["micro"], last_step_loss]
                 )
                 metrics = {
                     "step": step,
                     "epoch": epoch,
-                    "loss": loss_sum / micro_count,
+                    "loss": loss_sum / micro_count,  # mean over the steps since the last report
+                    "step_loss": step_loss_sum / world,  # this step alone
                     "lr": scheduler.get_last_lr()[0],
                     "tokens_per_s": tokens / elapsed,
                     "step_time_s": elapsed / (window["micro"] / accumulation),
@@ -311,7 +331,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     expert_counts = None
                 do_eval = epoch_done or (train.eval_every_steps and step % train.eval_every_steps == 0)
                 if do_eval and step < total_steps:
-                    last_eval = _distributed_eval(engine, tokenizer, config, eval_rows, rank, world)
+                    last_eval = {
+                        **_distributed_eval(engine, tokenizer, config, eval_rows, rank, world),
+                        "eval_step": step,
+                    }
                     engine.train()
                 metrics.update(last_eval)
                 wants_checkpoint = (
@@ -324,7 +347,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 break
 
     # Final evaluation, artifacts, and a checkpointed report (so Result.metrics is set).
-    metrics.update(_distributed_eval(engine, tokenizer, config, eval_rows, rank, world))
+    if steady["steps"] > 1:
+        (steady_tokens,) = _all_reduce([steady["tokens"]])
+        metrics["throughput_tokens_per_s"] = steady_tokens / (time.perf_counter() - steady["start"])
+    metrics.update(_distributed_eval(engine, tokenizer, config, eval_rows, rank, world), eval_step=step)
     metrics["final"] = True
     final_dir = Path(tempfile.mkdtemp(prefix="llmopt-final-"))
     try:

@@ -36,18 +36,17 @@ def plot_loss(history: list[dict[str, Any]], path: str | Path, title: str = "") 
     steps = [r["step"] for r in history]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [r["loss"] for r in history], label="train loss", color="tab:blue")
-    evals = [r for r in history if "eval_loss" in r]
+    # Records carry the latest evaluation forward; plot each evaluation once, at its own step.
+    evals = [r for r in history if "eval_loss" in r and r.get("eval_step", r["step"]) == r["step"]]
+    handles = list(ax.get_lines())
     if evals:
-        ax.plot(
-            [r["step"] for r in evals],
-            [r["eval_loss"] for r in evals],
-            "o-",
-            label="held-out loss",
-            color="tab:orange",
+        steps = [r["step"] for r in evals]
+        handles += ax.plot(
+            steps, [r["eval_loss"] for r in evals], "o-", label="held-out loss", color="tab:orange"
         )
         em = ax.twinx()
-        em.plot(
-            [r["step"] for r in evals],
+        handles += em.plot(
+            steps,
             [100 * r["eval_exact_match"] for r in evals],
             "s--",
             color="tab:green",
@@ -55,11 +54,10 @@ def plot_loss(history: list[dict[str, Any]], path: str | Path, title: str = "") 
         )
         em.set_ylabel("exact match (%)")
         em.set_ylim(0, 100)
-        em.legend(loc="center right")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title or "fine-tuning")
-    ax.legend(loc="upper right")
+    ax.legend(handles=handles, loc="center right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
