@@ -65,26 +65,26 @@ def train_cases(long_seq: int) -> list[dict[str, Any]]:
 
 
 def _budget_gb(overrides: list[str]) -> float:
-    """Half of the un-checkpointed activation memory of one micro-batch, measured in this process."""
+    """Half of the un-checkpointed saved activations of one micro-batch of this case's strategy.
+
+    Measured in this process the way the worker's memory-budget plan measures (llmopt.train.prepare:
+    the longest sequence, scaled by the micro-batch size).
+    """
     import torch
 
-    from llmopt.data import encode_example, load_rows, pack_examples, pad_batch
-    from llmopt.models import load_model, load_tokenizer
+    from llmopt.data import pad_batch
+    from llmopt.train import prepare
     from llmopt.train._checkpointing import measure_layer_activations
 
     config = load_config(None, [*COMMON, *(o for o in overrides if not o.startswith("checkpointing."))])
-    tokenizer = load_tokenizer(config.model)
-    rows = load_rows(config.data.dataset, "train", limit=2000)
-    examples = [
-        encode_example(r, tokenizer, config.data.prompt_template, config.model.max_seq_len) for r in rows
-    ]
-    blocks = pack_examples(examples, config.model.max_seq_len)[: config.training.micro_batch_size]
-    model = load_model(config.model)
+    micro = config.training.micro_batch_size
+    tokenizer, model, _, examples, _ = prepare(config, micro)
+    longest = max(examples, key=lambda e: len(e["input_ids"]))
     with torch.enable_grad():
         per_layer, _inputs, outside = measure_layer_activations(
-            model, pad_batch(blocks, tokenizer.pad_token_id)
+            model, pad_batch([longest], tokenizer.pad_token_id)
         )
-    return 0.5 * (sum(per_layer) + outside) / 2**30
+    return 0.5 * micro * (sum(per_layer) + outside) / 2**30
 
 
 def _run_case(case: dict[str, Any], steps: int, out: Path) -> dict[str, Any]:
@@ -185,15 +185,21 @@ def plot_train(results: list[dict[str, Any]], path: Path) -> None:
 
     ok = [r for r in results if "error" not in r]
     groups = list(dict.fromkeys(r["group"] for r in ok))
+    titles = {
+        "method": "method (1 worker, seq 512)",
+        "checkpointing": "checkpointing (LoRA, 1 worker, long sequences)",
+        "workers": "workers (LoRA, ZeRO-2)",
+        "zero": "ZeRO stage (full fine-tune, 2 workers)",
+    }
     fig, axes = plt.subplots(len(groups), 2, figsize=(12, 2.6 * len(groups)), squeeze=False)
     for row, group in enumerate(groups):
         cases = [r for r in ok if r["group"] == group]
         labels = [r["label"] for r in cases]
         colors = ["tab:gray" if r["plain"] else "tab:blue" for r in cases]
         axes[row][0].barh(labels, [r["tokens_per_s"] for r in cases], color=colors)
-        axes[row][0].set_title(f"{group}: tokens/s (higher is better)")
+        axes[row][0].set_title(f"{titles.get(group, group)}: tokens/s")
         axes[row][1].barh(labels, [r["peak_memory_bytes"] / 2**20 for r in cases], color=colors)
-        axes[row][1].set_title(f"{group}: peak memory per worker, MiB")
+        axes[row][1].set_title(f"{titles.get(group, group)}: peak memory per worker, MiB")
         for ax in axes[row]:
             ax.grid(axis="x", alpha=0.3)
             ax.invert_yaxis()

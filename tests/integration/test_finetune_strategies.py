@@ -48,10 +48,12 @@ def test_moe_lora_reports_expert_load_and_router_loss(ray_cluster, tmp_path):
     assert set(adapter.target_parameters) == {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}
 
 
-def test_upcycled_dense_model_trains_as_moe(ray_cluster, tmp_path):
+def test_upcycled_dense_model_trains_as_moe_on_an_elastic_worker_group(ray_cluster, tmp_path):
     result = _run(
         tmp_path,
         "name=upcycle",
+        "parallelism.min_workers=1",
+        "parallelism.num_workers=3",  # elastic: the 2-CPU cluster fits 2 of at most 3 workers
         "moe.mode=upcycle",
         "moe.num_experts=4",
         "moe.top_k=2",
@@ -59,6 +61,7 @@ def test_upcycled_dense_model_trains_as_moe(ray_cluster, tmp_path):
     )
     assert sum(result.metrics[f"expert_load/{i}"] for i in range(4)) == pytest.approx(1.0)
     assert result.history[-1]["loss"] < result.history[0]["loss"]
+    assert result.metrics["world_size"] == 2
 
 
 def test_qlora_nf4_trains_on_cpu(ray_cluster, tmp_path):

@@ -161,7 +161,10 @@ class ParallelismConfig(StrictModel):
     backend: Literal["deepspeed"] = Field("deepspeed", description="Training engine inside each worker.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks).")
     min_workers: int | None = Field(
-        None, ge=1, description="Elastic lower bound; the run continues while this many are alive."
+        None,
+        ge=1,
+        description="Elastic lower bound: start with as many workers (up to num_workers) as fit, "
+        "at least this; resuming at another size needs zero_stage=0.",
     )
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage.")
     offload_optimizer: Literal["none", "cpu"] = Field("none", description="ZeRO optimizer-state offload.")

@@ -2,7 +2,7 @@
 
 from llmopt.train._checkpointing import CheckpointingPlan, apply_checkpointing, plan_checkpointing
 from llmopt.train._deepspeed import PrecisionError, build_deepspeed_config, resolve_precision
-from llmopt.train._loop import lr_lambda, train_loop_per_worker
+from llmopt.train._loop import lr_lambda, prepare, train_loop_per_worker
 from llmopt.train._metrics import expert_load_metrics, expert_token_counts, peak_memory_bytes
 from llmopt.train._runs import list_runs, plot_loss, read_metrics, show_run
 from llmopt.train._trainer import FinetuneResult, finetune, new_run_dir
@@ -22,6 +22,7 @@ __all__ = [
     "peak_memory_bytes",
     "plan_checkpointing",
     "plot_loss",
+    "prepare",
     "read_metrics",
     "resolve_precision",
     "show_run",

@@ -159,6 +159,13 @@ def prepare(config: RunConfig, micro_batch: int, device: torch.device | str = "c
     return tokenizer, model, strategy, examples, plan
 
 
+def _saved_world_size(checkpoint) -> int | None:
+    """Workers that wrote a checkpoint (from its ZeRO optimizer shards; None without them)."""
+    with checkpoint.as_directory() as directory:
+        shards = list((Path(directory) / STATE_TAG).glob("*optim_states.pt"))
+    return len(shards) or None
+
+
 def _quiet_ray_reports() -> None:
     """Ray Train logs every report at INFO from every rank; our progress bar and sink cover that."""
     import logging
@@ -225,6 +232,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     step, epoch, micro_in_epoch = 0, 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
+        saved_world = _saved_world_size(checkpoint)
+        if saved_world not in (None, world) and config.parallelism.zero_stage > 0:
+            raise RuntimeError(
+                f"the last checkpoint was written by {saved_world} workers and {world} are running: ZeRO-"
+                f"{config.parallelism.zero_stage} partitions optimizer state per worker, so it cannot be "
+                "resumed at another size; use parallelism.zero_stage=0 for elastic runs, or a fixed "
+                "worker count (parallelism.min_workers unset)"
+            )
         with checkpoint.as_directory() as directory:
             _, client_state = engine.load_checkpoint(directory, tag=STATE_TAG)
         step, epoch, micro_in_epoch = (
@@ -255,7 +270,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             return
         local = Path(tempfile.mkdtemp(prefix="llmopt-ckpt-"))
         try:
-            state = {"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch}
+            state = {"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch, "world_size": world}
             engine.save_checkpoint(str(local), tag=STATE_TAG, client_state=state)
             if final_dir is not None and rank == 0:
                 shutil.copytree(final_dir, local, dirs_exist_ok=True)
