@@ -318,7 +318,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             epoch_done = micro_in_epoch >= steps_per_epoch * accumulation
             if epoch_done:
                 epoch, micro_in_epoch = epoch + 1, 0
-            if step % train.log_every_steps == 0 or step == total_steps:
+            # Evaluations and checkpoints follow their own schedules, whatever log_every_steps is.
+            do_eval = step < total_steps and (
+                epoch_done or bool(train.eval_every_steps and step % train.eval_every_steps == 0)
+            )
+            wants_checkpoint = step < total_steps and bool(
+                train.checkpoint_every_steps and step % train.checkpoint_every_steps == 0
+            )
+            if step % train.log_every_steps == 0 or step == total_steps or do_eval or wants_checkpoint:
                 elapsed = time.perf_counter() - window["start"]
                 loss_sum, aux_sum, tokens, micro_count, step_loss_sum = _all_reduce(
                     [window["loss"], window["aux"], window["tokens"], window["micro"], last_step_loss]
@@ -344,17 +351,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         summed = torch.tensor(_all_reduce(expert_counts.tolist()))
                         metrics.update(expert_load_metrics(summed))
                     expert_counts = None
-                do_eval = epoch_done or (train.eval_every_steps and step % train.eval_every_steps == 0)
-                if do_eval and step < total_steps:
+                if do_eval:
                     last_eval = {
                         **_distributed_eval(engine, tokenizer, config, eval_rows, rank, world),
                         "eval_step": step,
                     }
                     engine.train()
                 metrics.update(last_eval)
-                wants_checkpoint = (
-                    bool(train.checkpoint_every_steps) and step % train.checkpoint_every_steps == 0
-                )
                 if step < total_steps:
                     report(metrics, with_checkpoint=wants_checkpoint)
                 window = {"loss": 0.0, "aux": 0.0, "micro": 0, "tokens": 0, "start": time.perf_counter()}
