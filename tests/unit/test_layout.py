@@ -23,8 +23,10 @@ def test_each_package_lists_its_public_api():
     import llmopt.config
     import llmopt.data
     import llmopt.models
+    import llmopt.serve
+    import llmopt.train
 
-    for module in (llmopt.config, llmopt.data, llmopt.models):
+    for module in (llmopt.config, llmopt.data, llmopt.models, llmopt.serve, llmopt.train):
         assert module.__all__, module.__name__
         for name in module.__all__:
             assert hasattr(module, name), f"{module.__name__}.__all__ lists missing {name}"

@@ -1,0 +1,333 @@
+"""Iteration-level ("continuous") batching generation engine for one serving replica.
+
+Requests join the running batch between decode steps and leave it as soon as they finish. The running batch
+shares one left-padded :class:`transformers.DynamicCache`; a 2-D attention mask over the cached positions and
+per-row position ids (count of real tokens before each position) keep padding out of every row's maths, so a
+request produces the same logits alone or batched.
+
+Each :meth:`GenerationEngine.step` decodes one token for every running request (the pending token sampled at
+the previous step is fed in), prefills newly admitted requests (their first token comes from the prefill),
+merges the newcomers' cache into the running one and drops the rows that finished. The cache therefore holds
+every token of a row except its last sampled one.
+
+Example::
+
+    engine = GenerationEngine(model, tokenizer, max_batch_size=8)
+    request = GenerationRequest("a", tokenizer("Hi").input_ids, SamplingParams(max_tokens=8))
+    results = engine.generate([request])
+    text = "".join(out.text for out in results["a"])
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop.
+
+    Attributes:
+        max_tokens: Most tokens to generate (>= 1).
+        temperature: Softmax temperature; 0 means greedy argmax.
+        top_p: Nucleus sampling: keep the smallest set of tokens whose probability sums to at least this.
+        top_k: Keep only the k most likely tokens; 0 turns it off.
+        seed: Seed of the request's own random generator (same seed, same tokens, alone or batched).
+        stop: Strings that end the completion; the returned text stops before the first one.
+    """
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenerationRequest:
+    """One completion request: an id unique among the engine's live requests, prompt token ids, params."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class StepOutput:
+    """What one request produced in one engine step.
+
+    Attributes:
+        request_id: The request's id.
+        token_id: The token sampled at this step.
+        text: Newly decoded text (a delta; stop strings and held-back partial characters excluded).
+        finished: Whether the request is done (it has left the batch).
+        finish_reason: "stop", "length" or "eos" when finished, else None.
+        logits: The last-position logits row that produced ``token_id`` (only with ``keep_logits=True``).
+    """
+
+    request_id: str
+    token_id: int | None
+    text: str
+    finished: bool
+    finish_reason: str | None = None
+    logits: torch.Tensor | None = None
+
+
+@dataclass
+class _Sequence:
+    request: GenerationRequest
+    generator: torch.Generator | None
+    token_ids: list[int] = field(default_factory=list)
+    emitted: str = ""
+
+
+class GenerationEngine:
+    """Continuous-batching generation over a Hugging Face causal LM with a shared left-padded KV cache.
+
+    Args:
+        model: A causal LM (e.g. ``LlamaForCausalLM``) whose forward accepts ``attention_mask``,
+            ``position_ids`` and a ``DynamicCache`` as ``past_key_values``. Put it in eval mode.
+        tokenizer: Its tokenizer (used for detokenization and the EOS id).
+        max_batch_size: Most requests decoded together; the rest wait in a FIFO queue.
+        keep_logits: Attach each step's logits row to its :class:`StepOutput` (for tests).
+    """
+
+    def __init__(self, model, tokenizer, max_batch_size: int = 8, keep_logits: bool = False):
+        if max_batch_size < 1:
+            raise ValueError(
+                f"max_batch_size must be >= 1, got {max_batch_size}; pass a positive batch size."
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.keep_logits = keep_logits
+        self.device = next(model.parameters()).device
+        generation_config = getattr(model, "generation_config", None)
+        eos = {tokenizer.eos_token_id, *_as_list(getattr(generation_config, "eos_token_id", None))}
+        self.eos_token_ids = {e for e in eos if e is not None}
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [batch, cached positions], 1 = real token
+
+    @property
+    def num_running(self) -> int:
+        """Number of requests in the running batch."""
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Number of requests queued for admission."""
+        return len(self._waiting)
+
+    def has_work(self) -> bool:
+        """Whether any request is still waiting or running."""
+        return bool(self._waiting or self._running)
+
+    def add(self, request: GenerationRequest) -> None:
+        """Queue a request; it is admitted (prefilled) at the next :meth:`step` with room in the batch.
+
+        Raises:
+            ValueError: On an empty prompt, ``max_tokens < 1``, a negative temperature, ``top_p`` outside
+                (0, 1], a negative ``top_k`` or an id already live in this engine.
+        """
+        p = request.params
+        if not request.prompt_ids:
+            raise ValueError(
+                f"Request {request.request_id!r} has an empty prompt; pass at least one token id."
+            )
+        if p.max_tokens < 1 or p.temperature < 0 or not 0 < p.top_p <= 1 or p.top_k < 0:
+            raise ValueError(
+                f"Request {request.request_id!r} has invalid sampling params {p}; need max_tokens >= 1, "
+                "temperature >= 0, 0 < top_p <= 1 and top_k >= 0."
+            )
+        if any(s.request.request_id == request.request_id for s in (*self._waiting, *self._running)):
+            raise ValueError(
+                f"Request id {request.request_id!r} is already live; use a unique id per request."
+            )
+        generator = None
+        if p.temperature > 0:
+            generator = torch.Generator(device=self.device)
+            if p.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(p.seed)
+        self._waiting.append(_Sequence(request, generator))
+
+    @torch.no_grad()
+    def step(self) -> list[StepOutput]:
+        """Decode one token for every running request and admit waiting ones.
+
+        Returns:
+            One output per request that ran this step (running rows first, then newcomers); finished
+            requests have already left the batch when this returns.
+        """
+        outputs: list[StepOutput] = []
+        if self._running:
+            last = torch.tensor([[s.token_ids[-1]] for s in self._running], device=self.device)
+            ones = torch.ones(len(self._running), 1, dtype=self._mask.dtype, device=self.device)
+            mask = torch.cat([self._mask, ones], dim=1)
+            position_ids = self._mask.sum(dim=1, keepdim=True)
+            logits = self._forward(last, mask, position_ids, self._cache)
+            self._mask = mask
+            outputs += [self._advance(seq, row) for seq, row in zip(self._running, logits, strict=True)]
+
+        room = self.max_batch_size - len(self._running)
+        newcomers = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+        if newcomers:
+            width = max(len(s.request.prompt_ids) for s in newcomers)
+            ids = torch.full((len(newcomers), width), self.pad_token_id, dtype=torch.long, device=self.device)
+            mask = torch.zeros(len(newcomers), width, dtype=torch.long, device=self.device)
+            for i, seq in enumerate(newcomers):
+                n = len(seq.request.prompt_ids)
+                ids[i, width - n :] = torch.tensor(seq.request.prompt_ids, device=self.device)
+                mask[i, width - n :] = 1
+            cache = DynamicCache()
+            logits = self._forward(ids, mask, (mask.cumsum(dim=1) - 1).clamp(min=0), cache)
+            outputs += [self._advance(seq, row) for seq, row in zip(newcomers, logits, strict=True)]
+            self._merge(newcomers, cache, mask)
+
+        finished = {o.request_id for o in outputs if o.finished}
+        if finished:
+            self._keep([i for i, s in enumerate(self._running) if s.request.request_id not in finished])
+        return outputs
+
+    def generate(self, requests: list[GenerationRequest]) -> dict[str, list[StepOutput]]:
+        """Add every request, step until all are done and return each request's outputs in order."""
+        results: dict[str, list[StepOutput]] = {r.request_id: [] for r in requests}
+        for request in requests:
+            self.add(request)
+        while self.has_work():
+            for out in self.step():
+                results.setdefault(out.request_id, []).append(out)
+        return results
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1, :].float()
+
+    def _merge(self, newcomers: list[_Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Append the newcomers' rows (cache + mask) to the running batch, left-padding the shorter side."""
+        if not self._running:
+            self._running, self._cache, self._mask = list(newcomers), cache, mask
+            return
+        _check_layers(self._cache)
+        _check_layers(cache)
+        old_len, new_len = self._mask.shape[1], mask.shape[1]
+        for old, new in zip(self._cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat([_left_pad(old.keys, new_len, 2), _left_pad(new.keys, old_len, 2)])
+            old.values = torch.cat([_left_pad(old.values, new_len, 2), _left_pad(new.values, old_len, 2)])
+        self._mask = torch.cat([_left_pad(self._mask, new_len, 1), _left_pad(mask, old_len, 1)])
+        self._running += newcomers
+
+    def _keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` of the batch, then drop leading columns that are padding in every kept row."""
+        self._running = [self._running[i] for i in rows]
+        if not rows:
+            self._cache = self._mask = None
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        mask = self._mask.index_select(0, index)
+        skip = int((mask.sum(dim=0) > 0).long().argmax())  # first column holding a real token
+        self._mask = mask[:, skip:]
+        _check_layers(self._cache)
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, skip:]
+            layer.values = layer.values.index_select(0, index)[:, :, skip:]
+
+    def _advance(self, seq: _Sequence, logits: torch.Tensor) -> StepOutput:
+        """Sample the next token of ``seq`` from its logits row, update its text, decide if it stops."""
+        token = _sample(logits, seq.request.params, seq.generator)
+        params = seq.request.params
+        seq.token_ids.append(token)
+        reason = None
+        if token in self.eos_token_ids:
+            reason = "eos"
+        elif len(seq.token_ids) >= params.max_tokens:
+            reason = "length"
+        ids = seq.token_ids[:-1] if reason == "eos" else seq.token_ids
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        stops = [i for i in (text.find(s) for s in params.stop if s) if i >= 0]
+        if stops:
+            text, reason = text[: min(stops)], "stop"
+        elif reason is None:
+            text = _hold_back(text, params.stop)
+        delta = text[len(seq.emitted) :] if text.startswith(seq.emitted) else ""
+        seq.emitted += delta
+        return StepOutput(
+            request_id=seq.request.request_id,
+            token_id=token,
+            text=delta,
+            finished=reason is not None,
+            finish_reason=reason,
+            logits=logits.clone() if self.keep_logits else None,
+        )
+
+
+def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Pick one token id from a logits row: argmax, or temperature / top-k / top-p sampling."""
+    if params.temperature == 0:
+        return int(logits.argmax())
+    scores = logits / params.temperature
+    if 0 < params.top_k < scores.numel():
+        kth = torch.topk(scores, params.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_scores, order = scores.sort(descending=True)
+        probs = sorted_scores.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= params.top_p  # the token that crosses top_p is kept
+        scores = scores.scatter(0, order[drop], float("-inf"))
+    probs = scores.softmax(dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _hold_back(text: str, stop: list[str]) -> str:
+    """Cut a trailing partial UTF-8 character and any suffix that may be the start of a stop string."""
+    text = text.rstrip("\ufffd")
+    longest = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:k]):
+                longest = k
+                break
+    return text[: len(text) - longest]
+
+
+def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """Zero-pad ``t`` on the left of ``dim`` up to ``length`` (no-op when already that long)."""
+    missing = length - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _check_layers(cache: DynamicCache) -> None:
+    for layer in cache.layers:
+        if type(layer) is not DynamicLayer or not layer.is_initialized:
+            raise NotImplementedError(
+                "GenerationEngine supports full-attention DynamicLayer caches only, got "
+                f"{type(layer).__name__} (initialized={layer.is_initialized}); sliding-window or "
+                "linear-attention models need another engine."
+            )
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
