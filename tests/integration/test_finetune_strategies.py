@@ -20,8 +20,8 @@ SHORT = [
 ]
 
 
-def _run(tmp_path, *extra):
-    config = load_config(None, [*SHORT, f"output_dir={tmp_path}", *extra])
+def _run(tmp_path, *extra, config_file=None):
+    config = load_config(config_file, [*SHORT, f"output_dir={tmp_path}", *extra])
     result = finetune(config, progress=False)
     assert result.ok, result.error
     losses = [r["loss"] for r in result.history]
@@ -30,19 +30,18 @@ def _run(tmp_path, *extra):
     return result
 
 
-def test_moe_lora_reports_expert_load_and_router_loss(ray_cluster, tmp_path):
+def test_shipped_moe_config_reports_expert_load_and_router_loss(ray_cluster, repo, tmp_path):
     result = _run(
         tmp_path,
-        "name=moe",
-        "model.name_or_path=tiny-moe",
-        "moe.mode=finetune",
         "moe.adapter_targets=[attention,experts,router]",
         "moe.router_aux_loss_coef=0.02",
         # Evaluations and checkpoints keep their own schedules when logging is sparser.
         "training.log_every_steps=5",
         "training.eval_every_steps=3",
         "training.checkpoint_every_steps=2",
+        config_file=repo / "jobs" / "configs" / "tiny-moe-reverse.yaml",
     )
+    assert result.run_dir.name.startswith("tiny-moe-reverse-")
     assert [r["step"] for r in result.history] == [2, 3, 4, 5, 6]
     assert [r["step"] for r in result.history if r.get("eval_step") == r["step"]] == [3, 6]
     assert (result.run_dir / "ray" / "train" / "step-000006").is_dir()
