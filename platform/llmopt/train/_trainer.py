@@ -61,7 +61,7 @@ def new_run_dir(config: RunConfig) -> Path:
     return run_dir
 
 
-def _progress(sink, total: int, stop: threading.Event) -> None:
+def _progress(sink, total: int | None, stop: threading.Event) -> None:
     """Show a progress bar in the job log from the sink's latest record."""
     import ray
     from tqdm import tqdm
@@ -72,7 +72,7 @@ def _progress(sink, total: int, stop: threading.Event) -> None:
         latest = ray.get(sink.latest.remote())
         if not latest:
             continue
-        bar.update(max(0, latest["step"] - shown) if latest["step"] >= shown else 0)
+        bar.update(max(0, latest["step"] - shown))  # a replay after a failure moves no step twice
         shown = max(shown, latest["step"])
         postfix = {"loss": f"{latest['loss']:.4f}", "tok/s": f"{latest['tokens_per_s']:.0f}"}
         if "eval_exact_match" in latest:
@@ -155,7 +155,7 @@ def finetune(config: RunConfig, run_dir: Path | None = None, progress: bool = Tr
     stop = threading.Event()
     watcher = None
     if progress:
-        total = config.training.max_steps or 0
+        total = config.training.max_steps  # None (epochs): a bar without a known end
         watcher = threading.Thread(target=_progress, args=(sink, total, stop), daemon=True)
         watcher.start()
     start = time.perf_counter()
