@@ -1,0 +1,73 @@
+"""Load a model for serving at the configured precision and quantization.
+
+`serving.quantization=int8` uses torch dynamic quantization on CPU (int8 weights, activations quantized
+per batch at run time) and bitsandbytes 8-bit on GPU; `nf4` uses bitsandbytes 4-bit. `serving.precision`
+picks the dtype of everything that is not quantized (`auto`: bf16 on a GPU that has it, else fp32 —
+these CPUs have no fast bf16 units).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from llmopt.config import RunConfig
+from llmopt.models import load_model
+
+_DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
+
+
+class ServingPrecisionError(ValueError):
+    """The requested precision or quantization cannot be served on this device."""
+
+
+def serving_dtype(config: RunConfig, device: str | torch.device) -> str:
+    """The dtype name (`fp32`, `bf16`, `fp16`) the served weights use on `device`."""
+    on_gpu = torch.device(device).type == "cuda"
+    precision = config.serving.precision
+    if precision == "auto":
+        return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
+    if config.serving.quantization == "int8" and not on_gpu and precision != "fp32":
+        raise ServingPrecisionError(
+            f"serving.quantization='int8' on CPU runs torch dynamic quantization, which needs fp32 "
+            f"activations, but serving.precision={precision!r}; set serving.precision=fp32 (or auto)"
+        )
+    return _DTYPES[precision]
+
+
+def load_serving_model(config: RunConfig, device: str | torch.device = "cpu"):
+    """Load the config's model for inference, quantized and cast as `config.serving` says.
+
+    Args:
+        config: The run config (its `model` and `serving` sections).
+        device: `cpu` or a CUDA device.
+
+    Returns:
+        The model in eval mode.
+
+    Raises:
+        ServingPrecisionError: an impossible combination (e.g. int8 with bf16 activations on CPU).
+    """
+    dtype = serving_dtype(config, device)
+    mode = config.serving.quantization
+    on_gpu = torch.device(device).type == "cuda"
+    if mode == "none":
+        return load_model(config.model, dtype=dtype, device=device).eval()
+    if mode == "int8" and not on_gpu:
+        model = load_model(config.model, dtype="fp32", device="cpu").eval()
+        with warnings.catch_warnings():
+            # torch.ao's eager dynamic quantization is deprecated in favour of torchao, which has no CPU
+            # wheel here; it is still the built-in CPU int8 path of torch 2.x.
+            warnings.simplefilter("ignore")
+            return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    from transformers import BitsAndBytesConfig
+
+    compute = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    quant = (
+        BitsAndBytesConfig(load_in_8bit=True)
+        if mode == "int8"
+        else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+    )
+    device_map = {"": str(device)}
+    return load_model(config.model, dtype=dtype, quantization_config=quant, device_map=device_map).eval()
