@@ -19,7 +19,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,6 +42,30 @@ class CompletionRequest(BaseModel):
 
     model: str | None = None
     prompt: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+
+
+class ChatMessage(BaseModel):
+    """One chat turn."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(BaseModel):
+    """Body of ``POST /v1/chat/completions`` (the subset of OpenAI's fields this server honours)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -175,7 +199,9 @@ class LLMServer:
             if item.finished:
                 return
 
-    def _build(self, body: CompletionRequest) -> tuple[GenerationRequest, str]:
+    def _build(
+        self, body: CompletionRequest | ChatCompletionRequest, prompt: str, prefix: str = "cmpl"
+    ) -> tuple[GenerationRequest, str]:
         if body.model is not None and body.model != self.model_id:
             raise _reject(
                 404,
@@ -183,7 +209,7 @@ class LLMServer:
                 param="model",
                 code="model_not_found",
             )
-        prompt_ids = encode_prompt(body.prompt, self.tokenizer)
+        prompt_ids = encode_prompt(prompt, self.tokenizer)
         if not prompt_ids:
             raise _reject(400, "The prompt is empty; pass at least one character.", param="prompt")
         if len(prompt_ids) >= self.max_seq_len:
@@ -212,7 +238,7 @@ class LLMServer:
             seed=body.seed,
             stop=stop,
         )
-        request_id = f"cmpl-{uuid.uuid4().hex}"
+        request_id = f"{prefix}-{uuid.uuid4().hex}"
         return GenerationRequest(request_id, prompt_ids, params), request_id
 
     @fastapi_app.get("/health")
@@ -231,7 +257,7 @@ class LLMServer:
     @fastapi_app.post("/v1/completions")
     async def completions(self, body: CompletionRequest):
         """OpenAI text completion, whole or streamed as server-sent events."""
-        request, request_id = self._build(body)
+        request, request_id = self._build(body, body.prompt)
         created = int(time.time())
         if body.stream:
             return StreamingResponse(
@@ -263,23 +289,62 @@ class LLMServer:
             },
         }
 
-    async def _stream(self, request: GenerationRequest, request_id: str, created: int) -> AsyncIterator[str]:
+    @fastapi_app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest):
+        """OpenAI chat completion through the tokenizer's chat template, whole or streamed."""
+        messages = [m.model_dump() for m in body.messages]
+        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        request, request_id = self._build(body, prompt, prefix="chatcmpl")
+        created = int(time.time())
+        if body.stream:
+            return StreamingResponse(
+                self._stream(request, request_id, created, chat=True), media_type="text/event-stream"
+            )
+        text, finish_reason, completion_tokens = [], None, 0
+        async for out in self._generate(request):
+            text.append(out.text)
+            completion_tokens += out.token_id is not None
+            finish_reason = out.finish_reason
+        prompt_tokens = len(request.prompt_ids)
+        return {
+            "id": request_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": self.model_id,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(text)},
+                    "finish_reason": _openai_reason(finish_reason),
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+
+    async def _stream(
+        self, request: GenerationRequest, request_id: str, created: int, chat: bool = False
+    ) -> AsyncIterator[str]:
         try:
+            first = True
             async for out in self._generate(request):
+                reason = _openai_reason(out.finish_reason)
+                if chat:
+                    delta = {"role": "assistant", "content": out.text} if first else {"content": out.text}
+                    choice = {"index": 0, "delta": delta, "finish_reason": reason}
+                else:
+                    choice = {"index": 0, "text": out.text, "finish_reason": reason, "logprobs": None}
                 chunk = {
                     "id": request_id,
-                    "object": "text_completion",
+                    "object": "chat.completion.chunk" if chat else "text_completion",
                     "created": created,
                     "model": self.model_id,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "text": out.text,
-                            "finish_reason": _openai_reason(out.finish_reason),
-                            "logprobs": None,
-                        }
-                    ],
+                    "choices": [choice],
                 }
+                first = False
                 yield f"data: {json.dumps(chunk)}\n\n"
         except Exception as exc:  # headers are sent already: report the failure in-band
             error = {"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}}

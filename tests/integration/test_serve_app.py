@@ -114,6 +114,32 @@ def test_openai_client_whole_and_streamed(server, reference):
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
 
+def test_chat_completions_use_the_chat_template(server, reference):
+    import openai
+
+    from llmopt.models import load_tokenizer
+
+    messages = [{"role": "user", "content": "Reverse the digits: 1234"}]
+    prompt = load_tokenizer("tiny-llama").apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", timeout=60)
+    whole = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=8, temperature=0)
+    assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].message.content == reference(prompt, 8)[0]
+    assert whole.usage.prompt_tokens == reference(prompt, 8)[1]
+    stream = client.chat.completions.create(
+        model="tiny-llama", messages=messages, max_tokens=8, temperature=0, stream=True
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    bad = httpx.post(f"{server}/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]})
+    assert bad.status_code == 400 and "messages.0.role" in bad.json()["error"]["message"]
+    empty = httpx.post(f"{server}/v1/chat/completions", json={"messages": []})
+    assert empty.status_code == 400
+
+
 def test_raw_stream_is_sse(server):
     body = {"prompt": PROMPTS[2], "max_tokens": 4, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as response:
