@@ -258,36 +258,7 @@ class LLMServer:
     async def completions(self, body: CompletionRequest):
         """OpenAI text completion, whole or streamed as server-sent events."""
         request, request_id = self._build(body, body.prompt)
-        created = int(time.time())
-        if body.stream:
-            return StreamingResponse(
-                self._stream(request, request_id, created), media_type="text/event-stream"
-            )
-        text, finish_reason, completion_tokens = [], None, 0
-        async for out in self._generate(request):
-            text.append(out.text)
-            completion_tokens += out.token_id is not None
-            finish_reason = out.finish_reason
-        prompt_tokens = len(request.prompt_ids)
-        return {
-            "id": request_id,
-            "object": "text_completion",
-            "created": created,
-            "model": self.model_id,
-            "choices": [
-                {
-                    "index": 0,
-                    "text": "".join(text),
-                    "finish_reason": _openai_reason(finish_reason),
-                    "logprobs": None,
-                }
-            ],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-        }
+        return await self._respond(request, request_id, body.stream, chat=False)
 
     @fastapi_app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest):
@@ -295,29 +266,36 @@ class LLMServer:
         messages = [m.model_dump() for m in body.messages]
         prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         request, request_id = self._build(body, prompt, prefix="chatcmpl")
+        return await self._respond(request, request_id, body.stream, chat=True)
+
+    async def _respond(self, request: GenerationRequest, request_id: str, stream: bool, chat: bool):
+        """The whole response, or an SSE stream, in the text- or chat-completion shape."""
         created = int(time.time())
-        if body.stream:
+        if stream:
             return StreamingResponse(
-                self._stream(request, request_id, created, chat=True), media_type="text/event-stream"
+                self._stream(request, request_id, created, chat=chat), media_type="text/event-stream"
             )
         text, finish_reason, completion_tokens = [], None, 0
         async for out in self._generate(request):
             text.append(out.text)
             completion_tokens += out.token_id is not None
             finish_reason = out.finish_reason
+        reason = _openai_reason(finish_reason)
+        if chat:
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": "".join(text)},
+                "finish_reason": reason,
+            }
+        else:
+            choice = {"index": 0, "text": "".join(text), "finish_reason": reason, "logprobs": None}
         prompt_tokens = len(request.prompt_ids)
         return {
             "id": request_id,
-            "object": "chat.completion",
+            "object": "chat.completion" if chat else "text_completion",
             "created": created,
             "model": self.model_id,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "".join(text)},
-                    "finish_reason": _openai_reason(finish_reason),
-                }
-            ],
+            "choices": [choice],
             "usage": {
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
