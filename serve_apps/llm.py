@@ -35,19 +35,24 @@ from llmopt.serve import GenerationEngine, GenerationRequest, SamplingParams, St
 fastapi_app = FastAPI(title="llmopt completions")
 
 
-class CompletionRequest(BaseModel):
-    """Body of ``POST /v1/completions`` (the subset of OpenAI's fields this server honours)."""
+class _GenerationFields(BaseModel):
+    """Fields that text and chat completions share: model, sampling, stop and streaming."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    prompt: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+
+
+class CompletionRequest(_GenerationFields):
+    """Body of ``POST /v1/completions`` (the subset of OpenAI's fields this server honours)."""
+
+    prompt: str
 
 
 class ChatMessage(BaseModel):
@@ -59,19 +64,10 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(_GenerationFields):
     """Body of ``POST /v1/chat/completions`` (the subset of OpenAI's fields this server honours)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
 
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
@@ -200,7 +196,7 @@ class LLMServer:
                 return
 
     def _build(
-        self, body: CompletionRequest | ChatCompletionRequest, prompt: str, prefix: str = "cmpl"
+        self, body: _GenerationFields, prompt: str, prefix: str = "cmpl"
     ) -> tuple[GenerationRequest, str]:
         if body.model is not None and body.model != self.model_id:
             raise _reject(
