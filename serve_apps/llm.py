@@ -1,109 +1,112 @@
-"""OpenAI-compatible completion server: one Ray Serve deployment around a continuous-batching engine.
+"""The LLM Serve application: an HTTP ingress in front of autoscaled model replicas.
 
-Run it with::
+Run it with any of::
 
-    serve run serve_apps.llm:app_builder config=jobs/configs/tiny-llama-reverse.yaml \
-        serving.batching.max_batch_size=4
+    serve run serve_apps.llm:app config=jobs/configs/tiny-llama-reverse.yaml serving.batching.max_batch_size=8
+    serve deploy serve_apps/configs/llm.yaml          # a running cluster started with PYTHONPATH=<repo>
+    llmopt serve --config jobs/configs/tiny-llama-reverse.yaml
 
-Each replica owns one :class:`llmopt.serve.GenerationEngine`. Concurrently arriving requests are grouped by
-``@serve.batch`` and handed to the engine together (so they prefill together); one background task steps the
-engine and routes every :class:`StepOutput` to its request's queue. Requests arriving while the engine decodes
-join the running batch at the next step.
+Deployments: ``LLMIngress`` (FastAPI: validation, API keys, tokenization, OpenAI and seed APIs, metrics) and
+``LLMServer`` (``serve_apps/_replica.py``: the model, the continuous-batching engine and session KV caches;
+the one that autoscales). The ingress streams from the replicas through a ``DeploymentHandle`` whose
+multiplexed model id is the adapter (``model="base:adapter"``) and, for sessions, a digest of the caller's key
+and session id, so a session's turns return to the replica holding its cache.
 
-Prompts are tokenized with ``llmopt.data.encode_prompt`` (BOS unless the text already starts with it), exactly
-as training and evaluation tokenize them, so adapters see the inputs they were trained on.
+Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
+(OpenAI-compatible, ``stream: true`` as server-sent events, ``session_id`` extension), the seed API
+``POST /api/v1/model/generate`` (chunked text stream or JSON, ``X-Session-ID``) and
+``POST /api/v1/model/batch-generate``, and ``GET /api/v1/stats`` (one replica's engine and cache counters).
+Errors use OpenAI's body shape; overload is HTTP 503 with ``Retry-After``.
 """
 
 import asyncio
+import hashlib
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve import Application
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
 
 from llmopt.config import RunConfig, load_config
 from llmopt.data import encode_prompt
-from llmopt.serve import GenerationEngine, GenerationRequest, SamplingParams, StepOutput
+from llmopt.serve import (
+    BatchGenerateRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    error_body,
+    load_api_keys,
+    owner_of,
+)
+from serve_apps._metrics import IngressMetrics
+from serve_apps._replica import LLMServer
 
-fastapi_app = FastAPI(title="llmopt completions")
-
-
-class _GenerationFields(BaseModel):
-    """Fields that text and chat completions share: model, sampling, stop and streaming."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
+fastapi_app = FastAPI(title="llmopt LLM server")
 
 
-class CompletionRequest(_GenerationFields):
-    """Body of ``POST /v1/completions`` (the subset of OpenAI's fields this server honours)."""
+class Reject(Exception):
+    """An HTTP error with an OpenAI-style body (and optional headers such as Retry-After)."""
 
-    prompt: str
-
-
-class ChatMessage(BaseModel):
-    """One chat turn."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    role: Literal["system", "user", "assistant"]
-    content: str
+    def __init__(self, status: int, message: str, param=None, code=None, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
 
 
-class ChatCompletionRequest(_GenerationFields):
-    """Body of ``POST /v1/chat/completions`` (the subset of OpenAI's fields this server honours)."""
-
-    messages: list[ChatMessage] = Field(min_length=1)
-
-
-def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    error_type = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-    return JSONResponse(status_code=status, content=body)
+@fastapi_app.exception_handler(Reject)
+async def _rejected(request: Request, exc: Reject) -> JSONResponse:
+    body = error_body(exc.status, exc.message, exc.param, exc.code)
+    return JSONResponse(status_code=exc.status, content=body, headers=exc.headers)
 
 
 @fastapi_app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    problems = []
-    param = None
-    for err in exc.errors():
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        where = ".".join(loc) or "body"
-        param = param or (where if loc else None)
-        problems.append(f"{where}: {err.get('msg')}")
-    return _error(400, "Invalid request: " + "; ".join(problems), param=param, code="invalid_request")
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(status_code=400, content=error_body(400, f"Invalid request: {exc.errors()}"))
 
 
-@fastapi_app.exception_handler(HTTPException)
-async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    detail = exc.detail if isinstance(exc.detail, dict) else {"message": str(exc.detail)}
-    return _error(exc.status_code, detail["message"], param=detail.get("param"), code=detail.get("code"))
+def _parse(raw: bytes, schema: type[BaseModel]) -> BaseModel:
+    """Validate a JSON body against ``schema``; every problem is named in one 400 message."""
+    try:
+        data = json.loads(raw or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise Reject(
+            400, f"The body is not valid JSON ({exc}); send a JSON object.", code="invalid_json"
+        ) from None
+    if not isinstance(data, dict):
+        raise Reject(400, "The body must be a JSON object.", code="invalid_json")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        problems, param = [], None
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "body"
+            param = param or where
+            message = "unknown field; remove it" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"{where}: {message}")
+        raise Reject(
+            400, "Invalid request: " + "; ".join(problems), param=param, code="invalid_request"
+        ) from None
 
 
-@fastapi_app.exception_handler(Exception)
-async def _server_error(request: Request, exc: Exception) -> JSONResponse:
-    return _error(500, f"Generation failed: {exc}")
+def _overloaded() -> Reject:
+    return Reject(
+        503,
+        "The server is at capacity (every replica's queue is full); retry after Retry-After seconds.",
+        code="overloaded",
+        headers={"Retry-After": "1"},
+    )
 
 
-def _reject(status: int, message: str, param: str | None = None, code: str | None = None) -> HTTPException:
-    return HTTPException(status_code=status, detail={"message": message, "param": param, "code": code})
-
-
-def _openai_reason(reason: str | None) -> str | None:
+def _reason(reason: str | None) -> str | None:
     # OpenAI knows only "stop" and "length"; an end-of-sequence token is a natural stop.
     return "stop" if reason == "eos" else reason
 
@@ -112,229 +115,345 @@ def _openai_reason(reason: str | None) -> str | None:
 # globals its routes reference) when the class is decorated.
 @serve.deployment
 @serve.ingress(fastapi_app)
-class LLMServer:
-    """One replica: a model, its tokenizer and a continuous-batching engine behind the OpenAI API.
+class LLMIngress:
+    """HTTP front door: checks keys, bodies and lengths, tokenizes, and streams from ``LLMServer`` replicas.
 
     Args:
-        config: A :class:`RunConfig` as ``model_dump(mode="json")`` (plain data crosses to the actor).
+        llm: Handle of the ``LLMServer`` deployment.
+        config: A :class:`RunConfig` as ``model_dump(mode="json")``.
     """
 
-    def __init__(self, config: dict[str, Any]):
-        from llmopt.evaluation import set_torch_threads
-        from llmopt.models import load_model, load_tokenizer
+    def __init__(self, llm: DeploymentHandle, config: dict[str, Any]):
+        from llmopt.models import load_tokenizer
 
+        self.llm = llm
         self.config = RunConfig.model_validate(config)
-        set_torch_threads(self.config.resources.cpus_per_worker)
-        self.model_id = self.config.model.name_or_path
-        self.max_seq_len = self.config.model.max_seq_len
+        serving = self.config.serving
         self.tokenizer = load_tokenizer(self.config.model)
-        model = load_model(self.config.model).eval()
-        batching = self.config.serving.batching
-        self.engine = GenerationEngine(model, self.tokenizer, max_batch_size=batching.max_batch_size)
-        self._admit.set_max_batch_size(batching.max_batch_size)
-        self._admit.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
-        self._queues: dict[str, asyncio.Queue] = {}
-        # Requests are handed to the engine only between steps, from the event loop, because
-        # engine.step runs in a worker thread and the engine is not thread-safe.
-        self._pending: list[GenerationRequest] = []
-        self._loop_task: asyncio.Task | None = None
+        self.model_id = self.config.model.name_or_path
+        self.adapters = set(serving.adapters)
+        self.max_seq_len = self.config.model.max_seq_len
+        self.keys = load_api_keys(serving.api_keys_env, serving.api_keys_file)
+        self.metrics = IngressMetrics()
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _admit(self, requests: list[GenerationRequest]) -> list[asyncio.Queue]:
-        """Queue a batch of concurrently arriving requests for the engine; one output queue each."""
-        queues = []
-        for request in requests:
-            queue: asyncio.Queue = asyncio.Queue()
-            self._queues[request.request_id] = queue
-            self._pending.append(request)
-            queues.append(queue)
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._run())
-        return queues
+    # ---- request checks ------------------------------------------------------------------------------
+    async def _read(self, request: Request, route: str) -> tuple[str, bytes]:
+        """Authenticate, then read the body within the size limit. Returns (owner, body)."""
+        owner = self._owner(request)
+        limit = self.config.serving.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise Reject(413, f"The body has {declared} bytes; the limit is {limit}.", code="body_too_large")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise Reject(413, f"The body exceeds the limit of {limit} bytes.", code="body_too_large")
+        return owner, body
 
-    async def _run(self) -> None:
-        """Step the engine while it has work and route each output to its request's queue."""
-        while self._pending or self.engine.has_work():
-            pending, self._pending = self._pending, []
-            for request in pending:
-                try:
-                    self.engine.add(request)
-                except ValueError as exc:
-                    self._fail(request.request_id, exc)
-            if not self.engine.has_work():
-                continue
-            try:
-                outputs = await asyncio.to_thread(self.engine.step)
-            except Exception as exc:  # a broken step must fail its requests, never the replica
-                for request_id in list(self._queues):
-                    self._fail(request_id, exc)
-                batching = self.config.serving.batching
-                self.engine = GenerationEngine(
-                    self.engine.model, self.tokenizer, max_batch_size=batching.max_batch_size
-                )
-                continue
-            for out in outputs:
-                queue = self._queues.get(out.request_id)
-                if queue is not None:
-                    queue.put_nowait(out)
-                if out.finished:
-                    self._queues.pop(out.request_id, None)
-
-    def _fail(self, request_id: str, exc: BaseException) -> None:
-        queue = self._queues.pop(request_id, None)
-        if queue is not None:
-            queue.put_nowait(exc)
-
-    async def _generate(self, request: GenerationRequest) -> AsyncIterator[StepOutput]:
-        queue = await self._admit(request)
-        while True:
-            item = await queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if item.finished:
-                return
-
-    def _build(
-        self, body: _GenerationFields, prompt: str, prefix: str = "cmpl"
-    ) -> tuple[GenerationRequest, str]:
-        if body.model is not None and body.model != self.model_id:
-            raise _reject(
-                404,
-                f"The model {body.model!r} does not exist; this server serves {self.model_id!r}.",
-                param="model",
-                code="model_not_found",
+    def _owner(self, request: Request) -> str:
+        if self.keys is None:
+            return owner_of(None)
+        auth = request.headers.get("authorization", "")
+        key = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key")
+        if not key or key not in self.keys:
+            raise Reject(
+                401,
+                "Missing or invalid API key; send `Authorization: Bearer <key>`.",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
             )
-        prompt_ids = encode_prompt(prompt, self.tokenizer)
-        if not prompt_ids:
-            raise _reject(400, "The prompt is empty; pass at least one character.", param="prompt")
+        return owner_of(key)
+
+    def _adapter(self, model: str | None) -> str | None:
+        """The adapter a `model` field names: None (base), `base:adapter` or a bare adapter name."""
+        if model is None or model == self.model_id:
+            return None
+        base, _, adapter = model.rpartition(":")
+        if base in ("", self.model_id) and adapter in self.adapters:
+            return adapter
+        known = [self.model_id, *(f"{self.model_id}:{a}" for a in sorted(self.adapters))]
+        raise Reject(
+            404,
+            f"The model {model!r} does not exist; this server serves {known}.",
+            param="model",
+            code="model_not_found",
+        )
+
+    def _payload(self, body, prompt_ids: list[int], owner: str, session_id: str | None) -> tuple[dict, str]:
+        """The replica payload and the multiplexed model id (adapter, plus session digest) for routing."""
         if len(prompt_ids) >= self.max_seq_len:
-            raise _reject(
+            raise Reject(
                 400,
-                f"The prompt has {len(prompt_ids)} tokens but the context is {self.max_seq_len}; "
-                "shorten the prompt.",
+                f"The prompt has {len(prompt_ids)} tokens but the context is {self.max_seq_len}; shorten it.",
                 param="prompt",
                 code="context_length_exceeded",
             )
-        max_tokens = body.max_tokens or self.config.serving.max_new_tokens
         room = self.max_seq_len - len(prompt_ids)
-        if body.max_tokens is not None and max_tokens > room:
-            raise _reject(
+        if body.max_tokens is not None and body.max_tokens > room:
+            raise Reject(
                 400,
-                f"max_tokens={max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds the context of "
-                f"{self.max_seq_len}; ask for at most {room} tokens.",
+                f"max_tokens={body.max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds "
+                f"the context of {self.max_seq_len}; ask for at most {room} tokens.",
                 param="max_tokens",
                 code="context_length_exceeded",
             )
+        adapter = self._adapter(body.model)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        params = SamplingParams(
-            max_tokens=min(max_tokens, room),
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=body.seed,
-            stop=stop,
-        )
-        request_id = f"{prefix}-{uuid.uuid4().hex}"
-        return GenerationRequest(request_id, prompt_ids, params), request_id
-
-    @fastapi_app.get("/health")
-    async def health(self) -> dict[str, str]:
-        """Liveness probe."""
-        return {"status": "ok"}
-
-    @fastapi_app.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
-        """OpenAI model list: the one served model."""
-        return {
-            "object": "list",
-            "data": [{"id": self.model_id, "object": "model", "created": 0, "owned_by": "llmopt"}],
+        params = {
+            "max_tokens": min(body.max_tokens or self.config.serving.max_new_tokens, room),
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+            "top_k": body.top_k,
+            "seed": body.seed,
+            "stop": stop,
+            "ignore_eos": body.ignore_eos,
         }
+        session = {"owner": owner, "id": session_id} if session_id else None
+        route = adapter or ""
+        if session:
+            route = f"{adapter or 'base'}|{hashlib.sha256(f'{owner}:{session_id}'.encode()).hexdigest()[:16]}"
+        payload = {
+            "request_id": uuid.uuid4().hex,
+            "prompt_ids": prompt_ids,
+            "params": params,
+            "adapter": adapter,
+            "session": session,
+        }
+        return payload, route
 
-    @fastapi_app.post("/v1/completions")
-    async def completions(self, body: CompletionRequest):
-        """OpenAI text completion, whole or streamed as server-sent events."""
-        request, request_id = self._build(body, body.prompt)
-        return await self._respond(request, request_id, body.stream, chat=False)
+    def _prompt_ids(self, text: str) -> list[int]:
+        ids = encode_prompt(text, self.tokenizer)
+        if not ids:
+            raise Reject(400, "The prompt is empty; pass at least one character.", param="prompt")
+        return ids
 
-    @fastapi_app.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest):
-        """OpenAI chat completion through the tokenizer's chat template, whole or streamed."""
-        messages = [m.model_dump() for m in body.messages]
-        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        request, request_id = self._build(body, prompt, prefix="chatcmpl")
-        return await self._respond(request, request_id, body.stream, chat=True)
+    # ---- talking to the replicas --------------------------------------------------------------------
+    async def _open(self, payload: dict, route: str) -> tuple[dict, Any, float]:
+        """Start a generation; return its first token record, the stream and the start time.
 
-    async def _respond(self, request: GenerationRequest, request_id: str, stream: bool, chat: bool):
-        """The whole response, or an SSE stream, in the text- or chat-completion shape."""
-        created = int(time.time())
-        if stream:
-            return StreamingResponse(
-                self._stream(request, request_id, created, chat=chat), media_type="text/event-stream"
-            )
-        text, finish_reason, completion_tokens = [], None, 0
-        async for out in self._generate(request):
-            text.append(out.text)
-            completion_tokens += out.token_id is not None
-            finish_reason = out.finish_reason
-        reason = _openai_reason(finish_reason)
-        if chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": "".join(text)},
-                "finish_reason": reason,
-            }
-        else:
-            choice = {"index": 0, "text": "".join(text), "finish_reason": reason, "logprobs": None}
-        prompt_tokens = len(request.prompt_ids)
+        Waiting for the first token before answering lets admission failures (overload) become real HTTP
+        statuses even for streamed responses.
+        """
+        start = time.perf_counter()
+        handle = self.llm.options(stream=True, multiplexed_model_id=route)
+        stream = None
+        try:
+            stream = handle.generate.remote(payload)
+            async for item in stream:
+                if item["type"] == "token":
+                    return item, stream, start
+        except BackPressureError:
+            if stream is not None:
+                stream.cancel()
+            raise _overloaded() from None
+        raise RuntimeError("the replica ended the stream before the first token")
+
+    async def _tokens(self, first: dict, stream, start: float, route: str) -> AsyncIterator[dict]:
+        """Yield token records (the first one included); record latency metrics at the end."""
+        ttft = time.perf_counter() - start
+        count, done = 0, False
+        try:
+            item = first
+            while True:
+                count += item["token_id"] is not None
+                yield item
+                if item["finished"]:
+                    done = True
+                    return
+                item = await stream.__anext__()
+        finally:
+            if not done:
+                stream.cancel()  # the client went away: stop generating for it
+            self.metrics.generation(route, ttft, time.perf_counter() - start, count)
+
+    async def _collect(self, payload: dict, route: str, name: str) -> dict[str, Any]:
+        first, stream, start = await self._open(payload, route)
+        text, reason, tokens = [], None, 0
+        async for item in self._tokens(first, stream, start, name):
+            text.append(item["text"])
+            tokens += item["token_id"] is not None
+            reason = item["finish_reason"]
+        prompt = len(payload["prompt_ids"])
         return {
-            "id": request_id,
-            "object": "chat.completion" if chat else "text_completion",
-            "created": created,
-            "model": self.model_id,
-            "choices": [choice],
+            "text": "".join(text),
+            "finish_reason": reason,
             "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens": prompt,
+                "completion_tokens": tokens,
+                "total_tokens": prompt + tokens,
+                "cached_tokens": first["cached_tokens"],
             },
         }
 
-    async def _stream(
-        self, request: GenerationRequest, request_id: str, created: int, chat: bool = False
-    ) -> AsyncIterator[str]:
+    async def _guard(self, route: str, work):
+        """Run a route's work, counting its response status; unexpected failures become HTTP 500."""
         try:
-            first = True
-            async for out in self._generate(request):
-                reason = _openai_reason(out.finish_reason)
-                if chat:
-                    delta = {"role": "assistant", "content": out.text} if first else {"content": out.text}
-                    choice = {"index": 0, "delta": delta, "finish_reason": reason}
-                else:
-                    choice = {"index": 0, "text": out.text, "finish_reason": reason, "logprobs": None}
-                chunk = {
-                    "id": request_id,
-                    "object": "chat.completion.chunk" if chat else "text_completion",
-                    "created": created,
-                    "model": self.model_id,
-                    "choices": [choice],
-                }
-                first = False
-                yield f"data: {json.dumps(chunk)}\n\n"
-        except Exception as exc:  # headers are sent already: report the failure in-band
-            error = {"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}}
-            yield f"data: {json.dumps(error)}\n\n"
-        yield "data: [DONE]\n\n"
+            response = await work
+        except Reject as exc:
+            self.metrics.response(route, exc.status)
+            raise
+        except BackPressureError:  # raised by the handle wherever the request was waiting
+            self.metrics.response(route, 503)
+            raise _overloaded() from None
+        except Exception as exc:  # a failing request must never take the replica down
+            self.metrics.response(route, 500)
+            raise Reject(
+                500, f"Generation failed: {type(exc).__name__}: {exc}", code="internal_error"
+            ) from None
+        self.metrics.response(route, getattr(response, "status_code", 200))
+        return response
+
+    # ---- routes ---------------------------------------------------------------------------------------
+    @fastapi_app.get("/health")
+    async def health(self) -> dict[str, str]:
+        """Liveness probe (no key needed)."""
+        return {"status": "ok"}
+
+    @fastapi_app.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        """OpenAI model list: the base model and one `base:adapter` entry per adapter."""
+        self._owner(request)
+        ids = [self.model_id, *(f"{self.model_id}:{a}" for a in sorted(self.adapters))]
+        data = [{"id": i, "object": "model", "created": 0, "owned_by": "llmopt"} for i in ids]
+        return {"object": "list", "data": data}
+
+    @fastapi_app.get("/api/v1/stats")
+    async def stats(self, request: Request) -> dict[str, Any]:
+        """Engine settings, batch sizes and session-cache counters of the replica that answers."""
+        self._owner(request)
+        return await self.llm.stats.remote()
+
+    @fastapi_app.post("/v1/completions")
+    async def completions(self, request: Request):
+        """OpenAI text completion, whole or streamed as server-sent events."""
+        return await self._guard("completions", self._openai(request, chat=False))
+
+    @fastapi_app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        """OpenAI chat completion through the tokenizer's chat template, whole or streamed."""
+        return await self._guard("chat", self._openai(request, chat=True))
+
+    @fastapi_app.post("/api/v1/model/generate")
+    async def generate(self, request: Request):
+        """Seed API: chunked text (JSON with `stream: false`); `X-Session-ID` reuses the session's cache."""
+        return await self._guard("generate", self._seed_generate(request))
+
+    @fastapi_app.post("/api/v1/model/batch-generate")
+    async def batch_generate(self, request: Request):
+        """Seed API: several prompts generated concurrently (batched on the replicas); results in order."""
+        return await self._guard("batch_generate", self._seed_batch(request))
+
+    # ---- route bodies ---------------------------------------------------------------------------------
+    async def _openai(self, request: Request, chat: bool):
+        owner, raw = await self._read(request, "chat" if chat else "completions")
+        body = _parse(raw, ChatCompletionRequest if chat else CompletionRequest)
+        if chat:
+            messages = [m.model_dump() for m in body.messages]
+            prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            prompt = body.prompt
+        payload, route = self._payload(body, self._prompt_ids(prompt), owner, body.session_id)
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{payload['request_id']}"
+        created = int(time.time())
+        name = "chat" if chat else "completions"
+        if not body.stream:
+            result = await self._collect(payload, route, name)
+            reason = _reason(result["finish_reason"])
+            if chat:
+                message = {"role": "assistant", "content": result["text"]}
+                choice = {"index": 0, "message": message, "finish_reason": reason}
+            else:
+                choice = {"index": 0, "text": result["text"], "finish_reason": reason, "logprobs": None}
+            usage = dict(result["usage"])
+            usage["prompt_tokens_details"] = {"cached_tokens": usage.pop("cached_tokens")}  # OpenAI's place
+            return {
+                "id": request_id,
+                "object": "chat.completion" if chat else "text_completion",
+                "created": created,
+                "model": body.model or self.model_id,
+                "choices": [choice],
+                "usage": usage,
+            }
+        first, stream, start = await self._open(payload, route)
+        tokens = self._tokens(first, stream, start, name)
+
+        async def events() -> AsyncIterator[str]:
+            opening = True
+            try:
+                async for item in tokens:
+                    reason = _reason(item["finish_reason"])
+                    if chat:
+                        delta = (
+                            {"role": "assistant", "content": item["text"]}
+                            if opening
+                            else {"content": item["text"]}
+                        )
+                        choice = {"index": 0, "delta": delta, "finish_reason": reason}
+                    else:
+                        choice = {"index": 0, "text": item["text"], "finish_reason": reason, "logprobs": None}
+                    chunk = {
+                        "id": request_id,
+                        "object": "chat.completion.chunk" if chat else "text_completion",
+                        "created": created,
+                        "model": body.model or self.model_id,
+                        "choices": [choice],
+                    }
+                    opening = False
+                    yield f"data: {json.dumps(chunk)}\n\n"
+            except Exception as exc:  # headers are sent already: report the failure in-band
+                yield f"data: {json.dumps(error_body(500, f'Generation failed: {exc}'))}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def _seed_generate(self, request: Request):
+        owner, raw = await self._read(request, "generate")
+        body = _parse(raw, GenerateRequest)
+        session_id = request.headers.get("x-session-id") or body.session_id
+        if session_id is not None and not 0 < len(session_id) <= 128:
+            raise Reject(400, "X-Session-ID must have 1 to 128 characters.", param="X-Session-ID")
+        payload, route = self._payload(body, self._prompt_ids(body.prompt), owner, session_id)
+        headers = {"X-Prompt-Tokens": str(len(payload["prompt_ids"]))}
+        if session_id:
+            headers["X-Session-ID"] = session_id
+        if not body.stream:
+            result = await self._collect(payload, route, "generate")
+            headers["X-Cached-Tokens"] = str(result["usage"]["cached_tokens"])
+            return JSONResponse({**result, "session_id": session_id}, headers=headers)
+        first, stream, start = await self._open(payload, route)
+        headers["X-Cached-Tokens"] = str(first["cached_tokens"])
+        tokens = self._tokens(first, stream, start, "generate")
+
+        async def chunks() -> AsyncIterator[str]:
+            async for item in tokens:
+                if item["text"]:
+                    yield item["text"]
+
+        return StreamingResponse(chunks(), media_type="text/plain; charset=utf-8", headers=headers)
+
+    async def _seed_batch(self, request: Request):
+        owner, raw = await self._read(request, "batch_generate")
+        body = _parse(raw, BatchGenerateRequest)
+        jobs = [self._payload(body, self._prompt_ids(p), owner, None) for p in body.prompts]
+        results = await asyncio.gather(*(self._collect(p, r, "batch_generate") for p, r in jobs))
+        usage = {
+            k: sum(r["usage"][k] for r in results)
+            for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+        }
+        return {"results": results, "usage": usage}
 
 
-def app_builder(args: dict[str, Any]) -> Application:
-    """Build the Serve application from ``serve run`` arguments.
+def app(args: dict[str, Any]) -> Application:
+    """Build the Serve application from ``serve run`` / ``serve deploy`` arguments.
 
     Args:
         args: ``config`` (a YAML path, optional), ``overrides`` (a list of ``a.b=value`` strings, optional)
             and any other ``a.b=value`` pair that ``serve run ... a.b=value`` passes as a key.
 
     Returns:
-        The bound ``LLMServer`` deployment, sized from ``config.serving`` and ``config.resources``.
+        The ingress bound to the ``LLMServer`` deployment, both sized from ``config.serving`` and
+        ``config.resources``.
     """
     args = dict(args)
     path = args.pop("config", None)
@@ -343,19 +462,41 @@ def app_builder(args: dict[str, Any]) -> Application:
     config = load_config(path, overrides)
     serving = config.serving
     scaling = serving.autoscaling
-    options: dict[str, Any] = {
-        "max_ongoing_requests": serving.max_ongoing_requests or 2 * serving.batching.max_batch_size,
+    batching = serving.batching
+    # Serve's default max_ongoing_requests (5) would silently cap the batch size: size it from the batch.
+    ongoing = serving.max_ongoing_requests or 2 * batching.max_batch_size
+    actor: dict[str, Any] = {"num_cpus": config.resources.cpus_per_worker}
+    if config.resources.gpus_per_worker:
+        actor["num_gpus"] = config.resources.gpus_per_worker
+    llm_options: dict[str, Any] = {
+        "max_ongoing_requests": ongoing,
         "max_queued_requests": serving.max_queued_requests,
-        "ray_actor_options": {"num_cpus": config.resources.cpus_per_worker},
+        "ray_actor_options": actor,
+        "user_config": {
+            "max_batch_size": batching.max_batch_size,
+            "batch_wait_timeout_s": batching.batch_wait_timeout_s,
+        },
     }
     if scaling.min_replicas == scaling.max_replicas:
-        options["num_replicas"] = scaling.min_replicas
+        llm_options["num_replicas"] = scaling.min_replicas
     else:
-        options["autoscaling_config"] = {
+        llm_options["autoscaling_config"] = {
             "min_replicas": scaling.min_replicas,
             "max_replicas": scaling.max_replicas,
             "target_ongoing_requests": scaling.target_ongoing_requests,
             "upscale_delay_s": scaling.upscale_delay_s,
             "downscale_delay_s": scaling.downscale_delay_s,
         }
-    return LLMServer.options(**options).bind(config.model_dump(mode="json"))
+    # The ingress only parses and relays: a sliver of CPU, and room for every request the model replicas can
+    # hold or queue, so overload surfaces as the replicas' bounded queue (HTTP 503 + Retry-After).
+    queued = max(serving.max_queued_requests, 0)
+    ingress_options = {
+        "num_replicas": 1,
+        "max_ongoing_requests": scaling.max_replicas * (ongoing + queued) + 16,
+        "ray_actor_options": {"num_cpus": 0.1},
+    }
+    data = config.model_dump(mode="json")
+    return LLMIngress.options(**ingress_options).bind(LLMServer.options(**llm_options).bind(data), data)
+
+
+app_builder = app  # the name earlier releases documented

@@ -208,3 +208,99 @@ def test_engine_does_not_import_ray():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _two_turns(model, tok, engine, first_text, follow_text, max_tokens=6):
+    """Turn 1 keeps its cache; turn 2 = turn 1's tokens + new text, from that cache. Returns turn 2's outputs."""
+    first = _req(tok, "t1", first_text, max_tokens=max_tokens, ignore_eos=True)
+    first.keep_cache = True
+    outs = engine.generate([first])["t1"]
+    final = outs[-1]
+    assert final.cache is not None and final.cache.get_seq_length() == len(final.cache_token_ids)
+    history = first.prompt_ids + [o.token_id for o in outs]
+    assert final.cache_token_ids == history[:-1]
+    follow_ids = history + tok(follow_text, add_special_tokens=False).input_ids
+    return follow_ids, final.cache
+
+
+def test_session_reuse_equals_recompute(model, tok):
+    engine = _engine(model, tok)
+    follow_ids, cache = _two_turns(model, tok, engine, TEXTS[1], " And then?")
+    reused = GenerationRequest("t2", follow_ids, SamplingParams(max_tokens=8), prefix_cache=cache)
+    got = engine.generate([reused])["t2"]
+    want = _alone(model, tok, GenerationRequest("t2", follow_ids, SamplingParams(max_tokens=8)))
+    _assert_same(got, want)
+    assert (
+        got[0].cached_tokens
+        == len(follow_ids) - len(tok(" And then?", add_special_tokens=False).input_ids) - 1
+    )
+    assert want[0].cached_tokens == 0
+
+
+def test_sessions_with_different_cache_lengths_batch_together(model, tok):
+    engine = _engine(model, tok)
+    follow_a, cache_a = _two_turns(model, tok, engine, TEXTS[0], " more", max_tokens=3)
+    follow_b, cache_b = _two_turns(model, tok, engine, TEXTS[3], " and more text", max_tokens=9)
+    assert cache_a.get_seq_length() != cache_b.get_seq_length()
+    requests = [
+        GenerationRequest("a", follow_a, SamplingParams(max_tokens=6), prefix_cache=cache_a),
+        GenerationRequest("b", follow_b, SamplingParams(max_tokens=6), prefix_cache=cache_b),
+        _req(tok, "c", TEXTS[2], max_tokens=6),  # a fresh request in the same admission
+    ]
+    together = _engine(model, tok, max_batch_size=3).generate(requests)
+    for rid, ids in (("a", follow_a), ("b", follow_b), ("c", tok(TEXTS[2]).input_ids)):
+        _assert_same(
+            together[rid], _alone(model, tok, GenerationRequest(rid, ids, SamplingParams(max_tokens=6)))
+        )
+
+
+def test_prefix_cache_covering_whole_prompt_is_cropped(model, tok):
+    engine = _engine(model, tok)
+    follow_ids, cache = _two_turns(model, tok, engine, TEXTS[1], "")
+    prompt = follow_ids[:-1]  # the cache covers every token of this prompt
+    assert cache.get_seq_length() == len(prompt)
+    got = engine.generate([GenerationRequest("x", prompt, SamplingParams(max_tokens=4), prefix_cache=cache)])
+    _assert_same(got["x"], _alone(model, tok, GenerationRequest("x", prompt, SamplingParams(max_tokens=4))))
+
+
+def test_no_cache_mode_matches_cached(model, tok):
+    requests = [_req(tok, f"r{i}", t, max_tokens=6) for i, t in enumerate(TEXTS)]
+    cached = _engine(model, tok).generate(requests)
+    requests = [_req(tok, f"r{i}", t, max_tokens=6) for i, t in enumerate(TEXTS)]
+    recomputed = _engine(model, tok, use_cache=False).generate(requests)
+    for rid, outs in cached.items():
+        _assert_same(recomputed[rid], outs)
+
+
+def test_static_mode_admits_only_between_batches(model, tok):
+    engine = _engine(model, tok, max_batch_size=4, continuous=False)
+    engine.add(_req(tok, "a", TEXTS[0], max_tokens=4, ignore_eos=True))
+    engine.step()
+    engine.add(_req(tok, "b", TEXTS[1], max_tokens=2, ignore_eos=True))
+    seen = []
+    while engine.has_work():
+        seen.append({o.request_id for o in engine.step()})
+    assert seen[:3] == [{"a"}, {"a"}, {"a"}]  # b waits for a's batch to finish
+    assert "b" in seen[3]
+    continuous = _engine(model, tok, max_batch_size=4)
+    continuous.add(_req(tok, "a", TEXTS[0], max_tokens=4, ignore_eos=True))
+    continuous.step()
+    continuous.add(_req(tok, "b", TEXTS[1], max_tokens=2, ignore_eos=True))
+    assert {o.request_id for o in continuous.step()} == {"a", "b"}  # b joins at once
+
+
+def test_ignore_eos_and_cancel(model, tok):
+    engine = _engine(model, tok)
+    outs = engine.generate([_req(tok, "a", TEXTS[0], max_tokens=12, ignore_eos=True)])["a"]
+    assert len(outs) == 12 and outs[-1].finish_reason == "length"
+    engine.add(_req(tok, "b", TEXTS[1], max_tokens=50))
+    engine.add(_req(tok, "c", TEXTS[2], max_tokens=50))
+    engine.step()
+    assert engine.cancel("b") and not engine.cancel("b")
+    assert engine.num_running == 1
+    engine.add(_req(tok, "d", TEXTS[3], max_tokens=50))
+    assert engine.cancel("d") and engine.num_waiting == 0
+    rest = []
+    while engine.has_work():
+        rest += engine.step()
+    assert {o.request_id for o in rest} == {"c"}  # c keeps decoding after its neighbour left

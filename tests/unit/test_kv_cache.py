@@ -75,15 +75,28 @@ def test_equal_tokens_is_a_hit():
     assert mgr.lookup("k", "s", [1, 2]) is not None
 
 
-def test_non_prefix_misses_and_drops_stale_entry():
+def test_diverging_history_reuses_the_common_prefix_only():
     mgr = SessionCacheManager(budget_bytes=10**6, ttl_s=60)
     mgr.store("k", "s", [1, 2, 3], legacy_cache(3))
-    assert mgr.lookup("k", "s", [1, 9, 3, 4]) is None  # edited history
+    entry = mgr.lookup("k", "s", [1, 9, 3, 4])  # edited history: only token 1 is shared
+    assert entry.token_ids == [1] and entry.cache[0][0].shape[2] == 1
     assert len(mgr) == 0 and mgr.stats().bytes == 0
     mgr.store("k", "s", [1, 2, 3], legacy_cache(3))
-    assert mgr.lookup("k", "s", [1, 2]) is None  # shorter than the cached sequence
+    entry = mgr.lookup("k", "s", [1, 2])  # shorter than the cached sequence
+    assert entry.token_ids == [1, 2] and entry.cache[0][0].shape[2] == 2
+    mgr.store("k", "s", [1, 2, 3], legacy_cache(3))
+    assert mgr.lookup("k", "s", [7, 2, 3]) is None  # nothing in common: a miss that drops the entry
     assert len(mgr) == 0
-    assert mgr.stats().misses == 2
+    assert (mgr.stats().hits, mgr.stats().misses) == (2, 1)
+
+
+def test_dynamic_cache_is_cropped_to_the_common_prefix(model):
+    with torch.no_grad():
+        cache = model(torch.tensor([[5, 6, 7, 8]]), use_cache=True).past_key_values
+    mgr = SessionCacheManager(budget_bytes=10**8, ttl_s=60)
+    mgr.store("k", "s", [5, 6, 7, 8], cache)
+    entry = mgr.lookup("k", "s", [5, 6, 9])
+    assert entry.token_ids == [5, 6] and entry.cache.get_seq_length() == 2
 
 
 def test_other_owner_never_reaches_the_cache():

@@ -315,6 +315,12 @@ class ServingConfig(StrictModel):
     api_keys_env: str | None = Field(
         None, description="Environment variable holding comma-separated API keys; auth is off when unset."
     )
+    api_keys_file: str | None = Field(
+        None, description="Secret file with API keys (comma- or line-separated); auth is off when unset."
+    )
+    max_body_bytes: int = Field(
+        1_000_000, ge=1024, description="Largest accepted request body; bigger ones get HTTP 413."
+    )
 
     @model_validator(mode="after")
     def _ongoing_covers_batch(self) -> ServingConfig:

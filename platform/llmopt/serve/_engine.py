@@ -27,6 +27,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from llmopt.serve._kv_cache import crop_cache
+
 
 @dataclass
 class SamplingParams:
@@ -39,6 +41,7 @@ class SamplingParams:
         top_k: Keep only the k most likely tokens; 0 turns it off.
         seed: Seed of the request's own random generator (same seed, same tokens, alone or batched).
         stop: Strings that end the completion; the returned text stops before the first one.
+        ignore_eos: Keep generating past end-of-sequence tokens until ``max_tokens`` (benchmarks).
     """
 
     max_tokens: int = 64
@@ -47,15 +50,31 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
 
 
 @dataclass
 class GenerationRequest:
-    """One completion request: an id unique among the engine's live requests, prompt token ids, params."""
+    """One completion request.
+
+    Attributes:
+        request_id: Unique among the engine's live requests.
+        prompt_ids: The prompt's token ids.
+        params: Sampling and stopping.
+        prefix_cache: Optional batch-1 ``DynamicCache`` holding the keys and values of
+            ``prompt_ids[:prefix_cache.get_seq_length()]`` (a session's earlier turns); only the rest of the
+            prompt is prefilled. The engine takes ownership: the cache grows in place.
+        keep_cache: Return the request's own cache on its final :class:`StepOutput` (to store a session).
+        adapter: Name of a LoRA adapter loaded in the engine's ``PeftModel`` (None: the base model). Rows
+            with different adapters share a batch through peft's mixed-batch ``adapter_names``.
+    """
 
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
+    prefix_cache: DynamicCache | None = None
+    keep_cache: bool = False
+    adapter: str | None = None
 
 
 @dataclass
@@ -69,6 +88,10 @@ class StepOutput:
         finished: Whether the request is done (it has left the batch).
         finish_reason: "stop", "length" or "eos" when finished, else None.
         logits: The last-position logits row that produced ``token_id`` (only with ``keep_logits=True``).
+        cache: On the final output of a ``keep_cache`` request: a batch-1 ``DynamicCache`` over
+            ``cache_token_ids`` (no padding), ready to be a later request's ``prefix_cache``.
+        cache_token_ids: The tokens ``cache`` covers: the prompt and every generated token but the last.
+        cached_tokens: Prompt tokens that came from the request's ``prefix_cache`` (not prefilled).
     """
 
     request_id: str
@@ -77,6 +100,9 @@ class StepOutput:
     finished: bool
     finish_reason: str | None = None
     logits: torch.Tensor | None = None
+    cache: DynamicCache | None = None
+    cache_token_ids: list[int] | None = None
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -85,6 +111,7 @@ class _Sequence:
     generator: torch.Generator | None
     token_ids: list[int] = field(default_factory=list)
     emitted: str = ""
+    cached_tokens: int = 0
 
 
 class GenerationEngine:
@@ -96,9 +123,22 @@ class GenerationEngine:
         tokenizer: Its tokenizer (used for detokenization and the EOS id).
         max_batch_size: Most requests decoded together; the rest wait in a FIFO queue.
         keep_logits: Attach each step's logits row to its :class:`StepOutput` (for tests).
+        continuous: Admit waiting requests between decode steps of a running batch (iteration-level
+            batching). False gives static batching: a batch runs until its last request finishes before the
+            next is admitted (finished requests still return at once).
+        use_cache: Keep KV caches while decoding. False recomputes every running sequence in full at each
+            step (the no-cache baseline of the benchmark; sessions are not reused then).
     """
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 8, keep_logits: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_batch_size: int = 8,
+        keep_logits: bool = False,
+        continuous: bool = True,
+        use_cache: bool = True,
+    ):
         if max_batch_size < 1:
             raise ValueError(
                 f"max_batch_size must be >= 1, got {max_batch_size}; pass a positive batch size."
@@ -107,6 +147,10 @@ class GenerationEngine:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.keep_logits = keep_logits
+        self.continuous = continuous
+        self.use_cache = use_cache
+        # A PeftModel would apply its active adapter to rows that asked for the base model.
+        self._peft = hasattr(model, "peft_config")
         self.device = next(model.parameters()).device
         generation_config = getattr(model, "generation_config", None)
         eos = {tokenizer.eos_token_id, *_as_list(getattr(generation_config, "eos_token_id", None))}
@@ -135,9 +179,13 @@ class GenerationEngine:
     def add(self, request: GenerationRequest) -> None:
         """Queue a request; it is admitted (prefilled) at the next :meth:`step` with room in the batch.
 
+        A ``prefix_cache`` covering the whole prompt is cropped by one token (the last prompt token must be
+        fed to get the first output's logits); with ``use_cache=False`` it is ignored.
+
         Raises:
             ValueError: On an empty prompt, ``max_tokens < 1``, a negative temperature, ``top_p`` outside
-                (0, 1], a negative ``top_k`` or an id already live in this engine.
+                (0, 1], a negative ``top_k``, an id already live in this engine, or a ``prefix_cache`` that is
+                not a batch-1 full-attention cache.
         """
         p = request.params
         if not request.prompt_ids:
@@ -153,6 +201,21 @@ class GenerationEngine:
             raise ValueError(
                 f"Request id {request.request_id!r} is already live; use a unique id per request."
             )
+        prefix = request.prefix_cache
+        if prefix is not None:
+            if not self.use_cache:
+                request.prefix_cache = None
+            else:
+                _check_layers(prefix)
+                if prefix.layers[0].keys.shape[0] != 1:
+                    raise ValueError(
+                        f"Request {request.request_id!r} has a prefix cache of batch "
+                        f"{prefix.layers[0].keys.shape[0]}; pass one request's own (batch-1) cache."
+                    )
+                if prefix.get_seq_length() >= len(request.prompt_ids):
+                    crop_cache(prefix, len(request.prompt_ids) - 1)
+                if prefix.get_seq_length() == 0:
+                    request.prefix_cache = None
         generator = None
         if p.temperature > 0:
             generator = torch.Generator(device=self.device)
@@ -161,6 +224,18 @@ class GenerationEngine:
             else:
                 generator.manual_seed(p.seed)
         self._waiting.append(_Sequence(request, generator))
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a waiting or running request (e.g. its client went away); True if it was live."""
+        for seq in self._waiting:
+            if seq.request.request_id == request_id:
+                self._waiting.remove(seq)
+                return True
+        rows = [i for i, s in enumerate(self._running) if s.request.request_id != request_id]
+        if len(rows) == len(self._running):
+            return False
+        self._keep(rows)
+        return True
 
     @torch.no_grad()
     def step(self) -> list[StepOutput]:
@@ -171,32 +246,46 @@ class GenerationEngine:
             requests have already left the batch when this returns.
         """
         outputs: list[StepOutput] = []
+        admit = self.continuous or not self._running
         if self._running:
-            last = torch.tensor([[s.token_ids[-1]] for s in self._running], device=self.device)
-            ones = torch.ones(len(self._running), 1, dtype=self._mask.dtype, device=self.device)
-            mask = torch.cat([self._mask, ones], dim=1)
-            position_ids = self._mask.sum(dim=1, keepdim=True)
-            logits = self._forward(last, mask, position_ids, self._cache)
-            self._mask = mask
+            if self.use_cache:
+                last = torch.tensor([[s.token_ids[-1]] for s in self._running], device=self.device)
+                ones = torch.ones(len(self._running), 1, dtype=self._mask.dtype, device=self.device)
+                mask = torch.cat([self._mask, ones], dim=1)
+                position_ids = self._mask.sum(dim=1, keepdim=True)
+                logits = self._forward(last, mask, position_ids, self._cache, self._running)
+                self._mask = mask
+            else:
+                logits = self._recompute(self._running)
             outputs += [self._advance(seq, row) for seq, row in zip(self._running, logits, strict=True)]
 
-        room = self.max_batch_size - len(self._running)
+        room = self.max_batch_size - len(self._running) if admit else 0
         newcomers = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
-        if newcomers:
-            width = max(len(s.request.prompt_ids) for s in newcomers)
-            ids = torch.full((len(newcomers), width), self.pad_token_id, dtype=torch.long, device=self.device)
-            mask = torch.zeros(len(newcomers), width, dtype=torch.long, device=self.device)
-            for i, seq in enumerate(newcomers):
-                n = len(seq.request.prompt_ids)
-                ids[i, width - n :] = torch.tensor(seq.request.prompt_ids, device=self.device)
-                mask[i, width - n :] = 1
-            cache = DynamicCache()
-            logits = self._forward(ids, mask, (mask.cumsum(dim=1) - 1).clamp(min=0), cache)
+        if newcomers and not self.use_cache:
+            logits = self._recompute(newcomers)
             outputs += [self._advance(seq, row) for seq, row in zip(newcomers, logits, strict=True)]
-            self._merge(newcomers, cache, mask)
+            self._running += newcomers
+        elif newcomers:
+            fresh = [s for s in newcomers if s.request.prefix_cache is None]
+            if fresh:
+                ids, mask = self._left_padded([s.request.prompt_ids for s in fresh])
+                cache = DynamicCache()
+                positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+                logits = self._forward(ids, mask, positions, cache, fresh)
+                outputs += [self._advance(seq, row) for seq, row in zip(fresh, logits, strict=True)]
+                self._merge(fresh, cache, mask)
+            for seq in newcomers:
+                if seq.request.prefix_cache is not None:
+                    logits, cache, mask = self._prefill_prefix(seq)
+                    outputs.append(self._advance(seq, logits[0]))
+                    self._merge([seq], cache, mask)
 
         finished = {o.request_id for o in outputs if o.finished}
         if finished:
+            if self.use_cache:
+                for out in outputs:
+                    if out.finished:
+                        self._export(out)
             self._keep([i for i, s in enumerate(self._running) if s.request.request_id not in finished])
         return outputs
 
@@ -210,13 +299,65 @@ class GenerationEngine:
                 results.setdefault(out.request_id, []).append(out)
         return results
 
-    def _forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+    def _left_padded(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask of ``sequences``, left-padded to the longest."""
+        width = max(len(ids) for ids in sequences)
+        ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(sequences), width, dtype=torch.long, device=self.device)
+        for i, seq in enumerate(sequences):
+            ids[i, width - len(seq) :] = torch.tensor(seq, device=self.device)
+            mask[i, width - len(seq) :] = 1
+        return ids, mask
+
+    def _prefill_prefix(self, seq: _Sequence) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+        """Prefill the part of a prompt its ``prefix_cache`` does not cover; the cache grows in place."""
+        cache, seq.request.prefix_cache = seq.request.prefix_cache, None
+        prompt = seq.request.prompt_ids
+        cached = cache.get_seq_length()
+        ids = torch.tensor([prompt[cached:]], device=self.device)
+        mask = torch.ones(1, len(prompt), dtype=torch.long, device=self.device)
+        positions = torch.arange(cached, len(prompt), device=self.device).unsqueeze(0)
+        seq.cached_tokens = cached
+        return self._forward(ids, mask, positions, cache, [seq]), cache, mask
+
+    def _recompute(self, seqs: list[_Sequence]) -> torch.Tensor:
+        """Last-position logits of every sequence (prompt + generated), computed in full without a cache."""
+        ids, mask = self._left_padded([s.request.prompt_ids + s.token_ids for s in seqs])
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            use_cache=False,
+            **_adapter_kwargs(seqs, self._peft),
+        )
+        return out.logits[:, -1, :].float()
+
+    def _export(self, out: StepOutput) -> None:
+        """Attach a finished ``keep_cache`` request's own cache (its row, padding removed) to ``out``."""
+        row = next(i for i, s in enumerate(self._running) if s.request.request_id == out.request_id)
+        seq = self._running[row]
+        if not seq.request.keep_cache:
+            return
+        real = self._mask[row].bool()
+        cache = DynamicCache()
+        for index, layer in enumerate(self._cache.layers):
+            cache.update(
+                layer.keys[row : row + 1, :, real].clone(),
+                layer.values[row : row + 1, :, real].clone(),
+                index,
+            )
+        out.cache = cache
+        out.cache_token_ids = seq.request.prompt_ids + seq.token_ids[:-1]
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache, seqs: list[_Sequence]) -> torch.Tensor:
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=cache,
             use_cache=True,
+            **_adapter_kwargs(seqs, self._peft),
         )
         return out.logits[:, -1, :].float()
 
@@ -237,7 +378,7 @@ class GenerationEngine:
     def _keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` of the batch, then drop leading columns that are padding in every kept row."""
         self._running = [self._running[i] for i in rows]
-        if not rows:
+        if not rows or not self.use_cache:
             self._cache = self._mask = None
             return
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
@@ -255,7 +396,7 @@ class GenerationEngine:
         params = seq.request.params
         seq.token_ids.append(token)
         reason = None
-        if token in self.eos_token_ids:
+        if token in self.eos_token_ids and not params.ignore_eos:
             reason = "eos"
         elif len(seq.token_ids) >= params.max_tokens:
             reason = "length"
@@ -275,6 +416,7 @@ class GenerationEngine:
             finished=reason is not None,
             finish_reason=reason,
             logits=logits.clone() if self.keep_logits else None,
+            cached_tokens=seq.cached_tokens,
         )
 
 
@@ -325,6 +467,14 @@ def _check_layers(cache: DynamicCache) -> None:
                 f"{type(layer).__name__} (initialized={layer.is_initialized}); sliding-window or "
                 "linear-attention models need another engine."
             )
+
+
+def _adapter_kwargs(seqs: list[_Sequence], peft: bool) -> dict:
+    """peft's mixed-batch argument for a ``PeftModel`` ("__base__" marks base-model rows)."""
+    names = [s.request.adapter for s in seqs]
+    if not peft and not any(names):
+        return {}
+    return {"adapter_names": [name or "__base__" for name in names]}
 
 
 def _as_list(value) -> list:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CacheStats", "SessionCacheManager", "SessionEntry", "cache_nbytes"]
+__all__ = ["CacheStats", "SessionCacheManager", "SessionEntry", "cache_nbytes", "crop_cache"]
 
 
 def _tensors(obj: Any):
@@ -36,6 +36,17 @@ def _tensors(obj: Any):
         for value in vars(obj).values():
             if isinstance(value, (torch.Tensor, tuple, list)):
                 yield from _tensors(value)
+
+
+def crop_cache(cache: Any, length: int) -> None:
+    """Cut a ``DynamicCache`` in place to its first ``length`` positions (no-op when not longer).
+
+    transformers 5.x ``DynamicCache.crop`` takes a negative count of positions to remove; a positive value
+    raises, so callers should not pass absolute lengths to it directly.
+    """
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
 
 
 def cache_nbytes(cache: Any) -> int:
@@ -66,6 +77,23 @@ def cache_nbytes(cache: Any) -> int:
         seen.add(key)
         total += storage.nbytes()
     return total
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _crop(cache: Any, length: int) -> Any:
+    """``cache`` cut to ``length`` positions: a ``Cache`` in place, a legacy tuple cache as a new tuple."""
+    if hasattr(cache, "crop"):
+        crop_cache(cache, length)
+        return cache
+    return tuple(tuple(t[:, :, :length] for t in layer) for layer in cache)
 
 
 @dataclass
@@ -158,12 +186,14 @@ class SessionCacheManager:
         return len(stale)
 
     def lookup(self, owner: str, session_id: str, token_ids: list[int]) -> SessionEntry | None:
-        """Check out the cache of ``(owner, session_id)`` if it covers a prefix of ``token_ids``.
+        """Check out the cache of ``(owner, session_id)``, cut to the prefix it shares with ``token_ids``.
 
         A hit removes the entry from the manager, so a concurrent request of the same session cannot use a
-        cache that generation is growing in place; :meth:`store` puts it back. A missing or expired entry is a
-        miss; so is one whose tokens are not a prefix of ``token_ids`` (the client edited history), which is
-        dropped. Entries of other owners are never returned.
+        cache that generation is growing in place; :meth:`store` puts it back. The entry's cache and tokens
+        are cut to the longest common prefix of its tokens and ``token_ids``: a client that re-sends the
+        conversation as text may tokenize the previous reply differently at its edges, or edit history, and
+        still reuses everything before the first difference. No common token, or no entry (or an expired one),
+        is a miss. Entries of other owners are never returned.
 
         Args:
             owner: The caller's API key.
@@ -171,20 +201,23 @@ class SessionCacheManager:
             token_ids: The full token sequence of the new turn.
 
         Returns:
-            The checked-out entry, or ``None`` on a miss.
+            The checked-out entry (``token_ids`` = the reusable prefix), or ``None`` on a miss.
         """
         key = (owner, session_id)
         with self._lock:
             self._expire_locked(self._clock())
             entry = self._entries.get(key)
-            cached = entry.token_ids if entry is not None else None
-            if cached is None or len(cached) > len(token_ids) or list(token_ids[: len(cached)]) != cached:
-                if entry is not None:
-                    self._remove(key)
+            common = _common_prefix(entry.token_ids, token_ids) if entry is not None else 0
+            if entry is not None:
+                self._remove(key)
+            if common == 0:
                 self._stats.misses += 1
                 return None
             self._stats.hits += 1
-            return self._remove(key)
+            if common < len(entry.token_ids):
+                entry.cache = _crop(entry.cache, common)
+                entry.token_ids = entry.token_ids[:common]
+            return entry
 
     def store(self, owner: str, session_id: str, token_ids: list[int], cache: Any) -> None:
         """Insert or put back the cache of ``(owner, session_id)``, replacing any entry of that key.

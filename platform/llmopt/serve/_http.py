@@ -1,0 +1,176 @@
+"""HTTP request bodies, OpenAI-style error bodies, API keys and LoRA adapter paths of the serving app.
+
+Plain pydantic and filesystem code (no Ray), so the Serve application in ``serve_apps/`` stays thin and these
+rules are unit-testable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "BatchGenerateRequest",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "GenerateRequest",
+    "ServingSetupError",
+    "error_body",
+    "load_api_keys",
+    "owner_of",
+    "resolve_adapter",
+]
+
+
+class ServingSetupError(ValueError):
+    """The serving section points at something unusable (adapter path, API-key source)."""
+
+
+class _GenerationFields(BaseModel):
+    """Fields every generation body shares: model, sampling, stop, streaming and session."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="`base`, `base:adapter` or an adapter name; default base.")
+    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, description="Keep the k most likely tokens; 0 keeps all.")
+    seed: int | None = Field(None, description="Seed of this request's sampler.")
+    stop: str | list[str] | None = Field(None, description="Strings that end the completion.")
+    stream: bool = Field(False, description="Stream the completion as it is generated.")
+    ignore_eos: bool = Field(False, description="Generate past end-of-sequence until max_tokens.")
+    session_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="Reuse this session's KV cache for the shared prefix of the prompt.",
+    )
+
+
+class CompletionRequest(_GenerationFields):
+    """Body of ``POST /v1/completions`` (the subset of OpenAI's fields this server honours)."""
+
+    prompt: str
+
+
+class ChatMessage(BaseModel):
+    """One chat turn."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(_GenerationFields):
+    """Body of ``POST /v1/chat/completions`` (the subset of OpenAI's fields this server honours)."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class GenerateRequest(_GenerationFields):
+    """Body of the seed API's ``POST /api/v1/model/generate``; the session comes from ``X-Session-ID``.
+
+    The prompt is the whole conversation so far; with a session, the server prefills only what its cached
+    prefix does not cover. Streams chunked text by default.
+    """
+
+    prompt: str
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 (the default here) is greedy.")
+    stream: bool = Field(True, description="Stream chunked text (false: one JSON body).")
+
+
+class BatchGenerateRequest(BaseModel):
+    """Body of ``POST /api/v1/model/batch-generate``: several prompts, one set of parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[str] = Field(min_length=1, max_length=256)
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    ignore_eos: bool = False
+
+
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    kind = {
+        401: "authentication_error",
+        404: "invalid_request_error",
+        413: "invalid_request_error",
+        429: "rate_limit_error",
+        503: "server_overloaded",
+    }.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def load_api_keys(env_var: str | None, path: str | None) -> frozenset[str] | None:
+    """The accepted API keys: comma- or line-separated, from an environment variable and/or a secret file.
+
+    Returns:
+        ``None`` when neither source is configured (auth off); otherwise the non-empty set of keys.
+
+    Raises:
+        ServingSetupError: If a configured source is missing or holds no key (refusing to start beats
+            silently serving without auth).
+    """
+    if not env_var and not path:
+        return None
+    keys: set[str] = set()
+    if env_var:
+        value = os.environ.get(env_var)
+        if value is None:
+            raise ServingSetupError(
+                f"serving.api_keys_env={env_var!r} but that environment variable is not set in the replica; "
+                "set it (e.g. from a Kubernetes Secret) or unset serving.api_keys_env to turn auth off"
+            )
+        keys.update(k.strip() for k in value.replace("\n", ",").split(","))
+    if path:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise ServingSetupError(
+                f"serving.api_keys_file={path!r} does not exist; mount the secret there or unset the field"
+            )
+        keys.update(k.strip() for k in file.read_text().replace("\n", ",").split(","))
+    keys.discard("")
+    if not keys:
+        raise ServingSetupError("the configured API-key source holds no key; add at least one key")
+    return frozenset(keys)
+
+
+def owner_of(api_key: str | None) -> str:
+    """The cache owner of a caller: a digest of its API key (keys never leave the ingress in clear)."""
+    if api_key is None:
+        return "anonymous"
+    return hashlib.sha256(api_key.encode()).hexdigest()[:32]
+
+
+def resolve_adapter(name: str, path: str) -> Path:
+    """The directory holding ``adapter_config.json`` for a configured adapter.
+
+    Accepts a fine-tuning run directory (its ``adapter/`` subfolder, as ``llmopt finetune`` writes it) or
+    an adapter directory saved with peft's ``save_pretrained``.
+
+    Raises:
+        ServingSetupError: If neither holds an adapter (e.g. a full fine-tune run, which has no adapter).
+    """
+    root = Path(path).expanduser()
+    for candidate in (root / "adapter", root):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    raise ServingSetupError(
+        f"serving.adapters.{name}={path!r} holds no LoRA adapter (no adapter_config.json in it or in its "
+        "adapter/ folder); point it at a LoRA fine-tuning run directory or a peft adapter folder"
+    )

@@ -1,0 +1,92 @@
+"""Serving metrics through ``ray.util.metrics``: exported on each node's Prometheus endpoint (Ray prefixes
+every name with ``ray_``) and shown in the Ray dashboard's metrics views.
+
+The ingress records requests, errors by HTTP status, time to first token and time per output token; each
+model replica records decode batch sizes, its queue, and its session KV cache (bytes, hits, misses,
+evictions, hit rate). Metric objects are created per process (inside the replicas), never at import.
+"""
+
+from ray.util.metrics import Counter, Gauge, Histogram
+
+_LATENCY_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+_BATCH = [1, 2, 4, 8, 16, 32, 64, 128]
+
+
+class IngressMetrics:
+    """Request-level metrics of the HTTP ingress."""
+
+    def __init__(self) -> None:
+        self.requests = Counter(
+            "llmopt_requests_total", "HTTP requests by route and status code.", tag_keys=("route", "code")
+        )
+        self.errors = Counter(
+            "llmopt_errors_total",
+            "HTTP error responses by route and status code.",
+            tag_keys=("route", "code"),
+        )
+        self.ttft = Histogram(
+            "llmopt_time_to_first_token_seconds",
+            "Seconds from request arrival to its first generated token.",
+            boundaries=_LATENCY_S,
+            tag_keys=("route",),
+        )
+        self.tpot = Histogram(
+            "llmopt_time_per_output_token_seconds",
+            "Mean seconds per generated token after the first, per request.",
+            boundaries=_LATENCY_S,
+            tag_keys=("route",),
+        )
+        self.output_tokens = Counter("llmopt_output_tokens_total", "Generated tokens.", tag_keys=("route",))
+
+    def response(self, route: str, code: int) -> None:
+        """Count one response (and one error when ``code >= 400``)."""
+        tags = {"route": route, "code": str(code)}
+        self.requests.inc(1, tags)
+        if code >= 400:
+            self.errors.inc(1, tags)
+
+    def generation(self, route: str, ttft_s: float | None, total_s: float, tokens: int) -> None:
+        """Record a finished generation's first-token latency, time per output token and token count."""
+        tags = {"route": route}
+        if ttft_s is not None:
+            self.ttft.observe(ttft_s, tags)
+            if tokens > 1:
+                self.tpot.observe((total_s - ttft_s) / (tokens - 1), tags)
+        if tokens:
+            self.output_tokens.inc(tokens, tags)
+
+
+class ReplicaMetrics:
+    """Engine- and cache-level metrics of one model replica."""
+
+    def __init__(self) -> None:
+        self.batch_size = Histogram(
+            "llmopt_batch_size", "Requests decoded together per engine step.", boundaries=_BATCH
+        )
+        self.queue_length = Gauge("llmopt_queue_length", "Requests waiting for a slot in the running batch.")
+        self.running = Gauge("llmopt_running_requests", "Requests in the running batch.")
+        self.kv_bytes = Gauge("llmopt_kv_cache_bytes", "Bytes held by session KV caches.")
+        self.kv_entries = Gauge("llmopt_kv_cache_sessions", "Sessions with a cached KV prefix.")
+        self.kv_hit_rate = Gauge("llmopt_kv_cache_hit_rate", "Session-cache hits over lookups.")
+        self.kv_events = Counter(
+            "llmopt_kv_cache_events_total", "Session-cache hits, misses and evictions.", tag_keys=("event",)
+        )
+        self._seen = {"hits": 0, "misses": 0, "evictions": 0, "expirations": 0}
+
+    def step(self, batch_size: int, waiting: int, running: int) -> None:
+        """Record one engine step."""
+        if batch_size:
+            self.batch_size.observe(batch_size)
+        self.queue_length.set(waiting)
+        self.running.set(running)
+
+    def cache(self, stats: dict[str, float]) -> None:
+        """Export a ``CacheStats.to_dict()`` snapshot (counters as deltas since the last export)."""
+        self.kv_bytes.set(stats["bytes"])
+        self.kv_entries.set(stats["entries"])
+        self.kv_hit_rate.set(stats["hit_rate"])
+        for event, seen in self._seen.items():
+            delta = int(stats[event]) - seen
+            if delta > 0:
+                self.kv_events.inc(delta, {"event": event})
+                self._seen[event] = int(stats[event])

@@ -1,0 +1,256 @@
+"""The model deployment: one continuous-batching engine per replica, fed through ``@serve.batch``.
+
+Concurrently arriving requests are grouped by ``@serve.batch`` and handed to the engine together (so they
+prefill together); one background task steps the engine and routes every step's output to its request's
+queue, so a request that finishes returns at once and a request arriving mid-decode joins the running batch
+at the next step (iteration-level batching). ``serving.batching.mode`` selects ``continuous`` (that),
+``static`` (a batch runs to completion before the next is admitted) or ``none`` (one request at a time).
+
+Sessions: a request with a session looks up its owner's cached KV prefix in this replica's
+:class:`SessionCacheManager` and stores the grown cache back when it finishes. The ingress routes a session
+to the same replica through Serve's multiplexed model id; a miss (another replica, eviction, expiry) falls
+back to a full prefill with the same output.
+"""
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+
+from llmopt.config import RunConfig
+from llmopt.serve import GenerationEngine, GenerationRequest, SamplingParams, SessionCacheManager
+from serve_apps._metrics import ReplicaMetrics
+
+
+def _load_adapters(model, adapters: dict[str, str]):
+    """Wrap ``model`` in a PeftModel holding every configured adapter (mixed batches need all)."""
+    from peft import PeftModel
+
+    from llmopt.serve import resolve_adapter
+
+    peft_model = None
+    for name, path in adapters.items():
+        folder = str(resolve_adapter(name, path))
+        if peft_model is None:
+            peft_model = PeftModel.from_pretrained(model, folder, adapter_name=name)
+        else:
+            peft_model.load_adapter(folder, adapter_name=name)
+    return peft_model.eval()
+
+
+@serve.deployment
+class LLMServer:
+    """One model replica: weights, optional LoRA adapters, the engine and the session KV caches.
+
+    Args:
+        config: A :class:`RunConfig` as ``model_dump(mode="json")`` (plain data crosses to the actor).
+    """
+
+    def __init__(self, config: dict[str, Any]):
+        from llmopt.evaluation import set_torch_threads
+        from llmopt.models import load_tokenizer
+        from llmopt.serve import load_serving_model
+
+        self.config = RunConfig.model_validate(config)
+        # Threads from this replica's CPU share: 1 thread per 0.5-1 CPU ran ~10x faster than oversubscribing.
+        set_torch_threads(self.config.resources.cpus_per_worker)
+        self.tokenizer = load_tokenizer(self.config.model)
+        model = load_serving_model(self.config)
+        if self.config.serving.adapters:
+            model = _load_adapters(model, self.config.serving.adapters)
+        self.model = model
+        kv = self.config.serving.kv_cache
+        self.sessions = (
+            SessionCacheManager(int(kv.budget_mb * 2**20), kv.ttl_s)
+            if kv.enabled and kv.session_reuse
+            else None
+        )
+        self.metrics = ReplicaMetrics()
+        self.replica_id = f"{os.getpid()}"
+        self._queues: dict[str, asyncio.Queue] = {}
+        # Requests and cancellations reach the engine only between steps, from the event loop: engine.step
+        # runs in a worker thread and the engine is not thread-safe.
+        self._pending: list[GenerationRequest] = []
+        self._cancelled: set[str] = set()
+        self._loop_task: asyncio.Task | None = None
+        self._steps = 0
+        self._rows = 0
+        self._max_rows = 0
+        self._configure(
+            self.config.serving.batching.max_batch_size, self.config.serving.batching.batch_wait_timeout_s
+        )
+
+    def _configure(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        batching = self.config.serving.batching
+        size = 1 if batching.mode == "none" else max_batch_size
+        self.max_batch_size = size
+        self.batch_wait_timeout_s = batch_wait_timeout_s
+        self.engine = GenerationEngine(
+            self.model,
+            self.tokenizer,
+            max_batch_size=size,
+            continuous=batching.mode == "continuous",
+            use_cache=self.config.serving.kv_cache.enabled,
+        )
+        self._admit.set_max_batch_size(size)
+        self._admit.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply ``user_config`` {max_batch_size, batch_wait_timeout_s} without restarting the replica.
+
+        Raises:
+            ValueError: On unknown keys or out-of-range values (Serve keeps the previous config).
+        """
+        unknown = set(user_config) - {"max_batch_size", "batch_wait_timeout_s"}
+        if unknown:
+            raise ValueError(
+                f"Unknown user_config keys {sorted(unknown)}; use max_batch_size and batch_wait_timeout_s."
+            )
+        size = int(user_config.get("max_batch_size", self.config.serving.batching.max_batch_size))
+        wait = float(
+            user_config.get("batch_wait_timeout_s", self.config.serving.batching.batch_wait_timeout_s)
+        )
+        if size < 1 or wait < 0:
+            raise ValueError(
+                f"user_config needs max_batch_size >= 1 and batch_wait_timeout_s >= 0, got {user_config}"
+            )
+        if self.engine.has_work():
+            self.engine.max_batch_size = 1 if self.config.serving.batching.mode == "none" else size
+            self.max_batch_size = self.engine.max_batch_size
+            self.batch_wait_timeout_s = wait
+            self._admit.set_max_batch_size(self.max_batch_size)
+            self._admit.set_batch_wait_timeout_s(wait)
+        else:
+            self._configure(size, wait)
+
+    @serve.multiplexed(max_num_models_per_replica=256)
+    async def _route(self, model_id: str) -> str:
+        # Multiplexed ids are routing keys ("adapter" or "adapter|session-digest"): Serve prefers the replica
+        # that already served an id. Adapters are all loaded at start (mixed-adapter batches need them in one
+        # PeftModel, and a bad path should fail the deployment, not a request), so nothing loads here.
+        return model_id
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _admit(self, requests: list[GenerationRequest]) -> list[asyncio.Queue]:
+        """Queue a batch of concurrently arriving requests for the engine; one output queue each."""
+        queues = []
+        for request in requests:
+            queue: asyncio.Queue = asyncio.Queue()
+            self._queues[request.request_id] = queue
+            self._pending.append(request)
+            queues.append(queue)
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        return queues
+
+    async def _run(self) -> None:
+        """Step the engine while it has work and route each output to its request's queue."""
+        while self._pending or self.engine.has_work():
+            pending, self._pending = self._pending, []
+            for request in pending:
+                try:
+                    self.engine.add(request)
+                except ValueError as exc:
+                    self._fail(request.request_id, exc)
+            for request_id in self._cancelled:
+                self.engine.cancel(request_id)
+                self._queues.pop(request_id, None)
+            self._cancelled.clear()
+            if not self.engine.has_work():
+                continue
+            try:
+                outputs = await asyncio.to_thread(self.engine.step)
+            except Exception as exc:  # a broken step fails its requests, never the replica
+                for request_id in list(self._queues):
+                    self._fail(request_id, exc)
+                self._configure(self.max_batch_size, self.batch_wait_timeout_s)
+                continue
+            self._record(len(outputs))
+            for out in outputs:
+                queue = self._queues.get(out.request_id)
+                if queue is not None:
+                    queue.put_nowait(out)
+                if out.finished:
+                    self._queues.pop(out.request_id, None)
+
+    def _record(self, rows: int) -> None:
+        self._steps += 1
+        self._rows += rows
+        self._max_rows = max(self._max_rows, rows)
+        self.metrics.step(rows, self.engine.num_waiting + len(self._pending), self.engine.num_running)
+
+    def _fail(self, request_id: str, exc: BaseException) -> None:
+        queue = self._queues.pop(request_id, None)
+        if queue is not None:
+            queue.put_nowait(exc)
+
+    async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Generate one request; yields a ``start`` record, then one record per generated token.
+
+        Args:
+            payload: ``request_id``, ``prompt_ids``, ``params`` (SamplingParams fields), ``adapter`` (or None)
+                and ``session`` ({"owner", "id"} or None) — built and validated by the ingress.
+        """
+        model_id = serve.get_multiplexed_model_id()
+        if model_id:
+            await self._route(model_id)
+        request = GenerationRequest(
+            payload["request_id"],
+            list(payload["prompt_ids"]),
+            SamplingParams(**payload["params"]),
+            adapter=payload.get("adapter"),
+        )
+        session = payload.get("session")
+        if session is not None and self.sessions is not None:
+            entry = self.sessions.lookup(session["owner"], session["id"], request.prompt_ids)
+            request.prefix_cache = entry.cache if entry is not None else None
+            request.keep_cache = True
+        queue = await self._admit(request)
+        yield {"type": "start", "replica": self.replica_id}
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                if finished and item.cache is not None and session is not None and self.sessions is not None:
+                    self.sessions.store(session["owner"], session["id"], item.cache_token_ids, item.cache)
+                    self.metrics.cache(self.sessions.stats().to_dict())
+                yield {
+                    "type": "token",
+                    "token_id": item.token_id,
+                    "text": item.text,
+                    "finished": item.finished,
+                    "finish_reason": item.finish_reason,
+                    "cached_tokens": item.cached_tokens,
+                    "time": time.time(),
+                }
+        finally:
+            if not finished:  # the caller went away (or failed): free its batch slot at the next step
+                self._cancelled.add(request.request_id)
+
+    async def stats(self) -> dict[str, Any]:
+        """This replica's engine settings, batch sizes so far and session-cache counters."""
+        batching = self.config.serving.batching
+        cache = self.sessions.stats().to_dict() if self.sessions is not None else None
+        return {
+            "replica": self.replica_id,
+            "engine": {
+                "mode": batching.mode,
+                "max_batch_size": self.max_batch_size,
+                "batch_wait_timeout_s": self.batch_wait_timeout_s,
+                "kv_cache": self.config.serving.kv_cache.enabled,
+                "running": self.engine.num_running,
+                "waiting": self.engine.num_waiting,
+            },
+            "batch_size": {
+                "steps": self._steps,
+                "mean": self._rows / self._steps if self._steps else 0.0,
+                "max": self._max_rows,
+            },
+            "kv_cache": cache,
+        }
