@@ -49,11 +49,11 @@ def _tokens(outs):
     return [o.token_id for o in outs]
 
 
-def _assert_same(got, want):
+def _assert_same(got, want, tol=TOL):
     assert _tokens(got) == _tokens(want)
     assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
     for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g.logits, w.logits, **TOL)
+        torch.testing.assert_close(g.logits, w.logits, **tol)
 
 
 def test_batched_equals_alone_on_logits(model, tok):
@@ -211,7 +211,7 @@ def test_engine_does_not_import_ray():
 
 
 def _two_turns(model, tok, engine, first_text, follow_text, max_tokens=6):
-    """Turn 1 keeps its cache; turn 2 = turn 1's tokens + new text, from that cache. Returns turn 2's outputs."""
+    """Run turn 1 keeping its cache; return turn 2's prompt (turn 1's tokens + new text) and that cache."""
     first = _req(tok, "t1", first_text, max_tokens=max_tokens, ignore_eos=True)
     first.keep_cache = True
     outs = engine.generate([first])["t1"]
@@ -304,3 +304,35 @@ def test_ignore_eos_and_cancel(model, tok):
     while engine.has_work():
         rest += engine.step()
     assert {o.request_id for o in rest} == {"c"}  # c keeps decoding after its neighbour left
+
+
+def test_mixed_adapter_batch_equals_each_alone(model, tok, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from llmopt.models import load_model as load
+
+    for seed, name in ((1, "a"), (2, "b")):
+        torch.manual_seed(seed)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"])
+        peft = get_peft_model(load("tiny-llama"), config)
+        for param_name, param in peft.named_parameters():
+            if "lora_" in param_name:
+                param.data.normal_(0.0, 0.5)
+        peft.save_pretrained(tmp_path / name)
+    served = PeftModel.from_pretrained(load("tiny-llama"), str(tmp_path / "a"), adapter_name="a")
+    served.load_adapter(str(tmp_path / "b"), adapter_name="b")
+    served.eval()
+
+    def request(rid, text, adapter):
+        return GenerationRequest(rid, tok(text).input_ids, SamplingParams(max_tokens=5), adapter=adapter)
+
+    jobs = [("x", TEXTS[1], "a"), ("y", TEXTS[1], "b"), ("z", TEXTS[1], None), ("w", TEXTS[3], "a")]
+    together = _engine(served, tok).generate([request(*job) for job in jobs])
+    loose = {"atol": 1e-3, "rtol": 1e-4}  # logits of these large random adapters reach ~70
+    for rid, text, adapter in jobs:
+        alone = _engine(served, tok).generate([request(rid, text, adapter)])[rid]
+        _assert_same(together[rid], alone, loose)
+    # Base rows of the PeftModel equal the plain model; adapter rows really differ from it.
+    _assert_same(together["z"], _alone(model, tok, request("z", TEXTS[1], None)))
+    assert not torch.allclose(together["x"][0].logits, together["z"][0].logits)
+    assert not torch.allclose(together["x"][0].logits, together["y"][0].logits)
