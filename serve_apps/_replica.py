@@ -41,6 +41,10 @@ def _load_adapters(model, adapters: dict[str, str]):
     return peft_model.eval()
 
 
+def _done(item) -> bool:
+    return isinstance(item, BaseException) or item.finished
+
+
 @serve.deployment
 class LLMServer:
     """One model replica: weights, optional LoRA adapters, the engine and the session KV caches.
@@ -210,24 +214,33 @@ class LLMServer:
             request.keep_cache = True
         queue = await self._admit(request)
         yield {"type": "start", "replica": self.replica_id}
-        finished = False
+        interval = self.config.serving.stream_interval_s
+        finished, first, last_sent = False, True, 0.0
         try:
             while not finished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                if finished and item.cache is not None and session is not None and self.sessions is not None:
-                    self.sessions.store(session["owner"], session["id"], item.cache_token_ids, item.cache)
+                items = [await queue.get()]
+                if not first and interval and not _done(items[-1]):
+                    # Coalesce: one message per interval instead of one per token (each streamed message
+                    # costs a Ray object transfer in this replica, the ingress and the proxy).
+                    await asyncio.sleep(max(0.0, last_sent + interval - time.monotonic()))
+                while not _done(items[-1]) and not queue.empty():
+                    items.append(queue.get_nowait())
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                last = items[-1]
+                finished = last.finished
+                if finished and last.cache is not None and session is not None and self.sessions is not None:
+                    self.sessions.store(session["owner"], session["id"], last.cache_token_ids, last.cache)
                     self.metrics.cache(self.sessions.stats().to_dict())
+                first, last_sent = False, time.monotonic()
                 yield {
                     "type": "token",
-                    "token_id": item.token_id,
-                    "text": item.text,
-                    "finished": item.finished,
-                    "finish_reason": item.finish_reason,
-                    "cached_tokens": item.cached_tokens,
-                    "time": time.time(),
+                    "token_ids": [item.token_id for item in items],
+                    "text": "".join(item.text for item in items),
+                    "finished": finished,
+                    "finish_reason": last.finish_reason,
+                    "cached_tokens": last.cached_tokens,
                 }
         finally:
             if not finished:  # the caller went away (or failed): free its batch slot at the next step

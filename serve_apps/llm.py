@@ -256,7 +256,7 @@ class LLMIngress:
         try:
             item = first
             while True:
-                count += item["token_id"] is not None
+                count += len(item["token_ids"])
                 yield item
                 if item["finished"]:
                     done = True
@@ -272,7 +272,7 @@ class LLMIngress:
         text, reason, tokens = [], None, 0
         async for item in self._tokens(first, stream, start, name):
             text.append(item["text"])
-            tokens += item["token_id"] is not None
+            tokens += len(item["token_ids"])
             reason = item["finish_reason"]
         prompt = len(payload["prompt_ids"])
         return {
@@ -378,10 +378,13 @@ class LLMIngress:
         first, stream, start = await self._open(payload, route)
         tokens = self._tokens(first, stream, start, name)
 
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+
         async def events() -> AsyncIterator[str]:
-            opening = True
+            opening, completion = True, 0
             try:
                 async for item in tokens:
+                    completion += len(item["token_ids"])
                     reason = _reason(item["finish_reason"])
                     if chat:
                         delta = (
@@ -400,6 +403,23 @@ class LLMIngress:
                         "choices": [choice],
                     }
                     opening = False
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                if include_usage:
+                    prompt = len(payload["prompt_ids"])
+                    usage = {
+                        "prompt_tokens": prompt,
+                        "completion_tokens": completion,
+                        "total_tokens": prompt + completion,
+                        "prompt_tokens_details": {"cached_tokens": first["cached_tokens"]},
+                    }
+                    chunk = {
+                        "id": request_id,
+                        "object": "chat.completion.chunk" if chat else "text_completion",
+                        "created": created,
+                        "model": body.model or self.model_id,
+                        "choices": [],
+                        "usage": usage,
+                    }
                     yield f"data: {json.dumps(chunk)}\n\n"
             except Exception as exc:  # headers are sent already: report the failure in-band
                 yield f"data: {json.dumps(error_body(500, f'Generation failed: {exc}'))}\n\n"

@@ -147,6 +147,17 @@ def test_openai_client_whole_and_streamed(server, reference):
     assert len(chunks) > 1
     assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    with_usage = client.completions.create(
+        model="tiny-llama",
+        prompt=PROMPTS[1],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    *text_chunks, last = list(with_usage)
+    assert last.choices == [] and last.usage.completion_tokens == whole.usage.completion_tokens
+    assert "".join(c.choices[0].text for c in text_chunks) == whole.choices[0].text
 
 
 def test_chat_completions_use_the_chat_template(server, reference):

@@ -309,6 +309,13 @@ class ServingConfig(StrictModel):
     )
     max_queued_requests: int = Field(64, ge=-1, description="Queue bound before HTTP 503; -1 unbounded.")
     max_new_tokens: int = Field(64, ge=1, description="Default max_tokens of a request.")
+    stream_interval_s: float = Field(
+        0.05,
+        ge=0.0,
+        le=5.0,
+        description="Streams send the first token at once, then at most one chunk per interval holding every "
+        "token generated meanwhile (fewer messages per token under load); 0 sends each token on its own.",
+    )
     adapters: dict[str, str] = Field(
         default_factory=dict, description="LoRA adapters to serve: name -> run directory or adapter path."
     )

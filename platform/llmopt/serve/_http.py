@@ -31,6 +31,14 @@ class ServingSetupError(ValueError):
     """The serving section points at something unusable (adapter path, API-key source)."""
 
 
+class StreamOptions(BaseModel):
+    """OpenAI's ``stream_options``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(False, description="Send a last chunk with the usage and no choices.")
+
+
 class _GenerationFields(BaseModel):
     """Fields every generation body shares: model, sampling, stop, streaming and session."""
 
@@ -44,6 +52,7 @@ class _GenerationFields(BaseModel):
     seed: int | None = Field(None, description="Seed of this request's sampler.")
     stop: str | list[str] | None = Field(None, description="Strings that end the completion.")
     stream: bool = Field(False, description="Stream the completion as it is generated.")
+    stream_options: StreamOptions | None = Field(None, description="OpenAI streaming options.")
     ignore_eos: bool = Field(False, description="Generate past end-of-sequence until max_tokens.")
     session_id: str | None = Field(
         None,
