@@ -1,0 +1,82 @@
+"""Shipped Serve config files (serve_apps/configs/*.yaml) validate against Ray's own schema, strictly.
+
+Ray's ServeDeploySchema ignores unknown keys, so a misspelt option would be dropped without a word:
+every key is also checked against the schema's fields. No Ray cluster is needed.
+"""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.config import AutoscalingConfig
+from ray.serve.schema import DeploymentSchema, HTTPOptionsSchema, ServeApplicationSchema, ServeDeploySchema
+
+from llmopt.config import load_config, validate_config
+
+REPO = Path(__file__).resolve().parents[2]
+SERVE_CONFIGS = sorted((REPO / "serve_apps" / "configs").glob("*.yaml"))
+
+
+def _unknown(data: dict, model, where: str) -> list[str]:
+    names = set(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
+    return [f"{where}.{key}" for key in data if key not in names]
+
+
+def _unknown_keys(config: dict) -> list[str]:
+    problems = _unknown(config, ServeDeploySchema, "")
+    problems += _unknown(config.get("http_options") or {}, HTTPOptionsSchema, "http_options")
+    for i, application in enumerate(config.get("applications") or []):
+        where = f"applications[{i}]"
+        problems += _unknown(application, ServeApplicationSchema, where)
+        for j, deployment in enumerate(application.get("deployments") or []):
+            problems += _unknown(deployment, DeploymentSchema, f"{where}.deployments[{j}]")
+            scaling = deployment.get("autoscaling_config") or {}
+            problems += _unknown(scaling, AutoscalingConfig, f"{where}.deployments[{j}].autoscaling_config")
+    return problems
+
+
+def test_serve_configs_exist():
+    assert [p.name for p in SERVE_CONFIGS] == ["llm.yaml"]
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.name)
+def test_serve_config_validates_with_rays_schema(path):
+    data = yaml.safe_load(path.read_text())
+    schema = ServeDeploySchema.model_validate(data)
+    assert _unknown_keys(data) == []
+    for application in schema.applications:
+        # No runtime_env: a local working_dir would have to be an absolute local:// URI (see the header).
+        assert application.runtime_env == {}, application.name
+        module, _, attr = application.import_path.partition(":")
+        assert (REPO / Path(*module.split("."))).with_suffix(".py").is_file(), application.import_path
+        assert attr, application.import_path
+        # The builder's args are a run config (relative to the repository root) and overrides.
+        config = load_config(REPO / application.args["config"], application.args.get("overrides", []))
+        for deployment in application.deployments:
+            if deployment.user_config:  # LLMServer.reconfigure takes the run config's batching fields
+                validate_config(
+                    {**config.model_dump(mode="json"), "serving": {"batching": deployment.user_config}}
+                )
+
+
+def test_unknown_keys_are_caught():
+    data = yaml.safe_load((REPO / "serve_apps/configs/llm.yaml").read_text())
+    data["http_options"]["prot"] = 1
+    data["applications"][0]["deployments"][0]["autoscaling_config"]["max_replica"] = 3
+    assert _unknown_keys(data) == [
+        "http_options.prot",
+        "applications[0].deployments[0].autoscaling_config.max_replica",
+    ]
+
+
+def test_the_shipped_llm_config():
+    data = yaml.safe_load((REPO / "serve_apps/configs/llm.yaml").read_text())
+    assert data["http_options"] == {"host": "127.0.0.1", "port": 8000}
+    (application,) = data["applications"]
+    assert application["name"] == "llm" and application["route_prefix"] == "/"
+    assert application["import_path"] == "serve_apps.llm:app"
+    assert application["args"] == {"config": "jobs/configs/tiny-llama-reverse.yaml"}
+    server = next(d for d in application["deployments"] if d["name"] == "LLMServer")
+    assert server["user_config"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.01}
+    scaling = AutoscalingConfig(**server["autoscaling_config"])
+    assert 1 <= scaling.min_replicas < scaling.max_replicas
