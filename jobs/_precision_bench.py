@@ -1,10 +1,14 @@
-"""Serving precision cases of ``python -m jobs.benchmark serve``: speed and quality per weight format.
+"""Out-of-server measurements of ``python -m jobs.benchmark serve``: the decode ceiling and precisions.
 
-Each case loads the model exactly as a replica does (``llmopt.serve.load_serving_model``: fp32, bf16, or
-int8 through torch dynamic quantization on CPU / bitsandbytes on GPU), decodes with the replica's engine at
-batch 1 and batch 8 (one torch thread, as a 1-CPU replica) and computes the held-out response loss on the
-shipped ``reverse`` test split, so the table shows what each format costs in quality for what it gains in
-speed. Runs in a fresh Ray task per case so each case's memory and thread settings are its own.
+Memory bandwidth with the replica's thread count and the weight bytes one decode step reads give the
+ceiling of batch-1 decoding (every weight is read once per token).
+
+Serving precision: each case loads the model exactly as a replica does (``llmopt.serve.load_serving_model``:
+fp32, bf16, or int8 through torch dynamic quantization on CPU / bitsandbytes on GPU), decodes with the
+replica's engine at batch 1 and batch 8 (one torch thread, as a 1-CPU replica) and computes the held-out
+response loss on the shipped ``reverse`` test split, so the table shows what each format costs in quality
+for what it gains in speed. Runs in a fresh Ray task per case so each case's memory and thread settings are
+its own.
 """
 
 from __future__ import annotations
@@ -15,6 +19,60 @@ from typing import Any
 import ray
 
 from llmopt.config import load_config
+
+
+def measure_bandwidth(threads: int, megabytes: int, repeats: int = 5) -> dict[str, Any]:
+    """Memory bandwidth with `threads` torch threads, best of `repeats`, in bytes/s.
+
+    `copy` counts bytes read plus written by `dst.copy_(src)`; `sum` and `gemv` read the buffer once (a
+    reduction, and a matrix-vector product over it as a matrix: what batch-1 decoding does per weight).
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    n = megabytes * 2**20 // 4
+    cols = 4096
+    src = torch.rand(n // cols, cols)
+    dst = torch.empty_like(src)
+    vec = torch.rand(cols)
+    nbytes = src.numel() * 4
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return {
+        "threads": threads,
+        "buffer_bytes": nbytes,
+        "copy_bytes_per_s": 2 * nbytes / best(lambda: dst.copy_(src)),
+        "sum_bytes_per_s": nbytes / best(lambda: src.sum()),
+        "gemv_bytes_per_s": nbytes / best(lambda: torch.mv(src, vec)),
+    }
+
+
+def weight_bytes_per_token(preset: str) -> dict[str, Any]:
+    """fp32 weight bytes one batch-1 decode step reads: every parameter except the input embedding
+    table (a lookup reads one row), unless it is tied to the output head (which reads all of it)."""
+    from llmopt.models import load_config_only, model_info
+
+    info = model_info(preset)
+    tied = bool(getattr(load_config_only(preset), "tie_word_embeddings", False))
+    params = info.num_parameters - (0 if tied else info.embedding_parameters)
+    return {
+        "preset": preset,
+        "num_parameters": info.num_parameters,
+        "embedding_parameters": info.embedding_parameters,
+        "tie_word_embeddings": tied,
+        "bytes_per_token": 4 * params,
+    }
+
+
+# ------------------------------------------------------------------------------------------ deployments
 
 
 def _decode_tokens_per_s(engine_cls, model, tokenizer, batch: int, prompt_len: int, new_tokens: int) -> float:
@@ -68,13 +126,24 @@ def _precision_case(overrides: list[str], rows: int, new_tokens: int) -> dict[st
 
 
 def precision_cases(presets: list[str], quick: bool) -> list[dict[str, Any]]:
-    """fp32 / int8 / bf16 on each preset; bf16 only where it finishes in reasonable time on CPU."""
+    """fp32 / int8 / bf16 on each preset, each case in a fresh single-CPU Ray task.
+
+    bf16 runs on the tiny preset only: its matrix products are ~300x slower than fp32 on these CPUs.
+
+    Args:
+        presets: Model presets (or paths) to measure.
+        quick: Fewer held-out rows and decode steps (a smoke run).
+
+    Returns:
+        One row per (preset, format): ``preset``, ``format``, ``load_s``, ``weight_bytes``, ``heldout_loss``
+        and ``decode_tokens_per_s_batch1`` / ``_batch8``. Needs Ray initialised.
+    """
     rows, new_tokens = (16, 8) if quick else (64, 32)
     results = []
     for preset in presets:
         formats = [("fp32", "none"), ("int8", "int8")]
         if preset == "tiny-llama":
-            formats.append(("bf16", "none"))  # ~300x slower matmuls on these CPUs: tiny preset only
+            formats.append(("bf16", "none"))
         for label, quant in formats:
             precision = "fp32" if label in ("fp32", "int8") else label
             overrides = [
@@ -86,3 +155,48 @@ def precision_cases(presets: list[str], quick: bool) -> list[dict[str, Any]]:
             measured = ray.get(_precision_case.remote(overrides, rows, new_tokens))
             results.append({"preset": preset, "format": label, **measured})
     return results
+
+
+def _loss_change(row: dict[str, Any], rows: list[dict[str, Any]]) -> float | None:
+    """Held-out loss minus the same preset's fp32 loss."""
+    ref = next((r for r in rows if r["preset"] == row["preset"] and r["format"] == "fp32"), None)
+    return None if ref is None else row["heldout_loss"] - ref["heldout_loss"]
+
+
+def precision_table(rows: list[dict[str, Any]]):
+    """A rich table: format, weight MB, decode tokens/s at batch 1 and 8, held-out loss and its change."""
+    from rich.table import Table
+
+    table = Table(
+        "preset", "format", "weights MB", "decode tok/s b1", "decode tok/s b8", "held-out loss", "vs fp32",
+        title="serving precision (engine decode, 1 thread)",
+    )  # fmt: skip
+    for r in rows:
+        change = _loss_change(r, rows)
+        table.add_row(
+            r["preset"], r["format"], f"{r['weight_bytes'] / 1e6:.1f}",
+            f"{r['decode_tokens_per_s_batch1']:.1f}", f"{r['decode_tokens_per_s_batch8']:.1f}",
+            f"{r['heldout_loss']:.4f}", "-" if change is None else f"{change:+.4f}",
+        )  # fmt: skip
+    return table
+
+
+def plot_precision(ax, rows: list[dict[str, Any]]) -> None:
+    """Decode tokens/s at batch 1 and 8 per (preset, format) on a log axis, held-out loss under each."""
+    if not rows:
+        ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
+        return
+    xs = range(len(rows))
+    for offset, batch in ((-0.2, 1), (0.2, 8)):
+        values = [r[f"decode_tokens_per_s_batch{batch}"] for r in rows]
+        ax.bar([x + offset for x in xs], values, width=0.4, label=f"batch {batch}")
+    ax.set_yscale("log")
+    labels = []
+    for r in rows:
+        change = _loss_change(r, rows)
+        delta = "" if change is None or r["format"] == "fp32" else f" ({change:+.3f})"
+        labels.append(f"{r['preset']}\n{r['format']}\nloss {r['heldout_loss']:.3f}{delta}")
+    ax.set_xticks(list(xs), labels, fontsize=7)
+    ax.set_title("serving precision: engine decode tokens/s (held-out loss below)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)

@@ -4,12 +4,33 @@
     python -m jobs.benchmark train --quick               # smoke run: two cases, a few steps
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.benchmark train
 
+    python -m jobs.benchmark serve                       # ~7 min on 2 CPU cores (+ base-100m build once)
+    python -m jobs.benchmark serve --no-base             # tiny preset only
+    python -m jobs.benchmark serve --quick               # smoke run: tiny preset, c=1 and 4 (~1-2 min)
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.benchmark serve
+
 `train` measures, in one run on the tiny dense preset: full fine-tune vs LoRA vs QLoRA, gradient
 checkpointing off / uniform / memory budget at a 2,000-token sequence, ZeRO 0/1/2/3 on two workers,
 one vs two workers, and a plain single-process torch loop on the same model and data as the reference.
 Every Ray case is a real `llmopt.train.finetune` run (fresh worker processes, so peak memory is the
 case's own); the reference runs in a fresh single-use Ray task. Throughput counts every token and
 second after the first optimizer step, reports included.
+
+`serve` (code in jobs/_serve_bench.py: figures, report, plot; jobs/_serve_load.py: cases, prompts, load
+generator, sessions; jobs/_precision_bench.py: bandwidth and precision) deploys serve_apps.llm afresh per
+case (one replica, fp32 on CPU, `--replica-cpus` CPUs and torch threads, default 1: the other core runs the
+HTTP proxy and the load generator) and drives it on loopback with a closed-loop load generator: streamed
+/v1/completions with 64-token prompts and 64 output tokens (`ignore_eos`; tokens counted from the stream's
+usage event), concurrency 1, 8 and 32. Cases: batching off / static / continuous and continuous with the KV
+cache off on tiny-llama; batching off and continuous on base-100m. Reported per point: requests/s, output
+tokens/s, time to first token and latency p50/p99, per-request decode tokens/s. It also measures memory
+bandwidth with the replica's thread count (the batch-1 decode ceiling: weight bytes read per token against
+it), the time to first token of a follow-up turn after a 2,000-token history on the seed API (`X-Session-ID`,
+the whole conversation re-sent) with session reuse on and off, and the serving precisions (fp32 / int8 /
+bf16: engine decode tokens/s at batch 1 and 8, held-out loss), then prints the issue's three figures with
+pass/fail; continuous batching is compared with batching off at concurrency 1 (the target) and at
+concurrency 32. Writes serve.json and serve.png; any failed case or request fails the run (files written
+first).
 """
 
 from __future__ import annotations
@@ -25,6 +46,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from jobs._serve_bench import add_serve_parser, run_serve
 from llmopt.config import load_config
 
 # Shared by every case: tiny dense preset, packed sequences, fp32, one CPU (one thread) per worker.
@@ -286,8 +308,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     train.add_argument("--out", default="outputs/benchmark", help="Output directory.")
     train.add_argument("--quick", action="store_true", help="Only LoRA and its plain-torch reference.")
+    add_serve_parser(sub)
     args = parser.parse_args(argv)
-    return run_train(args)
+    return run_serve(args) if args.benchmark == "serve" else run_train(args)
 
 
 if __name__ == "__main__":

@@ -233,11 +233,14 @@ class LLMServer:
                 if finished and last.cache is not None and session is not None and self.sessions is not None:
                     self.sessions.store(session["owner"], session["id"], last.cache_token_ids, last.cache)
                     self.metrics.cache(self.sessions.stats().to_dict())
-                first, last_sent = False, time.monotonic()
+                text = "".join(item.text for item in items)
+                # Until some text went out, flush at once: a first token that decodes to nothing visible (a
+                # partial character) must not delay the first text by a whole interval.
+                first, last_sent = first and not text, time.monotonic()
                 yield {
                     "type": "token",
                     "token_ids": [item.token_id for item in items],
-                    "text": "".join(item.text for item in items),
+                    "text": text,
                     "finished": finished,
                     "finish_reason": last.finish_reason,
                     "cached_tokens": last.cached_tokens,

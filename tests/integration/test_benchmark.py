@@ -23,3 +23,75 @@ def test_quick_train_benchmark(ray_cluster, tmp_path):
     assert ray_case["trainable_parameters"] == plain["trainable_parameters"]
     assert report["figures"]["lora_trainable_fraction"] < 0.02
     assert "ray_deepspeed_1_worker_vs_plain_torch" in report["figures"]
+
+
+def test_quick_serve_benchmark(ray_cluster, tmp_path):
+    """`serve --quick`: every load point, both session cases and the precision rows have positive figures.
+
+    Only counts, token numbers and positivity are checked: never speed.
+    """
+    from jobs.benchmark import main
+
+    report = main(["serve", "--quick", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "serve.json").read_text())
+    assert (tmp_path / "serve.png").read_bytes()[:4] == b"\x89PNG"
+    assert saved["benchmark"] == "serve" and saved["quick"] is True
+    assert saved["figures"].keys() == report["figures"].keys()
+    settings = saved["settings"]
+    for key in ("copy_bytes_per_s", "sum_bytes_per_s", "gemv_bytes_per_s"):
+        assert saved["bandwidth"][key] > 0
+    loads = [c for c in saved["cases"] if c["kind"] == "load"]
+    assert [(c["label"], [p["concurrency"] for p in c["points"]]) for c in loads] == [
+        ("none", [1]),
+        ("continuous", [1, 4]),
+    ]
+    for case in loads:
+        assert "error" not in case
+        for point in case["points"]:
+            assert point["errors"] == 0, point["first_error"]
+            for key in (
+                "requests_per_s",
+                "output_tokens_per_s",
+                "ttft_p50_s",
+                "ttft_p99_s",
+                "latency_p50_s",
+                "latency_p99_s",
+                "decode_tokens_per_s_p50",
+                "batch_size_mean",
+            ):
+                assert point[key] > 0, key
+            # ignore_eos: every request generates exactly max_tokens (counted from the stream's usage).
+            assert point["completion_tokens_mean"] == settings["output_tokens"]
+            assert 1 <= point["stream_events_mean"] <= settings["output_tokens"]
+
+    sessions = {c["label"]: c for c in saved["cases"] if c["kind"] == "session"}
+    assert set(sessions) == {"session reuse", "recompute"}
+    for case in sessions.values():
+        assert "error" not in case, case["error"]
+        s = case["session"]
+        assert s["sessions"] == settings["session_repeats"]
+        assert s["turn2_ttft_p50_s"] > 0 and s["turn1_latency_p50_s"] > 0
+        # Turn 2 re-sends history + reply + follow-up.
+        assert s["turn2_prompt_tokens"] >= settings["session_history"] + settings["session_followup"]
+    # The follow-up reuses the session's cache: all of the history but a few tokens where the re-sent
+    # conversation may tokenize differently at the reply's edges. Without reuse nothing is cached.
+    assert sessions["session reuse"]["session"]["turn2_cached_tokens"] >= 0.9 * settings["session_history"]
+    assert sessions["recompute"]["session"]["turn2_cached_tokens"] == 0
+
+    precision = saved["precision"]
+    assert saved["precision_error"] is None
+    assert [(r["preset"], r["format"]) for r in precision] == [
+        ("tiny-llama", "fp32"),
+        ("tiny-llama", "int8"),
+        ("tiny-llama", "bf16"),
+    ]
+    for row in precision:
+        keys = ("weight_bytes", "heldout_loss", "decode_tokens_per_s_batch1", "decode_tokens_per_s_batch8")
+        for key in keys:
+            assert row[key] > 0, (row["format"], key)
+
+    assert {"batching_speedup", "bandwidth_fraction", "session_ttft_speedup"} <= set(saved["figures"])
+    assert saved["figures"]["batching_speedup"]["ratio"] > 0
+    for figure in saved["figures"].values():
+        # Quick-run conditions differ from the targets' (tiny preset, concurrency 4): no verdict.
+        assert figure["value"] > 0 and figure["passed"] is None

@@ -1,0 +1,415 @@
+"""The `serve` benchmark: drive serve_apps.llm on loopback with a bounded load generator.
+
+Every case deploys the application afresh (one replica, fp32 on CPU) with its own config overrides, warms
+it up, then measures it with the client in ``jobs/_serve_load.py``: load points of streamed
+``/v1/completions`` requests with at most C in flight (prompts of an exact token count, fixed output length
+through ``ignore_eos``, temperature 0), or two-turn sessions on the seed API. Per point: requests/s and
+output tokens/s over the point's wall time, TTFT and latency p50/p99, each request's decode rate, and the
+replica's mean batch size (``/api/v1/stats``).
+
+Outside the server (in Ray tasks, ``jobs/_precision_bench.py``): the machine's memory bandwidth with the
+replica's thread count (the ceiling of batch-1 decoding, which reads every weight once per token) and the
+serving precisions (fp32 / int8 / bf16: engine decode tokens/s at batch 1 and 8, held-out loss).
+
+Any failed case, request or precision run fails the benchmark (after serve.json and serve.png are written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from jobs._serve_load import (
+    BASE,
+    TINY,
+    Plan,
+    fmt_ms,
+    fmt_s,
+    make_cases,
+    make_plan,
+    run_case,
+)
+
+TARGETS = {"batching_speedup": 6.0, "bandwidth_fraction": 0.7, "session_ttft_speedup": 8.0}
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _bandwidth_text(bw: dict[str, Any]) -> str:
+    gb = {k: bw[f"{k}_bytes_per_s"] / 1e9 for k in ("copy", "sum", "gemv")}
+    return (
+        f"copy {gb['copy']:.1f} GB/s (read + write), sum {gb['sum']:.1f} GB/s and gemv {gb['gemv']:.1f} "
+        "GB/s (read)"
+    )
+
+
+def _session_text(s: dict[str, Any]) -> str:
+    return (
+        f"follow-up TTFT p50 {fmt_ms(s['turn2_ttft_p50_s'])}, prompt/cached tokens "
+        f"{s['turn2_prompt_tokens']}/{s['turn2_cached_tokens']}, turn-1 latency p50 "
+        f"{fmt_s(s['turn1_latency_p50_s'])}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- figures
+
+
+def _point(results, group, label, concurrency=None):
+    """A load point without errors: the given concurrency's, or the case's highest."""
+    for r in results:
+        if r["group"] == group and r["label"] == label and "error" not in r and r["points"]:
+            ok = [p for p in r["points"] if not p["errors"] and p["output_tokens_per_s"] > 0]
+            if concurrency is None and ok:
+                return max(ok, key=lambda p: p["concurrency"])
+            return next((p for p in ok if p["concurrency"] == concurrency), None)
+    return None
+
+
+def _figure(value, target, applies, **detail) -> dict[str, Any]:
+    passed = None if value is None or not applies else bool(value >= target)
+    return {"value": value, "target": target, "target_applies": applies, "passed": passed, **detail}
+
+
+def serve_figures(results, bandwidth, weights, plan: Plan) -> dict[str, Any]:
+    """The issue's three figures, each with its target and whether the run met it.
+
+    (a) compares batched output tokens/s with two unbatched baselines: batching off at concurrency 1 (the
+    sequential baseline the target refers to, ``ratio``: pass/fail) and batching off at the same
+    concurrency (server-side sequential, saturated: ``ratio_vs_saturated_unbatched``).
+    """
+    figures: dict[str, Any] = {}
+    base = _point(results, "batching", "none", 1)
+    for label in ("continuous", "static"):
+        top = _point(results, "batching", label)
+        if not (base and top):
+            continue
+        c, tokens_per_s = top["concurrency"], top["output_tokens_per_s"]
+        saturated = _point(results, "batching", "none", c) if c > 1 else None
+        saturated_tokens_per_s = saturated["output_tokens_per_s"] if saturated else None
+        ratio = tokens_per_s / base["output_tokens_per_s"]
+        figures["batching_speedup" if label == "continuous" else "static_batching_speedup"] = _figure(
+            ratio,
+            TARGETS["batching_speedup"],
+            label == "continuous" and c == 32,
+            preset=TINY,
+            concurrency=c,
+            tokens_per_s=tokens_per_s,
+            ratio=ratio,
+            baseline="batching off, concurrency 1",
+            baseline_tokens_per_s=base["output_tokens_per_s"],
+            ratio_vs_saturated_unbatched=saturated_tokens_per_s and tokens_per_s / saturated_tokens_per_s,
+            saturated_baseline=f"batching off, concurrency {c}",
+            saturated_baseline_tokens_per_s=saturated_tokens_per_s,
+        )
+    group = "base-100m" if plan.include_base else "batching"
+    batch1 = _point(results, group, "continuous", 1) or _point(results, group, "none", 1)
+    if batch1 and bandwidth and batch1["decode_tokens_per_s_p50"]:
+        preset = BASE if group == "base-100m" else TINY
+        per_token = weights[preset]["bytes_per_token"]
+        read_bw = max(bandwidth["sum_bytes_per_s"], bandwidth["gemv_bytes_per_s"])
+        ceiling = read_bw / per_token
+        figures["bandwidth_fraction"] = _figure(
+            batch1["decode_tokens_per_s_p50"] / ceiling,
+            TARGETS["bandwidth_fraction"],
+            preset == BASE,
+            preset=preset,
+            decode_tokens_per_s=batch1["decode_tokens_per_s_p50"],
+            ceiling_tokens_per_s=ceiling,
+            gemv_ceiling_tokens_per_s=bandwidth["gemv_bytes_per_s"] / per_token,
+            weight_bytes_per_token=per_token,
+            bandwidth_bytes_per_s=read_bw,
+            bandwidth_used="max(sum, gemv): read-only bandwidth",
+        )
+    sessions = {r["label"]: r.get("session") for r in results if r["kind"] == "session"}
+    reuse, recompute = sessions.get("session reuse"), sessions.get("recompute")
+    if reuse and recompute and reuse["turn2_ttft_p50_s"] and recompute["turn2_ttft_p50_s"]:
+        figures["session_ttft_speedup"] = _figure(
+            recompute["turn2_ttft_p50_s"] / reuse["turn2_ttft_p50_s"],
+            TARGETS["session_ttft_speedup"],
+            plan.session_history >= 2000,
+            history_tokens=plan.session_history,
+            reuse_ttft_s=reuse["turn2_ttft_p50_s"],
+            recompute_ttft_s=recompute["turn2_ttft_p50_s"],
+            reuse_cached_tokens=reuse["turn2_cached_tokens"],
+        )
+    return figures
+
+
+def plot_serve(report: dict[str, Any], path: Path) -> None:
+    """Tokens/s, TTFT and p99 latency vs concurrency; session TTFT; decode vs bandwidth ceiling; precision."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jobs._precision_bench import plot_precision
+
+    loads = [r for r in report["cases"] if r["kind"] == "load" and r["points"]]
+    fig = plt.figure(figsize=(16, 12.5))
+    grid = fig.add_gridspec(3, 3)
+    panels = [
+        ("output_tokens_per_s", "output tokens/s"),
+        ("ttft_p50_s", "TTFT p50, s"),
+        ("latency_p99_s", "latency p99, s"),
+    ]
+    for col, (key, title) in enumerate(panels):
+        for row, preset in enumerate((TINY, BASE)):
+            if row == 1 and col > 0:
+                continue
+            ax = fig.add_subplot(grid[row, col])
+            for r in (r for r in loads if r["preset"] == preset):
+                pts = [p for p in r["points"] if p.get(key) is not None]
+                ax.plot([p["concurrency"] for p in pts], [p[key] for p in pts], "o-", label=r["label"])
+            ax.set_xscale("log", base=2)
+            ticks = sorted(
+                {p["concurrency"] for r in loads if r["preset"] == preset for p in r["points"]}
+            ) or [1]
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.set_xlabel("concurrency")
+            ax.set_title(f"{preset}: {title}")
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=8)
+            else:
+                ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
+    sessions = [r for r in report["cases"] if r["kind"] == "session" and r.get("session")]
+    ax = fig.add_subplot(grid[1, 1])
+    if sessions:
+        ax.bar(
+            [r["label"] for r in sessions], [1000 * (r["session"]["turn2_ttft_p50_s"] or 0) for r in sessions]
+        )
+    else:
+        ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
+    ax.set_title(f"follow-up turn TTFT p50, ms ({report['settings']['session_history']}-token history)")
+    ax = fig.add_subplot(grid[1, 2])
+    fig_b = report["figures"].get("bandwidth_fraction")
+    if fig_b:
+        ax.bar(
+            ["measured decode", "ceiling (read bw)", "torch.mv rate"],
+            [fig_b["decode_tokens_per_s"], fig_b["ceiling_tokens_per_s"], fig_b["gemv_ceiling_tokens_per_s"]],
+            color=["tab:blue", "tab:gray", "silver"],
+        )
+        ax.set_title(f"{fig_b['preset']} batch-1 decode tokens/s ({fig_b['value']:.0%} of ceiling)")
+    else:
+        ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
+    plot_precision(fig.add_subplot(grid[2, :]), report["precision"])
+    settings = report["settings"]
+    fig.suptitle(
+        f"llmopt serve benchmark (fp32 CPU, {settings['replica_cpus']} CPU per replica, "
+        f"prompt {settings['prompt_tokens']} / output {settings['output_tokens']} tokens)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_ray() -> bool:
+    """Join the running cluster (ray job submit, a test's session) or start a local one; True if started."""
+    import ray
+
+    from llmopt.cluster import init_ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    if not os.environ.get("RAY_ADDRESS"):
+        # The replicas import serve_apps from the repository, which is not an installed package.
+        kwargs["runtime_env"] = {
+            "working_dir": str(REPO),
+            "excludes": [".venv", ".git", "outputs", "runs", ".cache"],
+        }
+    init_ray(**kwargs)
+    return True
+
+
+def _failures(report: dict[str, Any]) -> list[str]:
+    """Every failed case, load point with failed requests, and precision error of a report."""
+    failed = []
+    for r in report["cases"]:
+        where = f"{r['group']} / {r['label']}"
+        if "error" in r:
+            failed.append(f"{where}: {r['error']}")
+        for p in r["points"]:
+            if p["errors"]:
+                failed.append(
+                    f"{where}, c={p['concurrency']}: {p['errors']} failed requests, first: {p['first_error']}"
+                )
+    if report.get("precision_error"):
+        failed.append(f"precision: {report['precision_error']}")
+    return failed
+
+
+def run_serve(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the `serve` benchmark; write serve.json and serve.png under ``args.out`` and print the results.
+
+    Raises:
+        RuntimeError: Some case, request or precision run failed (named in the message; the files are
+            written first).
+    """
+    import json
+    import platform
+
+    import ray
+    from ray import serve
+    from rich.console import Console
+
+    from jobs._precision_bench import measure_bandwidth, precision_cases, weight_bytes_per_token
+    from llmopt.config import load_config
+    from llmopt.models import build_preset, load_tokenizer
+
+    console = Console(width=None if sys.stdout.isatty() else 160)  # logs keep whole table rows
+    log = lambda msg: console.print(msg, highlight=False)  # noqa: E731
+    plan = make_plan(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cases = make_cases(plan)
+    presets = list(dict.fromkeys(c["preset"] for c in cases))
+    for preset in presets:
+        log(f"model {preset}: building once if needed ...")
+        build_preset(preset)
+    tokenizer = load_tokenizer(load_config(None, [f"model.name_or_path={TINY}"]).model)
+    weights = {p: weight_bytes_per_token(p) for p in presets}
+    started = _start_ray()
+    results, precision, precision_error = [], [], None
+    try:
+        threads = max(1, int(plan.replica_cpus))
+        log(f"memory bandwidth, {threads} thread(s), {plan.bandwidth_mb} MiB buffers ...")
+        task = ray.remote(num_cpus=plan.replica_cpus, max_calls=1)(measure_bandwidth)
+        bandwidth = ray.get(task.remote(threads, plan.bandwidth_mb))
+        log("  " + _bandwidth_text(bandwidth))
+        port = args.port or _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        try:
+            for case in cases:
+                log(f"[bold]{case['group']}[/] / {case['label']} ({case['preset']}) ...")
+                try:
+                    results.append(run_case(case, plan, f"http://127.0.0.1:{port}", tokenizer, log))
+                except Exception as exc:  # one broken case must not lose the others' measurements
+                    results.append({**case, "points": [], "error": f"{type(exc).__name__}: {exc}"})
+                    log(f"  [red]failed:[/] {results[-1]['error'][:300]}")
+                if results[-1].get("session"):
+                    log("  " + _session_text(results[-1]["session"]))
+        finally:
+            serve.shutdown()
+        log(f"serving precision: fp32 / int8 (/ bf16 on {TINY}) on {', '.join(presets)} ...")
+        try:
+            precision = precision_cases(presets, plan.quick)
+        except Exception as exc:  # keep the serving measurements; the failure is raised below
+            precision_error = f"{type(exc).__name__}: {exc}"
+    finally:
+        if started:
+            ray.shutdown()
+    report = {
+        "benchmark": "serve",
+        "quick": plan.quick,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "loadavg_1m_at_end": os.getloadavg()[0],
+            "python": platform.python_version(),
+            "torch": __import__("torch").__version__,
+            "processor": platform.processor(),
+        },
+        "settings": asdict(plan),
+        "bandwidth": bandwidth,
+        "weights": weights,
+        "cases": results,
+        "precision": precision,
+        "precision_error": precision_error,
+        "figures": serve_figures(results, bandwidth, weights, plan),
+    }
+    (out / "serve.json").write_text(json.dumps(report, indent=2))
+    plot_serve(report, out / "serve.png")
+    print_report(report, console)
+    log(f"written: {out / 'serve.json'}, {out / 'serve.png'}")
+    failed = _failures(report)
+    if failed:
+        raise RuntimeError(f"the serve benchmark had {len(failed)} failure(s):\n  " + "\n  ".join(failed))
+    return report
+
+
+def print_report(report: dict[str, Any], console) -> None:
+    """Load points as a table, then sessions, bandwidth, the precision table and the figures."""
+    from rich.table import Table
+
+    from jobs._precision_bench import precision_table
+
+    table = Table(
+        "preset", "case", "C", "n", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "lat p50", "lat p99",
+        "decode tok/s/req", "batch mean", "load 1m",
+    )  # fmt: skip
+    for r in (r for r in report["cases"] if r["kind"] == "load"):
+        if "error" in r:
+            table.add_row(r["preset"], r["label"], "", "", r["error"][:40])
+        for p in r["points"]:
+            mean = p["batch_size_mean"]
+            table.add_row(
+                r["preset"], r["label"], str(p["concurrency"]),
+                f"{p['requests'] - p['errors']}/{p['requests']}",
+                f"{p['requests_per_s']:.2f}", f"{p['output_tokens_per_s']:.0f}",
+                fmt_ms(p["ttft_p50_s"]), fmt_ms(p["ttft_p99_s"]),
+                fmt_s(p["latency_p50_s"]), fmt_s(p["latency_p99_s"]),
+                "-" if p["decode_tokens_per_s_p50"] is None else f"{p['decode_tokens_per_s_p50']:.1f}",
+                "-" if mean is None else f"{mean:.1f}", "{:.1f}/{:.1f}".format(*p["loadavg_1m"]),
+            )  # fmt: skip
+    console.print(table)
+    for r in (r for r in report["cases"] if r["kind"] == "session"):
+        text = _session_text(r["session"]) if r.get("session") else f"failed: {r.get('error')}"
+        console.print(f"session, {r['label']}: {text}", highlight=False)
+    bw = report["bandwidth"]
+    console.print(f"memory bandwidth ({bw['threads']} thread(s)): {_bandwidth_text(bw)}", highlight=False)
+    if report["precision"]:
+        console.print(precision_table(report["precision"]))
+    names = {
+        "batching_speedup": "(a) output tokens/s, continuous batching vs sequential (batching off, C=1)",
+        "static_batching_speedup": "    output tokens/s, static batching vs sequential (batching off, C=1)",
+        "bandwidth_fraction": "(b) batch-1 decode tokens/s / bandwidth ceiling",
+        "session_ttft_speedup": "(c) follow-up TTFT, recompute / session reuse, x",
+    }
+    verdict = {True: "[green]PASS[/]", False: "[red]FAIL[/]", None: "[dim]n/a (conditions differ)[/]"}
+    for key, f in report["figures"].items():
+        detail = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in f.items()
+            if k not in ("value", "target", "target_applies", "passed")
+        )
+        line = f"{names.get(key, key)}: {f['value']:.3f} (target >= {f['target']}) {verdict[f['passed']]}"
+        if f.get("ratio_vs_saturated_unbatched") is not None:
+            line += (
+                f"\n    vs batching off at C={f['concurrency']} (server-side sequential, saturated): "
+                f"{f['ratio_vs_saturated_unbatched']:.3f} x"
+            )
+        console.print(f"{line}\n    {detail}", highlight=False)
+    for failure in _failures(report):
+        console.print(f"[red]failed[/] {failure}", highlight=False)
+
+
+def add_serve_parser(sub) -> None:
+    """Register the `serve` subcommand on the benchmark's subparsers."""
+    serve = sub.add_parser(
+        "serve",
+        help="Serving: batching off/static/continuous, KV cache off/on, session reuse off/on, precisions.",
+    )
+    serve.add_argument("--quick", action="store_true", help="Smoke run: tiny preset, c=1 and 4, short.")
+    serve.add_argument("--prompt-tokens", type=int, default=64, help="Prompt length of the load points.")
+    serve.add_argument("--output-tokens", type=int, default=64, help="Output length of the load points.")
+    serve.add_argument("--session-history", type=int, default=2000, help="Tokens of the session history.")
+    serve.add_argument(
+        "--replica-cpus", type=float, default=1.0, help="CPUs (= torch threads) of the replica."
+    )
+    serve.add_argument("--no-base", action="store_true", help="Skip the ~100M preset (load and precision).")
+    serve.add_argument("--port", type=int, default=0, help="HTTP port on 127.0.0.1 (default: a free one).")
+    serve.add_argument("--out", default="outputs/benchmark", help="Output directory.")
