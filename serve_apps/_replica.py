@@ -83,23 +83,28 @@ class LLMServer:
         self._steps = 0
         self._rows = 0
         self._max_rows = 0
-        self._configure(
-            self.config.serving.batching.max_batch_size, self.config.serving.batching.batch_wait_timeout_s
-        )
-
-    def _configure(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
         batching = self.config.serving.batching
-        size = 1 if batching.mode == "none" else max_batch_size
-        self.max_batch_size = size
-        self.batch_wait_timeout_s = batch_wait_timeout_s
+        self._set_batching(batching.max_batch_size, batching.batch_wait_timeout_s)
+        self._new_engine()
+
+    def _new_engine(self) -> None:
+        """A fresh engine at the current batch settings (at start, and after a step failed)."""
+        batching = self.config.serving.batching
         self.engine = GenerationEngine(
             self.model,
             self.tokenizer,
-            max_batch_size=size,
+            max_batch_size=self.max_batch_size,
             continuous=batching.mode == "continuous",
             use_cache=self.config.serving.kv_cache.enabled,
         )
-        self._admit.set_max_batch_size(size)
+
+    def _set_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        """Apply batch settings to ``@serve.batch`` and the engine (``mode=none`` keeps a batch of 1)."""
+        self.max_batch_size = 1 if self.config.serving.batching.mode == "none" else max_batch_size
+        self.batch_wait_timeout_s = batch_wait_timeout_s
+        if hasattr(self, "engine"):
+            self.engine.max_batch_size = self.max_batch_size  # the engine reads it when it admits
+        self._admit.set_max_batch_size(self.max_batch_size)
         self._admit.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -121,14 +126,7 @@ class LLMServer:
             raise ValueError(
                 f"user_config needs max_batch_size >= 1 and batch_wait_timeout_s >= 0, got {user_config}"
             )
-        if self.engine.has_work():
-            self.engine.max_batch_size = 1 if self.config.serving.batching.mode == "none" else size
-            self.max_batch_size = self.engine.max_batch_size
-            self.batch_wait_timeout_s = wait
-            self._admit.set_max_batch_size(self.max_batch_size)
-            self._admit.set_batch_wait_timeout_s(wait)
-        else:
-            self._configure(size, wait)
+        self._set_batching(size, wait)
 
     @serve.multiplexed(max_num_models_per_replica=256)
     async def _route(self, model_id: str) -> str:
@@ -170,7 +168,7 @@ class LLMServer:
             except Exception as exc:  # a broken step fails its requests, never the replica
                 for request_id in list(self._queues):
                     self._fail(request_id, exc)
-                self._configure(self.max_batch_size, self.batch_wait_timeout_s)
+                self._new_engine()
                 continue
             self._record(len(outputs))
             for out in outputs:

@@ -137,7 +137,7 @@ class LLMIngress:
         self.metrics = IngressMetrics()
 
     # ---- request checks ------------------------------------------------------------------------------
-    async def _read(self, request: Request, route: str) -> tuple[str, bytes]:
+    async def _read(self, request: Request) -> tuple[str, bytes]:
         """Authenticate, then read the body within the size limit. Returns (owner, body)."""
         owner = self._owner(request)
         limit = self.config.serving.max_body_bytes
@@ -237,16 +237,10 @@ class LLMIngress:
         """
         start = time.perf_counter()
         handle = self.llm.options(stream=True, multiplexed_model_id=route)
-        stream = None
-        try:
-            stream = handle.generate.remote(payload)
-            async for item in stream:
-                if item["type"] == "token":
-                    return item, stream, start
-        except BackPressureError:
-            if stream is not None:
-                stream.cancel()
-            raise _overloaded() from None
+        stream = handle.generate.remote(payload)  # overload (BackPressureError) is answered by _guard
+        async for item in stream:
+            if item["type"] == "token":
+                return item, stream, start
         raise RuntimeError("the replica ended the stream before the first token")
 
     async def _tokens(self, first: dict, stream, start: float, route: str) -> AsyncIterator[dict]:
@@ -346,7 +340,7 @@ class LLMIngress:
 
     # ---- route bodies ---------------------------------------------------------------------------------
     async def _openai(self, request: Request, chat: bool):
-        owner, raw = await self._read(request, "chat" if chat else "completions")
+        owner, raw = await self._read(request)
         body = _parse(raw, ChatCompletionRequest if chat else CompletionRequest)
         if chat:
             messages = [m.model_dump() for m in body.messages]
@@ -380,6 +374,17 @@ class LLMIngress:
 
         include_usage = body.stream_options is not None and body.stream_options.include_usage
 
+        def chunk(choices: list, **extra) -> str:
+            event = {
+                "id": request_id,
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": created,
+                "model": body.model or self.model_id,
+                "choices": choices,
+                **extra,
+            }
+            return f"data: {json.dumps(event)}\n\n"
+
         async def events() -> AsyncIterator[str]:
             opening, completion = True, 0
             try:
@@ -395,15 +400,8 @@ class LLMIngress:
                         choice = {"index": 0, "delta": delta, "finish_reason": reason}
                     else:
                         choice = {"index": 0, "text": item["text"], "finish_reason": reason, "logprobs": None}
-                    chunk = {
-                        "id": request_id,
-                        "object": "chat.completion.chunk" if chat else "text_completion",
-                        "created": created,
-                        "model": body.model or self.model_id,
-                        "choices": [choice],
-                    }
                     opening = False
-                    yield f"data: {json.dumps(chunk)}\n\n"
+                    yield chunk([choice])
                 if include_usage:
                     prompt = len(payload["prompt_ids"])
                     usage = {
@@ -412,15 +410,7 @@ class LLMIngress:
                         "total_tokens": prompt + completion,
                         "prompt_tokens_details": {"cached_tokens": first["cached_tokens"]},
                     }
-                    chunk = {
-                        "id": request_id,
-                        "object": "chat.completion.chunk" if chat else "text_completion",
-                        "created": created,
-                        "model": body.model or self.model_id,
-                        "choices": [],
-                        "usage": usage,
-                    }
-                    yield f"data: {json.dumps(chunk)}\n\n"
+                    yield chunk([], usage=usage)
             except Exception as exc:  # headers are sent already: report the failure in-band
                 yield f"data: {json.dumps(error_body(500, f'Generation failed: {exc}'))}\n\n"
             yield "data: [DONE]\n\n"
@@ -428,7 +418,7 @@ class LLMIngress:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     async def _seed_generate(self, request: Request):
-        owner, raw = await self._read(request, "generate")
+        owner, raw = await self._read(request)
         body = _parse(raw, GenerateRequest)
         session_id = request.headers.get("x-session-id") or body.session_id
         if session_id is not None and not 0 < len(session_id) <= 128:
@@ -453,7 +443,7 @@ class LLMIngress:
         return StreamingResponse(chunks(), media_type="text/plain; charset=utf-8", headers=headers)
 
     async def _seed_batch(self, request: Request):
-        owner, raw = await self._read(request, "batch_generate")
+        owner, raw = await self._read(request)
         body = _parse(raw, BatchGenerateRequest)
         jobs = [self._payload(body, self._prompt_ids(p), owner, None) for p in body.prompts]
         results = await asyncio.gather(*(self._collect(p, r, "batch_generate") for p, r in jobs))
