@@ -21,7 +21,13 @@ from typing import Any
 from ray import serve
 
 from llmopt.config import RunConfig
-from llmopt.serve import GenerationEngine, GenerationRequest, SamplingParams, SessionCacheManager
+from llmopt.serve import (
+    GenerationEngine,
+    GenerationRequest,
+    SamplingParams,
+    SessionCacheManager,
+    stream_interval,
+)
 from serve_apps._metrics import ReplicaMetrics
 
 
@@ -84,7 +90,7 @@ class LLMServer:
         self._rows = 0
         self._max_rows = 0
         batching = self.config.serving.batching
-        self._set_batching(batching.max_batch_size, batching.batch_wait_timeout_s)
+        self._set_batching(batching.max_batch_size, batching.wait_timeout_s)
         self._new_engine()
 
     def _new_engine(self) -> None:
@@ -119,9 +125,7 @@ class LLMServer:
                 f"Unknown user_config keys {sorted(unknown)}; use max_batch_size and batch_wait_timeout_s."
             )
         size = int(user_config.get("max_batch_size", self.config.serving.batching.max_batch_size))
-        wait = float(
-            user_config.get("batch_wait_timeout_s", self.config.serving.batching.batch_wait_timeout_s)
-        )
+        wait = float(user_config.get("batch_wait_timeout_s", self.config.serving.batching.wait_timeout_s))
         if size < 1 or wait < 0:
             raise ValueError(
                 f"user_config needs max_batch_size >= 1 and batch_wait_timeout_s >= 0, got {user_config}"
@@ -135,7 +139,7 @@ class LLMServer:
         # PeftModel, and a bad path should fail the deployment, not a request), so nothing loads here.
         return model_id
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _admit(self, requests: list[GenerationRequest]) -> list[asyncio.Queue]:
         """Queue a batch of concurrently arriving requests for the engine; one output queue each."""
         queues = []
@@ -211,15 +215,18 @@ class LLMServer:
             request.prefix_cache = entry.cache if entry is not None else None
             request.keep_cache = True
         queue = await self._admit(request)
-        yield {"type": "start", "replica": self.replica_id}
-        interval = self.config.serving.stream_interval_s
+        serving = self.config.serving
         finished, first, last_sent = False, True, 0.0
         try:
             while not finished:
                 items = [await queue.get()]
+                # Coalesce: one message per interval instead of one per token (each streamed message costs a
+                # Ray object transfer in this replica, the ingress and the proxy); with many streams the
+                # interval grows so that the replica sends at most serving.stream_events_per_s in all.
+                interval = stream_interval(
+                    serving.stream_interval_s, serving.stream_events_per_s, len(self._queues)
+                )
                 if not first and interval and not _done(items[-1]):
-                    # Coalesce: one message per interval instead of one per token (each streamed message
-                    # costs a Ray object transfer in this replica, the ingress and the proxy).
                     await asyncio.sleep(max(0.0, last_sent + interval - time.monotonic()))
                 while not _done(items[-1]) and not queue.empty():
                     items.append(queue.get_nowait())

@@ -484,7 +484,7 @@ def app(args: dict[str, Any]) -> Application:
         "ray_actor_options": actor,
         "user_config": {
             "max_batch_size": batching.max_batch_size,
-            "batch_wait_timeout_s": batching.batch_wait_timeout_s,
+            "batch_wait_timeout_s": batching.wait_timeout_s,
         },
     }
     if scaling.min_replicas == scaling.max_replicas:

@@ -135,14 +135,14 @@ def test_serve_deploy_of_the_shipped_config(head_node, serve_port, tmp_path):
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     app = next(a for a in yaml.safe_load_all(deployed.stdout) if a and a["name"] == "llm")
     server = next(d for d in app["deployments"] if d["name"] == "LLMServer")
-    assert server["user_config"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.01}
+    assert server["user_config"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.0}
     before = httpx.get(f"{url}/api/v1/stats", timeout=30).json()
     assert before["engine"]["max_batch_size"] == 8
 
     # A new user_config reaches the running replica through reconfigure: same process, new batch size.
     config["applications"][0]["deployments"][0]["user_config"] = {
         "max_batch_size": 3,
-        "batch_wait_timeout_s": 0,
+        "batch_wait_timeout_s": 0.005,
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     done = _run(*deploy, env=head_node.env)
@@ -151,7 +151,7 @@ def test_serve_deploy_of_the_shipped_config(head_node, serve_port, tmp_path):
     while time.monotonic() < deadline and after["engine"]["max_batch_size"] != 3:
         time.sleep(1)
         after = httpx.get(f"{url}/api/v1/stats", timeout=30).json()
-    assert after["engine"] == {**before["engine"], "max_batch_size": 3, "batch_wait_timeout_s": 0}
+    assert after["engine"] == {**before["engine"], "max_batch_size": 3, "batch_wait_timeout_s": 0.005}
     assert after["replica"] == before["replica"]
     _complete(url)
 

@@ -77,6 +77,6 @@ def test_the_shipped_llm_config():
     assert application["import_path"] == "serve_apps.llm:app"
     assert application["args"] == {"config": "jobs/configs/tiny-llama-reverse.yaml"}
     server = next(d for d in application["deployments"] if d["name"] == "LLMServer")
-    assert server["user_config"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.01}
+    assert server["user_config"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.0}
     scaling = AutoscalingConfig(**server["autoscaling_config"])
     assert 1 <= scaling.min_replicas < scaling.max_replicas

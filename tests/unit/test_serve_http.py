@@ -11,6 +11,7 @@ from llmopt.serve import (
     load_api_keys,
     owner_of,
     resolve_adapter,
+    stream_interval,
 )
 
 
@@ -60,3 +61,10 @@ def test_resolve_adapter_accepts_run_dirs_and_adapter_dirs(tmp_path):
     assert resolve_adapter("a", str(tmp_path / "run" / "adapter")) == tmp_path / "run" / "adapter"
     with pytest.raises(ServingSetupError, match=r"serving\.adapters\.full"):
         resolve_adapter("full", str(tmp_path))
+
+
+def test_stream_interval_grows_with_the_streams_of_a_replica():
+    assert stream_interval(0.05, 200, 1) == 0.05  # few streams: the configured interval
+    assert stream_interval(0.05, 200, 10) == 0.05
+    assert stream_interval(0.05, 200, 32) == pytest.approx(0.16)  # 32 streams share 200 chunks/s
+    assert stream_interval(0.0, 200, 32) == 0.0  # 0 still sends every token on its own

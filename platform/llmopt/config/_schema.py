@@ -261,7 +261,20 @@ class BatchingConfig(StrictModel):
         "requests join and leave between decode steps.",
     )
     max_batch_size: int = Field(8, ge=1, le=1024, description="Most requests decoded together.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0, description="Wait for a batch to fill.")
+    batch_wait_timeout_s: float | None = Field(
+        None,
+        ge=0.0,
+        le=10.0,
+        description="Wait for a batch to fill; default 0.01 s for `static`, 0 otherwise (a continuous batch "
+        "takes newcomers at every decode step, so waiting only delays their first token).",
+    )
+
+    @property
+    def wait_timeout_s(self) -> float:
+        """``batch_wait_timeout_s`` with the mode's default filled in."""
+        if self.batch_wait_timeout_s is not None:
+            return self.batch_wait_timeout_s
+        return 0.01 if self.mode == "static" else 0.0
 
 
 class KVCacheConfig(StrictModel):
@@ -315,6 +328,13 @@ class ServingConfig(StrictModel):
         le=5.0,
         description="Streams send the first token at once, then at most one chunk per interval holding every "
         "token generated meanwhile (fewer messages per token under load); 0 sends each token on its own.",
+    )
+    stream_events_per_s: float = Field(
+        200.0,
+        gt=0.0,
+        description="Most stream chunks per second a replica sends over all its streams together: with many "
+        "streams each one's interval grows past `stream_interval_s` (at 32 streams, 0.16 s). Every chunk "
+        "costs a Ray message in the replica, the ingress and the proxy, which bounds throughput under load.",
     )
     adapters: dict[str, str] = Field(
         default_factory=dict, description="LoRA adapters to serve: name -> run directory or adapter path."

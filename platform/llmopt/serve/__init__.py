@@ -16,6 +16,7 @@ from llmopt.serve._http import (
     load_api_keys,
     owner_of,
     resolve_adapter,
+    stream_interval,
 )
 from llmopt.serve._kv_cache import CacheStats, SessionCacheManager, SessionEntry, cache_nbytes, crop_cache
 from llmopt.serve._precision import ServingPrecisionError, load_serving_model, serving_dtype
@@ -43,4 +44,5 @@ __all__ = [
     "owner_of",
     "resolve_adapter",
     "serving_dtype",
+    "stream_interval",
 ]

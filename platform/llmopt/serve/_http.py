@@ -183,3 +183,14 @@ def resolve_adapter(name: str, path: str) -> Path:
         f"serving.adapters.{name}={path!r} holds no LoRA adapter (no adapter_config.json in it or in its "
         "adapter/ folder); point it at a LoRA fine-tuning run directory or a peft adapter folder"
     )
+
+
+def stream_interval(min_interval_s: float, events_per_s: float, streams: int) -> float:
+    """Seconds between two chunks of one stream when ``streams`` streams share a replica.
+
+    At least ``min_interval_s`` (``serving.stream_interval_s``; 0 sends every token on its own), and long
+    enough that all streams together send at most ``events_per_s`` chunks per second.
+    """
+    if min_interval_s <= 0:
+        return 0.0
+    return max(min_interval_s, streams / events_per_s)
