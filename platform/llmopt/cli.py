@@ -556,6 +556,48 @@ def data_show(
         console.print(json.dumps(row, ensure_ascii=False), highlight=False)
 
 
+# --- llmopt kuberay ... (begin) -------------------------------------------------------------------------
+
+
+def _kuberay_cli():
+    """The `kuberay.cli` module, imported at run time from the repository.
+
+    `kuberay/` is a top-level package beside `jobs/` and `serve_apps/` (DESIGN.md), built on llmopt;
+    the library never imports it (an import-linter contract), so, as `llmopt serve` resolves
+    `serve_apps.llm:app`, this command finds it by name on `sys.path`, adding the working directory
+    (the repository root) when the interpreter's path lacks it, as the console script's does.
+    """
+    import importlib
+
+    for path in (None, str(Path.cwd())):
+        if path is not None:
+            sys.path.insert(0, path)
+            importlib.invalidate_caches()
+        try:
+            return importlib.import_module("kuberay.cli")
+        except ModuleNotFoundError as exc:
+            if exc.name not in ("kuberay", "kuberay.cli"):
+                raise  # kuberay is there but one of its own imports is missing: show that
+    raise _fail(
+        "`llmopt kuberay` needs the repository's kuberay/ package: run it from the repository root "
+        "(or set PYTHONPATH to the repository)",
+        2,
+    )
+
+
+@app.command(
+    "kuberay",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def kuberay_command(ctx: typer.Context) -> None:
+    """KubeRay: render, validate, apply, wait for and delete RayJob / RayService / RayCluster."""
+    _kuberay_cli().main(list(ctx.args), prog_name="llmopt kuberay")
+
+
+# --- llmopt kuberay ... (end) ---------------------------------------------------------------------------
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
