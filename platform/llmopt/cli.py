@@ -214,12 +214,44 @@ def recommend(
     model: Annotated[str, typer.Option("--model", "-m", help="Preset name, local directory or hub id.")],
     mode: Annotated[str, typer.Option(help="`train` or `inference`.")] = "train",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the config YAML here.")] = None,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option(
+            "--memory-budget",
+            help="Peak memory per worker (4GiB, 512MB; a bare number is GiB): rank a space.",
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", "-n", min=1, help="Workers per strategy.")
+    ] = None,
+    space: Annotated[
+        Path | None,
+        typer.Option("--space", help="Search space YAML (default tune_spaces/strategy[-moe].yaml)."),
+    ] = None,
+    config_file: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Run config the strategies start from.")
+    ] = None,
+    top: Annotated[int, typer.Option(min=1, help="Ranked strategies to show.")] = 10,
+    calibrate: Annotated[
+        bool,
+        typer.Option("--calibrate", help="First measure a few training steps here (~10-30 s), cache it."),
+    ] = False,
 ) -> None:
-    """Apply the seed's rule-based strategy selection by model size (the search's baseline)."""
+    """The seed's rule-based strategy by model size; with --memory-budget, the cost model's ranking.
+
+    With --memory-budget (or --workers, --space, --calibrate) every strategy of the search space is
+    predicted (peak memory per worker, tokens/s) without running anything, those that cannot fit are
+    pruned, and the rest ranked; -o writes the best one as a config for jobs.finetune.
+    """
     from llmopt.models import ModelLoadError, model_info
 
     if mode not in ("train", "inference"):
         raise _fail(f"--mode {mode!r} must be 'train' or 'inference'", 2)
+    if memory_budget is not None or workers or space or calibrate or config_file:
+        if mode != "train":
+            raise _fail("--memory-budget ranks training strategies; drop --mode inference", 2)
+        _recommend_ranked(model, memory_budget, workers, space, config_file, top, calibrate, output)
+        return
     _quiet_transformers()
     try:
         info = model_info(model)
@@ -242,6 +274,129 @@ def recommend(
         console.print(f"config written to {output}", highlight=False)
     else:
         sys.stdout.write(text)
+
+
+# --- `recommend --memory-budget`: the cost model's ranking (llmopt.tune) -------------------------------
+def _recommend_ranked(
+    model: str,
+    budget_text: str | None,
+    workers: int | None,
+    space_file: Path | None,
+    config_file: Path | None,
+    top: int,
+    calibrate: bool,
+    output: Path | None,
+) -> None:
+    from llmopt.models import ModelLoadError
+    from llmopt.tune import (
+        DEFAULT_PROBES,
+        CostModel,
+        Hardware,
+        default_space_path,
+        format_bytes,
+        load_calibration,
+        load_space,
+        model_shape,
+        parse_memory,
+    )
+    from llmopt.tune import calibrate as run_calibration
+    from llmopt.tune import recommend as rank_space
+
+    try:
+        budget = parse_memory(budget_text) if budget_text is not None else None
+    except ValueError as exc:
+        raise _fail(f"--memory-budget: {exc}", 2) from None
+    _quiet_transformers()
+    base = _load(config_file, [f"model.name_or_path={model}"])
+    try:
+        shape = model_shape(model)
+    except ModelLoadError as exc:
+        raise _fail(str(exc)) from None
+    hardware = Hardware.detect()
+    space_path = space_file or default_space_path(shape.is_moe)
+    if space_path is None:
+        raise _fail("no search space found (tune_spaces/ is not here); pass --space FILE", 2)
+    try:
+        search_space = load_space(space_path)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    if calibrate:
+        console.print(
+            f"calibrating: a few real training steps of {len(DEFAULT_PROBES)} probe strategies here ..."
+        )
+        calibration = run_calibration(base, hardware=hardware, log=lambda line: console.print(f"  {line}"))
+    else:
+        calibration = load_calibration(model, hardware)
+    cost = CostModel(shape, hardware, calibration.coefficients if calibration else None)
+    try:
+        ranking = rank_space(base, search_space, cost, budget, workers)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    n = workers or base.parallelism.num_workers
+    limit = f"{format_bytes(budget)} per worker" if budget else "none (machine limits only)"
+    console.print(
+        f"[bold]{model}[/]: {shape.params:,} parameters; {n} worker(s) on {hardware.describe()}; "
+        f"budget {limit}; space {space_path}",
+        highlight=False,
+    )
+    if calibration is None:
+        console.print(
+            "cost model: uncalibrated defaults (add --calibrate to measure a few steps on this machine)",
+            highlight=False,
+        )
+    else:
+        errors = calibration.summary()
+        console.print(
+            f"cost model: calibrated {calibration.created} ({calibration.path}); probe errors: peak memory "
+            f"{errors['memory_error']:.1%}, step time {errors['step_time_error']:.1%} (leave-one-out "
+            f"{errors['loo_memory_error']:.1%} / {errors['loo_step_time_error']:.1%})",
+            highlight=False,
+        )
+    table = Table("#", "strategy", "peak/worker", "tokens/s", "step", "fits?")
+    for column in table.columns[2:]:
+        column.no_wrap = True
+    rows = [(str(i), c, extra) for i, (c, extra) in enumerate(ranking.distinct(top), 1)]
+    rows += [("base", ranking.baseline, 0)] if ranking.baseline else []
+    rows += [("pruned", c, 0) for c in ranking.pruned[:3]]
+    notes = []
+    for tag, c, extra in rows:
+        p = c.prediction
+        fits = "[green]yes[/]"
+        if not p.fits:
+            notes.append(f"  {c.label}: " + "; ".join(p.reasons))
+            fits = "[red]no[/] (" + ", ".join(r.split(":", 1)[0] for r in p.reasons) + ")"
+        label = c.label + (f" (+{extra} equivalent)" if extra else "")
+        label += " (rule-based template)" if tag == "base" else ""
+        peak = format_bytes(p.peak_bytes)
+        table.add_row(tag, label, peak, f"{p.tokens_per_s:,.0f}", f"{p.step_time_s * 1000:.0f} ms", fits)
+    console.print(table)
+    for note in notes:
+        console.print(note, highlight=False)
+    counts = ranking.counts()
+    kinds = ", ".join(
+        f"{k.removeprefix('pruned_')}: {v}" for k, v in counts.items() if k.startswith("pruned_")
+    )
+    console.print(
+        f"{counts['candidates']} candidates: {counts['fit']} fit, {counts['pruned']} pruned before running"
+        f"{f' ({kinds})' if kinds else ''}, {counts['invalid']} rejected by the config schema",
+        highlight=False,
+    )
+    best = ranking.best
+    if best is None:
+        raise _fail("no strategy is predicted to fit; raise --memory-budget or use fewer workers")
+    if output:
+        config = best.config
+        if budget:
+            config = config.model_copy(
+                update={"resources": config.resources.model_copy(update={"memory_budget_gb": budget / 2**30})}
+            )
+        dump_config(config, output)
+        console.print(
+            f"best strategy written to {output} (run it: python -m jobs.finetune --config {output})"
+        )
+
+
+# --- end of `recommend --memory-budget` -------------------------------------------------------------------
 
 
 @app.command("eval")

@@ -1,0 +1,77 @@
+"""Strategy search: search spaces as data, a calibrated cost model, and pruning/ranking of strategies.
+
+Spaces (`load_space`) map YAML parameters with conditions to RunConfig overrides and to Optuna /
+Ray Tune distributions. The cost model (`CostModel.predict`) predicts per-worker peak memory and
+tokens/s from the model's shape, the strategy and the hardware; `calibrate` fits its machine constants
+to a few real training steps measured in this process (`measure`). `recommend` / `rank` / `prune` drop
+the strategies that cannot fit and order the rest, without running anything.
+"""
+
+from llmopt.tune._calibrate import (
+    DEFAULT_PROBES,
+    Calibration,
+    ProbeResult,
+    calibrate,
+    calibration_path,
+    load_calibration,
+    probe_config,
+)
+from llmopt.tune._cost import Coefficients, CostModel, Prediction, checkpointed_layers, resolve_precision_for
+from llmopt.tune._hardware import GIB, Hardware, format_bytes, parse_memory
+from llmopt.tune._profile import Measurement, measure
+from llmopt.tune._rank import (
+    COST_PATHS,
+    Candidate,
+    Ranking,
+    baseline_config,
+    default_space_path,
+    describe,
+    prune,
+    rank,
+    recommend,
+    space_candidates,
+)
+from llmopt.tune._shape import LoraCount, ModelShape, model_shape
+from llmopt.tune._space import Condition, Parameter, SearchSpace, load_space, space_facts
+from llmopt.tune._workload import Workload, workload_for
+
+__all__ = [
+    "COST_PATHS",
+    "DEFAULT_PROBES",
+    "GIB",
+    "Calibration",
+    "Candidate",
+    "Coefficients",
+    "Condition",
+    "CostModel",
+    "Hardware",
+    "LoraCount",
+    "Measurement",
+    "ModelShape",
+    "Parameter",
+    "Prediction",
+    "ProbeResult",
+    "Ranking",
+    "SearchSpace",
+    "Workload",
+    "baseline_config",
+    "calibrate",
+    "calibration_path",
+    "checkpointed_layers",
+    "default_space_path",
+    "describe",
+    "format_bytes",
+    "load_calibration",
+    "load_space",
+    "measure",
+    "model_shape",
+    "parse_memory",
+    "probe_config",
+    "prune",
+    "rank",
+    "recommend",
+    "resolve_precision_for",
+    "space_candidates",
+    "space_facts",
+    "workload_for",
+]

@@ -1,0 +1,327 @@
+"""Calibrate the cost model: measure 2-4 probe strategies here and fit its machine constants.
+
+`calibrate` measures probe strategies of a run's model (`measure`, in this process) and fits by bounded
+least squares the effective FLOP rate per precision and the per-layer overhead (step time), and the
+fixed per-run bytes and transient-activation scale (memory). It reports each probe's prediction error,
+in-sample and leave-one-out, and caches the result per model and machine, where `llmopt recommend` (and
+the search) find it with `load_calibration`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from llmopt.config import RunConfig, apply_overrides, validate_config
+from llmopt.tune._cost import MIB, Coefficients, CostModel
+from llmopt.tune._hardware import Hardware
+from llmopt.tune._profile import Measurement, measure
+from llmopt.tune._shape import model_shape
+from llmopt.tune._workload import workload_for
+
+# A Ray Train worker holds more than this process before its model: Ray's core worker and Train
+# context (measured on the development machines: ~620 MiB set-up RSS in a worker against ~440 MiB in
+# one process for the same tiny run; jobs.benchmark train / outputs/benchmark/train.json).
+RAY_WORKER_EXTRA_BYTES = {"cpu": 180 * MIB, "gpu": 0}
+
+# The default probes: small and large micro-batches of LoRA (fp32, and bf16: its speed differs by CPU
+# and GPU), and a full fine-tune under ZeRO-2 with every layer checkpointed, so that FLOPs, activation
+# bytes and trainable parameters all vary. On a GPU, `auto` precision resolves to bf16 anyway.
+_LORA = ["lora.enabled=true", "checkpointing.policy=none", "parallelism.zero_stage=0"]
+DEFAULT_PROBES: list[tuple[str, list[str]]] = [
+    ("lora-mb4", [*_LORA, "training.micro_batch_size=4"]),
+    ("lora-packed-mb8", [*_LORA, "data.packing=true", "training.micro_batch_size=8"]),
+    ("lora-packed-mb8-bf16", [*_LORA, "data.packing=true", "training.micro_batch_size=8", "precision=bf16"]),
+    (
+        "full-zero2-uniform",
+        [
+            "lora.enabled=false",
+            "quantization.mode=none",
+            "checkpointing.policy=uniform",
+            "checkpointing.every_k_layers=1",
+            "parallelism.zero_stage=2",
+            "parallelism.offload_optimizer=none",
+            "data.packing=true",
+            "training.micro_batch_size=8",
+        ],
+    ),
+]
+
+
+@dataclass
+class ProbeResult:
+    """A probe's measured and predicted figures. Errors are (predicted - measured) / measured;
+    `loo_*` predict the probe from a fit on the other probes only (None with fewer than two others)."""
+
+    label: str
+    overrides: list[str]
+    measured_peak_bytes: int
+    predicted_peak_bytes: int
+    measured_own_bytes: int
+    predicted_own_bytes: int
+    measured_step_time_s: float
+    predicted_step_time_s: float
+    measured_tokens_per_s: float
+    predicted_tokens_per_s: float
+    memory_error: float = 0.0
+    own_memory_error: float = 0.0
+    step_time_error: float = 0.0
+    loo_memory_error: float | None = None
+    loo_step_time_error: float | None = None
+
+
+@dataclass
+class Calibration:
+    """Fitted cost-model constants for one model on one machine, with the probes that fitted them."""
+
+    model: str
+    machine: str
+    hardware: dict[str, Any]
+    coefficients: Coefficients
+    in_process_runtime_bytes: int
+    worker_extra_bytes: int
+    probes: list[ProbeResult] = field(default_factory=list)
+    created: str = ""
+    source: str = "profile"
+    path: str | None = None
+
+    def summary(self) -> dict[str, float]:
+        """Mean absolute errors over the probes (fractions)."""
+
+        def mean(values):
+            values = [abs(v) for v in values if v is not None]
+            return sum(values) / len(values) if values else float("nan")
+
+        return {
+            "memory_error": mean(p.memory_error for p in self.probes),
+            "own_memory_error": mean(p.own_memory_error for p in self.probes),
+            "step_time_error": mean(p.step_time_error for p in self.probes),
+            "loo_memory_error": mean(p.loo_memory_error for p in self.probes),
+            "loo_step_time_error": mean(p.loo_step_time_error for p in self.probes),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("path")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], path: str | None = None) -> Calibration:
+        data = dict(data)
+        data["coefficients"] = Coefficients.from_dict(data["coefficients"])
+        data["probes"] = [ProbeResult(**p) for p in data.get("probes", [])]
+        return cls(**data, path=path)
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write the calibration as JSON (default: the per-model, per-machine cache file)."""
+        target = Path(path) if path else calibration_path(self.model, self.machine)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(self.to_dict(), indent=2))
+        self.path = str(target)
+        return target
+
+
+def calibration_path(model: str, machine: str) -> Path:
+    """Cache file of a model's calibration on a machine (`<llmopt cache>/tune/<model>-<machine>.json`)."""
+    from llmopt.models import cache_dir
+
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in model.strip("/"))[-80:]
+    return cache_dir() / "tune" / f"{safe}-{machine}.json"
+
+
+def load_calibration(model: str, hardware: Hardware) -> Calibration | None:
+    """The cached calibration of `model` on this machine, or None when there is none (or it is unreadable)."""
+    path = calibration_path(model, hardware.fingerprint())
+    try:
+        return Calibration.from_dict(json.loads(path.read_text()), str(path))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def probe_config(base: RunConfig, overrides: list[str], steps: int) -> RunConfig:
+    """The base config with a probe's overrides, sized for a short run (no evaluation, enough rows)."""
+    data = base.model_dump(mode="json")
+    packing = "data.packing=true" in overrides or base.data.packing
+    rows = 2000 if packing else 64 * (steps + 2)
+    extra = [f"training.max_steps={steps}", "training.warmup_steps=0", "parallelism.num_workers=1"]
+    extra.append(f"data.max_train_samples={min(base.data.max_train_samples or rows, rows)}")
+    apply_overrides(data, [*overrides, *extra])
+    if data["quantization"]["mode"] != "none" and not data["lora"]["enabled"]:
+        data["quantization"]["mode"] = "none"
+    if data["parallelism"]["zero_stage"] == 3 and data["quantization"]["mode"] != "none":
+        data["parallelism"]["zero_stage"] = 2
+    return validate_config(data)
+
+
+def _lstsq(rows: list[list[float]], targets: list[float], floors: list[float]) -> list[float]:
+    """Least squares with lower bounds: solve, clamp a violating coefficient at its floor, re-solve."""
+    import numpy as np
+
+    fixed: dict[int, float] = {}
+    while True:
+        free = [j for j in range(len(floors)) if j not in fixed]
+        a = np.array([[r[j] for j in free] for r in rows], dtype=float)
+        b = np.array(
+            [t - sum(r[j] * v for j, v in fixed.items()) for r, t in zip(rows, targets, strict=True)]
+        )
+        solution = np.linalg.lstsq(a, b, rcond=None)[0] if free else []
+        values = dict(fixed)
+        values.update({j: float(x) for j, x in zip(free, solution, strict=True)})
+        bad = [j for j in free if values[j] < floors[j]]
+        if not bad:
+            return [values[j] for j in range(len(floors))]
+        fixed[bad[0]] = floors[bad[0]]
+
+
+def _fit(model: CostModel, configs: list[RunConfig], measured: list[Measurement], defaults: Coefficients):
+    """Fit the memory constants (fixed bytes, transient scale) and the speed constants (1 / FLOP rate per
+    measured precision, layer overhead) to the probes by bounded least squares.
+
+    Returns:
+        `(fixed_bytes, transient_scale, {precision: FLOP/s}, layer_overhead_s)`.
+    """
+    precisions = sorted({model.time_terms(c, workload_for(c), 1, 1, 0)["precision"] for c in configs})
+    mem_rows, mem_targets, time_rows, time_targets = [], [], [], []
+    for config, m in zip(configs, measured, strict=True):
+        workload = workload_for(config)
+        states, host, trainable, total = model.model_states(config)
+        acts = model.activation_terms(config, workload)
+        known = sum(states.values()) + host + acts["saved"] + acts["recompute"]
+        mem_rows.append([1.0, acts["transient_units"]])
+        mem_targets.append(m.peak_bytes - m.base_bytes - known)
+        terms = model.time_terms(config, workload, trainable, total, int(acts["checkpointed"]))
+        accum = terms["accumulation"]
+        rest = terms["optimizer"] + terms["communication"] + defaults.step_overhead_s
+        rest += accum * defaults.zero3_layer_overhead_s * terms["zero3_units"]
+        flops = [
+            accum * terms["flops"] / terms["threads"] if p == terms["precision"] else 0.0 for p in precisions
+        ]
+        time_rows.append([*flops, accum * terms["overhead_units"]])
+        time_targets.append(m.step_time_s - rest - accum * (terms["dequant"] + terms["gather"]))
+    fixed, scale = defaults.fixed_bytes, defaults.transient_scale
+    if len(measured) >= 2 and max(r[1] for r in mem_rows) > 1.5 * min(r[1] for r in mem_rows):
+        fixed, scale = _lstsq(mem_rows, mem_targets, [0.0, 0.25])
+    else:
+        fixed = max(
+            0.0, statistics.mean(t - scale * r[1] for r, t in zip(mem_rows, mem_targets, strict=True))
+        )
+    inverse = [1 / defaults.flops_per_s.get(p, defaults.flops_per_s["fp32"]) for p in precisions]
+    layer_s = defaults.layer_overhead_s
+    if len(measured) > len(precisions):
+        *inverse, layer_s = _lstsq(time_rows, time_targets, [1e-16] * len(precisions) + [0.0])
+    else:  # one probe per precision: keep the default overhead, fit the rates alone
+        for j in range(len(precisions)):
+            rows = [(r, t) for r, t in zip(time_rows, time_targets, strict=True) if r[j]]
+            inverse[j] = max(1e-16, statistics.mean((t - r[-1] * layer_s) / r[j] for r, t in rows))
+    return int(fixed), scale, {p: 1 / x for p, x in zip(precisions, inverse, strict=True)}, layer_s
+
+
+def _with_fit(defaults: Coefficients, fit, runtime: int) -> Coefficients:
+    fixed, scale, rates, layer_s = fit
+    flops = dict(defaults.flops_per_s)
+    if "fp32" in rates:  # unmeasured precisions keep their default speed relative to fp32
+        ratio = rates["fp32"] / defaults.flops_per_s["fp32"]
+        flops = {k: v * ratio for k, v in flops.items()}
+    flops.update(rates)
+    return replace(
+        defaults,
+        flops_per_s=flops,
+        layer_overhead_s=layer_s,
+        fixed_bytes=fixed,
+        transient_scale=scale,
+        runtime_bytes=runtime,
+    )
+
+
+def _in_process_prediction(model: CostModel, config: RunConfig, m: Measurement):
+    """Predicted (peak, own bytes, step time, tokens/s) of a probe in this process (its own baseline)."""
+    p = model.predict(config, workload_for(config))
+    own = p.peak_bytes - p.memory["runtime"]
+    return m.base_bytes + own, own, p.step_time_s, p.tokens_per_s
+
+
+def calibrate(
+    config: RunConfig,
+    probes: list[tuple[str, list[str]]] | None = None,
+    steps: int = 4,
+    hardware: Hardware | None = None,
+    save: bool = True,
+    log=None,
+) -> Calibration:
+    """Measure probe strategies of `config`'s model in this process and fit the cost model to them.
+
+    Args:
+        config: The run whose model, data and resources are profiled.
+        probes: `(label, overrides)` strategies to measure (default: `DEFAULT_PROBES`).
+        steps: Optimizer steps per probe (the first is not timed).
+        hardware: This machine (default: detected).
+        save: Write the calibration to its cache file.
+        log: Optional callable taking a line of progress text.
+
+    Returns:
+        The calibration, with every probe's in-sample and leave-one-out errors.
+    """
+    hardware = hardware or Hardware.detect()
+    probes = probes or DEFAULT_PROBES
+    name = config.model.name_or_path
+    defaults = Coefficients.defaults(hardware)
+    configs = [probe_config(config, overrides, steps) for _, overrides in probes]
+    # A throwaway step first: one-time costs (imports, DeepSpeed ops, tokenizer and data caches) then
+    # sit in every probe's baseline, as they do in a worker's runtime, instead of in the first probe.
+    measure(probe_config(config, [*probes[0][1], "training.micro_batch_size=2"], 1), 1, "warm-up")
+    measured = []
+    for (label, overrides), probe in zip(probes, configs, strict=True):
+        m = measure(probe, steps, label, overrides)
+        measured.append(m)
+        if log:
+            log(f"probe {label}: {m.step_time_s * 1000:.0f} ms/step, peak {m.peak_bytes / MIB:.0f} MiB")
+    model = CostModel(model_shape(name), hardware, defaults)
+    runtime = min(m.base_bytes for m in measured)
+    extra = RAY_WORKER_EXTRA_BYTES[hardware.accelerator]
+    fitted = CostModel(
+        model.shape, hardware, _with_fit(defaults, _fit(model, configs, measured, defaults), runtime)
+    )
+    results = []
+    for i, (config_i, m) in enumerate(zip(configs, measured, strict=True)):
+        peak, own, step, tps = _in_process_prediction(fitted, config_i, m)
+        result = ProbeResult(
+            label=m.label,
+            overrides=m.overrides,
+            measured_peak_bytes=m.peak_bytes,
+            predicted_peak_bytes=int(peak),
+            measured_own_bytes=m.peak_bytes - m.base_bytes,
+            predicted_own_bytes=int(own),
+            measured_step_time_s=m.step_time_s,
+            predicted_step_time_s=step,
+            measured_tokens_per_s=m.tokens_per_s,
+            predicted_tokens_per_s=tps,
+            memory_error=(peak - m.peak_bytes) / m.peak_bytes,
+            own_memory_error=(own - (m.peak_bytes - m.base_bytes)) / max(1, m.peak_bytes - m.base_bytes),
+            step_time_error=(step - m.step_time_s) / m.step_time_s,
+        )
+        others = [j for j in range(len(measured)) if j != i]
+        if len(others) >= 2:
+            loo_fit = _fit(model, [configs[j] for j in others], [measured[j] for j in others], defaults)
+            loo = CostModel(model.shape, hardware, _with_fit(defaults, loo_fit, runtime))
+            peak_loo, _, step_loo, _ = _in_process_prediction(loo, config_i, m)
+            result.loo_memory_error = (peak_loo - m.peak_bytes) / m.peak_bytes
+            result.loo_step_time_error = (step_loo - m.step_time_s) / m.step_time_s
+        results.append(result)
+    coefficients = replace(fitted.coefficients, runtime_bytes=runtime + extra)
+    calibration = Calibration(
+        model=name,
+        machine=hardware.fingerprint(),
+        hardware=hardware.to_dict(),
+        coefficients=coefficients,
+        in_process_runtime_bytes=runtime,
+        worker_extra_bytes=extra,
+        probes=results,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    if save:
+        calibration.save()
+    return calibration

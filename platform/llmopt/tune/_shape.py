@@ -1,0 +1,307 @@
+"""A model's dimensions and the counts the cost model needs: parameters, LoRA adapters, activations.
+
+Everything here is arithmetic on the transformers config (read without weights). The activation
+coefficients were derived for Hugging Face decoder layers (Llama / Mistral / Qwen2 attention with
+`sdpa`, gated-SiLU MLPs, Mixtral-style routed experts) by counting the tensors autograd saves for
+backward, and checked against `llmopt.train._checkpointing.measure_layer_activations` on several
+dimension sets (they match it exactly for llama and mixtral; see tests/unit/test_tune_cost.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import cache
+from typing import Any
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+DENSE_MLP = ("gate_proj", "up_proj", "down_proj")
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraCount:
+    """Parameters LoRA adds and trains, for one strategy on one model.
+
+    Attributes:
+        adapter_params: Adapter (A and B) parameters over all layers.
+        saved_params: Parameters of `modules_to_save` (trained in full; the frozen original stays).
+        targeted: Short names of the adapted parts in a decoder layer (`q_proj`, ..., `experts`).
+        saves_lm_head: Whether the output head trains in full.
+        rank_elems_per_token: Adapter intermediate elements (r per adapted linear) per token per layer.
+    """
+
+    adapter_params: int
+    saved_params: int
+    targeted: frozenset[str]
+    saves_lm_head: bool
+    rank_elems_per_token: int
+
+    @property
+    def trainable(self) -> int:
+        return self.adapter_params + self.saved_params
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Dimensions of a decoder-only transformer (dense or mixture of experts).
+
+    Attributes:
+        name: The model reference it was read from.
+        model_type: transformers' model type (`llama`, `mixtral`, ...).
+        num_layers, hidden, intermediate, heads, kv_heads, head_dim, vocab: The usual dimensions;
+            `intermediate` is one expert's FFN size for an MoE.
+        num_experts: Routed experts per layer (0 for a dense model).
+        top_k: Experts per token (0 for a dense model).
+        shared_intermediate: FFN size of a shared expert (Qwen2-MoE), 0 if none.
+        tie_embeddings: Whether the output head shares the input embedding.
+        qkv_bias: Whether q/k/v projections have biases (Qwen2).
+        total_params: Exact parameter count when known (meta-device count), else None.
+    """
+
+    name: str
+    model_type: str
+    num_layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    num_experts: int = 0
+    top_k: int = 0
+    shared_intermediate: int = 0
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    total_params: int | None = None
+
+    # --- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_hf_config(cls, config: Any, name: str = "") -> ModelShape:
+        """Read the dimensions of a transformers config (text config of multimodal ones)."""
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = text.num_attention_heads
+        experts = getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None) or 0
+        intermediate = getattr(text, "moe_intermediate_size", None) if experts else None
+        return cls(
+            name=name,
+            model_type=text.model_type,
+            num_layers=text.num_hidden_layers,
+            hidden=text.hidden_size,
+            intermediate=intermediate or text.intermediate_size,
+            heads=heads,
+            kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+            vocab=text.vocab_size,
+            num_experts=experts,
+            top_k=getattr(text, "num_experts_per_tok", 0) if experts else 0,
+            shared_intermediate=getattr(text, "shared_expert_intermediate_size", 0) or 0,
+            tie_embeddings=bool(getattr(text, "tie_word_embeddings", False)),
+            qkv_bias=text.model_type.startswith("qwen2"),
+        )
+
+    def upcycled(self, num_experts: int, top_k: int) -> ModelShape:
+        """The shape after `llmopt.models.upcycle_to_moe` (every FFN copied into each expert)."""
+        return replace(self, model_type="mixtral", num_experts=num_experts, top_k=top_k, total_params=None)
+
+    # --- dimensions ------------------------------------------------------------------------------
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """nn.Linear modules of one decoder layer: dotted name -> (in_features, out_features)."""
+        h, i = self.hidden, self.intermediate
+        shapes = {
+            "self_attn.q_proj": (h, self.q_dim),
+            "self_attn.k_proj": (h, self.kv_dim),
+            "self_attn.v_proj": (h, self.kv_dim),
+            "self_attn.o_proj": (self.q_dim, h),
+        }
+        if not self.is_moe:
+            shapes.update({"mlp.gate_proj": (h, i), "mlp.up_proj": (h, i), "mlp.down_proj": (i, h)})
+            return shapes
+        shapes["mlp.gate"] = (h, self.num_experts)
+        if self.shared_intermediate:
+            s = self.shared_intermediate
+            shapes.update(
+                {
+                    "mlp.shared_expert.gate_proj": (h, s),
+                    "mlp.shared_expert.up_proj": (h, s),
+                    "mlp.shared_expert.down_proj": (s, h),
+                    "mlp.shared_expert_gate": (h, 1),
+                }
+            )
+        return shapes
+
+    def expert_shapes(self) -> dict[str, tuple[int, int]]:
+        """Fused 3-D expert parameters of one layer: dotted name -> (in, out) of each of `num_experts`."""
+        if not self.is_moe:
+            return {}
+        h, i = self.hidden, self.intermediate
+        return {"mlp.experts.gate_up_proj": (h, 2 * i), "mlp.experts.down_proj": (i, h)}
+
+    @property
+    def layer_linear_params(self) -> int:
+        """Quantizable weights of one layer: its linear layers and fused experts (biases excluded)."""
+        linear = sum(a * b for a, b in self.linear_shapes().values())
+        return linear + self.num_experts * sum(a * b for a, b in self.expert_shapes().values())
+
+    @property
+    def layer_params(self) -> int:
+        """All parameters of one decoder layer (two RMSNorm weights and q/k/v biases included)."""
+        bias = (self.q_dim + 2 * self.kv_dim) if self.qkv_bias else 0
+        return self.layer_linear_params + 2 * self.hidden + bias
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def head_params(self) -> int:
+        return 0 if self.tie_embeddings else self.vocab * self.hidden
+
+    @property
+    def linear_params(self) -> int:
+        """What int8/nf4 quantize: every decoder layer's linear weights and experts (not the head)."""
+        return self.num_layers * self.layer_linear_params
+
+    @property
+    def params(self) -> int:
+        """Total parameters: exact when known, else the analytic count."""
+        if self.total_params is not None:
+            return self.total_params
+        return self.embedding_params + self.num_layers * self.layer_params + self.hidden + self.head_params
+
+    def matmul_params_per_token(self, top_k: int | None = None) -> int:
+        """Weights one token multiplies in a forward pass (routed experts: only its top-k; head included)."""
+        k = self.top_k if top_k is None else top_k
+        layer = sum(a * b for a, b in self.linear_shapes().values())
+        layer += k * sum(a * b for a, b in self.expert_shapes().values())
+        return self.num_layers * layer + self.vocab * self.hidden
+
+    # --- LoRA --------------------------------------------------------------------------------------
+    def lora_count(self, targets: dict[str, Any], r: int) -> LoraCount:
+        """Adapter and fully-trained parameters of a LoRA strategy.
+
+        Args:
+            targets: What `llmopt.models.lora_targets` resolves (`target_modules` as a list or
+                `all-linear`, `target_parameters`, `modules_to_save`).
+            r: Adapter rank.
+
+        Returns:
+            The counts. A linear (in, out) gets r * (in + out) adapter weights; a fused expert parameter
+            of `num_experts` matrices (in, out) gets r * num_experts * (in + out), as peft's
+            `target_parameters` builds it.
+        """
+        linear = self.linear_shapes()
+        modules = targets.get("target_modules") or []
+        if modules == "all-linear":
+            chosen = set(linear)
+        else:
+            chosen = {name for name in linear if any(_matches(name, t) for t in modules)}
+        adapter = sum(r * (linear[n][0] + linear[n][1]) for n in chosen)
+        experts = {
+            name
+            for name in self.expert_shapes()
+            if any(_matches(name, t) for t in targets.get("target_parameters") or [])
+        }
+        adapter += sum(r * self.num_experts * sum(self.expert_shapes()[n]) for n in experts)
+        saved, saves_head = 0, False
+        for target in targets.get("modules_to_save") or []:
+            if target in ("lm_head", "model.lm_head"):
+                saves_head = True
+                saved += self.vocab * self.hidden
+            else:
+                saved += self.num_layers * sum(a * b for n, (a, b) in linear.items() if _matches(n, target))
+        short = {n.rsplit(".", 1)[-1] for n in chosen} | ({"experts"} if experts else set())
+        return LoraCount(
+            adapter_params=self.num_layers * adapter,
+            saved_params=saved,
+            targeted=frozenset(short),
+            saves_lm_head=saves_head,
+            rank_elems_per_token=r * len(chosen),
+        )
+
+    # --- activations -------------------------------------------------------------------------------
+    def activation_elems(
+        self,
+        frozen_base: bool,
+        lora: LoraCount | None = None,
+        top_k: int | None = None,
+        router_loss: bool = False,
+    ) -> tuple[float, float, float, float]:
+        """Elements autograd saves for backward, per token, in one forward (sdpa attention).
+
+        Args:
+            frozen_base: True under LoRA/QLoRA (base weights frozen: their inputs are saved only where
+                an adapter or another op needs them).
+            lora: The LoRA count (which parts are adapted, its rank), when `frozen_base`.
+            top_k: Experts per token (default: the model's).
+            router_loss: The MoE load-balancing loss is on (`output_router_logits`): it keeps every
+                layer's router logits and their softmax.
+
+        Returns:
+            `(first_layer, other_layer, layer_constant, outside)`: elements per token for the first decoder
+            layer and for each other one, elements per layer independent of the token count (LoRA on
+            fused experts materializes each layer's delta weights), and elements per token outside the
+            layers (embedding, final norm, head, loss). Multiply by the activation dtype's bytes.
+        """
+        h, kv, i, a, d, v = self.hidden, self.kv_dim, self.intermediate, self.heads, self.head_dim, self.vocab
+        k = self.top_k if top_k is None else top_k
+        route = (k * (2 * h + 10) + self.num_experts + 1) if self.is_moe else 0
+        aux = 2 * self.num_experts * self.num_layers if self.is_moe and router_loss else 0
+        if not frozen_base:
+            mlp = 4 * i * (k if self.is_moe else 1) + route
+            mlp += 4 * self.shared_intermediate + (h if self.shared_intermediate else 0)
+            layer = 8 * h + 2 * kv + a + 2 + mlp
+            return float(layer), float(layer), 0.0, float(v + 3 * h + d + 5 + aux)
+        targeted = lora.targeted if lora else frozenset()
+        layer = 3 * h + 2 * kv + a + 2
+        if targeted & {"q_proj", "k_proj", "v_proj"}:
+            layer += h  # the normed input, kept for the adapters' weight gradients
+        if "o_proj" in targeted:
+            layer += h  # the attention output
+        if self.is_moe:
+            layer += k * (3 * i + h + 10) + self.num_experts + 1
+            if "experts" in targeted:
+                layer += k * (h + i)
+            layer += 3 * self.shared_intermediate
+        else:
+            layer += 3 * i
+            if targeted & {"gate_proj", "up_proj"}:
+                layer += h
+            if "down_proj" in targeted:
+                layer += i
+        layer += lora.rank_elems_per_token if lora else 0
+        constant = 0.0
+        if "experts" in targeted:  # peft adds B @ A to the fused weights: one delta per expert matrix
+            constant = float(self.num_experts * sum(a_ * b_ for a_, b_ in self.expert_shapes().values()))
+        outside = v + h + d + 3 + aux + (2 * h + 2 if lora and lora.saves_lm_head else 0)
+        # The first layer's input is the frozen embedding output, which its norm need not keep.
+        return float(layer - h - 1), float(layer), constant, float(outside)
+
+
+def _matches(name: str, target: str) -> bool:
+    """peft's rule: a target names a module exactly or as a dotted suffix."""
+    return name == target or name.endswith("." + target)
+
+
+@cache
+def model_shape(name_or_path: str) -> ModelShape:
+    """The shape of a preset, local model directory or hub id (config only; exact parameter count).
+
+    Raises:
+        llmopt.models.ModelLoadError: the config cannot be read.
+    """
+    from llmopt.models import load_config_only, model_info
+
+    shape = ModelShape.from_hf_config(load_config_only(name_or_path), name_or_path)
+    return replace(shape, total_params=model_info(name_or_path).num_parameters)
