@@ -23,6 +23,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from kuberay._client import KubeRayClient, KubeRayError, kind_of
 from kuberay._options import DEFAULT_IMAGE, KubeRayOptions
@@ -51,7 +52,7 @@ Context = Annotated[str | None, typer.Option(help="kubeconfig context (default: 
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     return typer.Exit(code)
 
 
@@ -124,7 +125,7 @@ def render(
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text)
-        err.print(f"{kind} {obj['metadata']['name']} written to {output}", highlight=False)
+        err.print(escape(f"{kind} {obj['metadata']['name']} written to {output}"), highlight=False)
     else:
         sys.stdout.write(text)
 
@@ -147,7 +148,7 @@ def examples(
     if check and stale:
         raise _fail(f"stale example manifest(s): {', '.join(stale)}; regenerate: {REGENERATE}")
     verb = "up to date" if not stale else "written: " + ", ".join(stale)
-    console.print(f"{out_dir}: {verb}", highlight=False)
+    console.print(escape(f"{out_dir}: {verb}"), highlight=False)
 
 
 @app.command("validate")
@@ -171,7 +172,7 @@ def validate(
                 raise _fail(f"{exc}; install the dev extra: pip install -e '.[dev]'", 2) from None
             failed += not report.ok
             mark = "[green]✓[/]" if report.ok else "[red]✗[/]"
-            console.print(f"{mark} {path}: {report}", highlight=False)
+            console.print(f"{mark} {escape(f'{path}: {report}')}", highlight=False)
     if failed:
         raise typer.Exit(1)
 
@@ -194,7 +195,7 @@ def apply(
             suffix = " (server dry run)" if dry_run else ""
             meta = result.get("metadata") or obj["metadata"]
             ns = meta.get("namespace") or namespace
-            console.print(f"{obj['kind']} {ns}/{meta.get('name')} {action}{suffix}", highlight=False)
+            console.print(escape(f"{obj['kind']} {ns}/{meta.get('name')} {action}{suffix}"), highlight=False)
 
 
 @app.command("status")
@@ -214,7 +215,7 @@ def status(
     if as_json:
         print(json.dumps(obj.get("status") or {}, indent=2))
     else:
-        console.print(f"{kind_of(kind)} {namespace}/{name}: {current.summary}", highlight=False)
+        console.print(escape(f"{kind_of(kind)} {namespace}/{name}: {current.summary}"), highlight=False)
     if current.done and not current.ok:
         raise typer.Exit(1)
 
@@ -232,7 +233,7 @@ def wait(
     client = _client(context)
 
     def show(current) -> None:
-        console.print(f"{kind_of(kind)} {namespace}/{name}: {current.summary}", highlight=False)
+        console.print(escape(f"{kind_of(kind)} {namespace}/{name}: {current.summary}"), highlight=False)
 
     try:
         final = client.wait(kind, name, namespace, timeout_s=timeout, poll_s=poll, on_change=show)
@@ -255,7 +256,7 @@ def delete(
         client.delete(kind, name, namespace)
     except (KubeRayError, ValueError) as exc:
         raise _fail(str(exc)) from None
-    console.print(f"{kind_of(kind)} {namespace}/{name} deleted", highlight=False)
+    console.print(escape(f"{kind_of(kind)} {namespace}/{name} deleted"), highlight=False)
 
 
 def main(args: list[str] | None = None, prog_name: str = "llmopt kuberay") -> None:
