@@ -399,6 +399,80 @@ def _recommend_ranked(
 # --- end of `recommend --memory-budget` -------------------------------------------------------------------
 
 
+# --- `tune`: the strategy search (llmopt.tune.run_search) ------------------------------------------------
+@app.command("tune", context_settings={"allow_extra_args": False})
+def tune_command(
+    args: ConfigArgs = None,
+    space: Annotated[Path | None, typer.Option("--space", help="Search space YAML.")] = None,
+    num_samples: Annotated[int, typer.Option(min=1, help="Trials.")] = 12,
+    max_concurrent: Annotated[int, typer.Option(min=1, help="Trials at once.")] = 1,
+    time_budget_s: Annotated[float | None, typer.Option(help="Wall-clock limit of the search.")] = None,
+    memory_budget: Annotated[str | None, typer.Option(help="Peak memory per worker, e.g. 1GiB.")] = None,
+    objective: Annotated[str, typer.Option(help="`throughput` or `loss`.")] = "throughput",
+    loss_ceiling: Annotated[str | None, typer.Option(help="Max held-out loss: number or 'baseline'.")] = None,
+    trial_tokens: Annotated[int, typer.Option(min=1, help="Training tokens per trial.")] = 32768,
+    eval_samples: Annotated[int, typer.Option(min=1, help="Held-out rows per trial.")] = 64,
+    no_prune: Annotated[bool, typer.Option("--no-prune", help="Run every sampled strategy.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Output directory.")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Tune experiment dir to continue.")] = None,
+) -> None:
+    """Search the fine-tuning strategy with Ray Tune (short real fine-tunes) against the rule-based
+    baseline; writes best.yaml, trials.csv/json, pareto.png and summary.json (same as jobs.tune)."""
+    from llmopt.models import ModelLoadError
+    from llmopt.tune import (
+        SearchSettings,
+        default_space_path,
+        load_space,
+        model_shape,
+        parse_memory,
+        results_table,
+        run_search,
+    )
+
+    files, overrides = _split_args(args)
+    if len(files) > 1:
+        raise _fail(f"tune takes one config file, got {len(files)}", 2)
+    config = _load(files[0] if files else None, overrides)
+    try:
+        budget = parse_memory(memory_budget) if memory_budget else None
+        ceiling = loss_ceiling if loss_ceiling in (None, "baseline") else float(loss_ceiling)
+    except ValueError as exc:
+        raise _fail(f"--memory-budget / --loss-ceiling: {exc}", 2) from None
+    settings = SearchSettings(
+        objective=objective,  # type: ignore[arg-type]
+        memory_budget_bytes=budget,
+        loss_ceiling=ceiling,  # type: ignore[arg-type]
+        num_samples=num_samples,
+        max_concurrent_trials=max_concurrent,
+        time_budget_s=time_budget_s,
+        trial_tokens=trial_tokens,
+        eval_samples=eval_samples,
+        prune=not no_prune,
+        name=f"{config.name}-search",
+    )
+    _quiet_transformers()
+    try:
+        space_path = space or default_space_path(model_shape(config.model.name_or_path).is_moe)
+        if space_path is None:
+            raise _fail("no search space found (tune_spaces/ is not here); pass --space FILE", 2)
+        result = run_search(
+            config, load_space(space_path), settings, out or Path("outputs/tune") / config.name, resume=resume
+        )
+    except (ConfigError, ModelLoadError) as exc:
+        raise _fail(str(exc), 2) from None
+    console.print(results_table(result))
+    if result.speedup:
+        console.print(f"speedup over the rule-based template: {result.speedup:.2f}x", highlight=False)
+    if result.best_config is None:
+        raise _fail("no feasible strategy found: raise --memory-budget or --loss-ceiling")
+    console.print(
+        f"best strategy: {result.out_dir / 'best.yaml'} (outputs: {result.out_dir})", highlight=False
+    )
+
+
+# --- end of `tune` ---------------------------------------------------------------------------------------
+
+
 @app.command("eval")
 def eval_command(
     config_file: Annotated[Path | None, typer.Option("--config", "-c", help="Run config YAML.")] = None,

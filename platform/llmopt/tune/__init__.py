@@ -4,7 +4,9 @@ Spaces (`load_space`) map YAML parameters with conditions to RunConfig overrides
 Ray Tune distributions. The cost model (`CostModel.predict`) predicts per-worker peak memory and
 tokens/s from the model's shape, the strategy and the hardware; `calibrate` fits its machine constants
 to a few real training steps measured in this process (`measure`). `recommend` / `rank` / `prune` drop
-the strategies that cannot fit and order the rest, without running anything.
+the strategies that cannot fit and order the rest, without running anything. `run_search` runs the
+search itself (Ray Tune, OptunaSearch + ASHA, each trial a short real fine-tune) against the rule-based
+baseline and writes best.yaml, trials.csv/json, pareto.png and summary.json.
 """
 
 from llmopt.tune._calibrate import (
@@ -31,6 +33,16 @@ from llmopt.tune._rank import (
     recommend,
     space_candidates,
 )
+from llmopt.tune._report import pareto_front, plot_pareto, results_table, write_outputs
+from llmopt.tune._search import (
+    SearchResult,
+    SearchSettings,
+    feasibility,
+    run_search,
+    run_trial,
+    score,
+    trial_config,
+)
 from llmopt.tune._shape import LoraCount, ModelShape, model_shape
 from llmopt.tune._space import Condition, Parameter, SearchSpace, load_space, space_facts
 from llmopt.tune._workload import Workload, workload_for
@@ -52,6 +64,8 @@ __all__ = [
     "Prediction",
     "ProbeResult",
     "Ranking",
+    "SearchResult",
+    "SearchSettings",
     "SearchSpace",
     "Workload",
     "baseline_config",
@@ -60,18 +74,27 @@ __all__ = [
     "checkpointed_layers",
     "default_space_path",
     "describe",
+    "feasibility",
     "format_bytes",
     "load_calibration",
     "load_space",
     "measure",
     "model_shape",
+    "pareto_front",
     "parse_memory",
+    "plot_pareto",
     "probe_config",
     "prune",
     "rank",
     "recommend",
     "resolve_precision_for",
+    "results_table",
+    "run_search",
+    "run_trial",
+    "score",
     "space_candidates",
     "space_facts",
+    "trial_config",
     "workload_for",
+    "write_outputs",
 ]

@@ -1,0 +1,113 @@
+"""The strategy search on the session's local cluster: a few real trials, pruning, an over-budget trial.
+
+Each trial is a nested Ray Train run (~20 s of start-up on 2 cores), so one small search serves several
+assertions; the trials train on 2048 tokens and evaluate 8 held-out rows.
+"""
+
+import json
+
+import pytest
+
+from llmopt.config import load_config
+from llmopt.tune import SearchSettings, load_space, run_search
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+CONFIG = "jobs/configs/tiny-llama-reverse.yaml"
+# Predicted ~880 MiB per worker (a full fine-tune of micro-batch 32 without checkpointing): above the
+# budget below, so the cost model returns it at once, without training.
+TOO_BIG = {
+    "parallelism.zero_stage": 0,
+    "lora.enabled": False,
+    "checkpointing.policy": "none",
+    "precision": "fp32",
+    "training.micro_batch_size": 32,
+    "training.gradient_accumulation_steps": 1,
+    "training.lr": 1e-3,
+}
+MIB = 2**20
+
+
+def _settings(**kw):
+    base = {
+        "trial_tokens": 2048,
+        "eval_samples": 8,
+        "seeds": 1,
+        "max_concurrent_trials": 1,
+        "trial_time_s": 240,
+        "name": "search",
+    }
+    return SearchSettings(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def search(ray_cluster, repo, tmp_path_factory):
+    base = load_config(repo / CONFIG, [])
+    space = load_space(repo / "tune_spaces/strategy.yaml")
+    out = tmp_path_factory.mktemp("search")
+    settings = _settings(num_samples=3, memory_budget_bytes=850 * MIB, points=[TOO_BIG])
+    return run_search(base, space, settings, out, log=print)
+
+
+def test_search_completes_and_writes_outputs(search):
+    c = search.counts
+    assert c["sampled"] == 3
+    assert c["ok"] >= 1 and search.best is not None and search.best["feasible"]
+    for name in ("best.yaml", "trials.csv", "trials.json", "pareto.png", "summary.json"):
+        assert (search.out_dir / name).is_file(), name
+    summary = json.loads((search.out_dir / "summary.json").read_text())
+    assert summary["counts"] == c
+    assert summary["baseline"]["trial_id"] == "baseline"
+    # The baseline ran through the same trial code, on the same token budget, as every trial.
+    assert search.baseline["status"] == "ok" and search.baseline["tokens_per_s"] > 0
+    assert search.baseline["steps"] == search.baseline["steps_planned"]
+    assert summary["comparison"]["speedup_tokens_per_s"] == pytest.approx(search.speedup)
+    rows = json.loads((search.out_dir / "trials.json").read_text())
+    assert len(rows) == 4  # three trials and the baseline
+    assert any(search.experiment_path.glob("experiment_state-*.json"))  # restorable (--resume)
+
+
+def test_pruned_by_cost_model_without_running(search):
+    pruned = [r for r in search.rows if r["status"] == "pruned"]
+    assert search.counts["pruned"] == len(pruned) >= 1
+    first = pruned[0]
+    assert first["reason"].startswith("pruned by cost model: memory:")
+    assert first["predicted_peak_bytes"] > 850 * MIB
+    assert first["steps"] == 0 and first["tokens_per_s"] is None
+    # Never trained: no fine-tune run directory under the trial.
+    trial_dir = next(p for p in search.experiment_path.iterdir() if p.name.startswith(first["trial_id"]))
+    assert not (trial_dir / "run" / "metrics.jsonl").exists()
+
+
+def test_best_config_runs_with_finetune_job(search, tmp_path):
+    from jobs.finetune import main
+
+    result = main(
+        [
+            "--config",
+            str(search.out_dir / "best.yaml"),
+            "training.max_steps=2",
+            "training.warmup_steps=0",
+            "training.eval_every_steps=null",
+            "training.checkpoint_every_steps=null",
+            "data.max_eval_samples=8",
+            f"output_dir={tmp_path}",
+        ]
+    )
+    assert result.ok and result.metrics["step"] == 2
+
+
+def test_over_budget_trial_is_recorded_not_fatal(ray_cluster, repo, tmp_path):
+    """A budget far below any real run, with pruning off: the trial runs, passes the budget at its first
+    step, is stopped and recorded as infeasible; the search still returns its outputs."""
+    base = load_config(repo / CONFIG, [])
+    space = load_space(repo / "tune_spaces/strategy.yaml")
+    settings = _settings(num_samples=1, memory_budget_bytes=64 * MIB, prune=False, baseline=False)
+    result = run_search(base, space, settings, tmp_path, log=print)
+    assert result.counts["sampled"] == 1 and result.counts["infeasible"] == 1
+    (row,) = result.rows
+    assert row["status"] == "infeasible" and not row["feasible"]
+    assert row["reason"].startswith("memory: peak")
+    assert row["peak_memory_bytes"] > 64 * MIB
+    assert result.best is None and not (tmp_path / "best.yaml").exists()
+    assert (tmp_path / "trials.csv").is_file() and (tmp_path / "summary.json").is_file()
