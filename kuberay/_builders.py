@@ -321,17 +321,7 @@ def build_rayservice(
     serving, res = config.serving, config.resources
     server = _deployment(app, "LLMServer")
     if "num_replicas" not in server and "autoscaling_config" not in server:
-        scaling = serving.autoscaling
-        if scaling.min_replicas == scaling.max_replicas:
-            server["num_replicas"] = scaling.min_replicas
-        else:
-            server["autoscaling_config"] = {
-                "min_replicas": scaling.min_replicas,
-                "max_replicas": scaling.max_replicas,
-                "target_ongoing_requests": scaling.target_ongoing_requests,
-                "upscale_delay_s": scaling.upscale_delay_s,
-                "downscale_delay_s": scaling.downscale_delay_s,
-            }
+        server.update(serving.autoscaling.serve_options())
     server.setdefault(
         "user_config",
         {

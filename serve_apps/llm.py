@@ -487,16 +487,7 @@ def app(args: dict[str, Any]) -> Application:
             "batch_wait_timeout_s": batching.wait_timeout_s,
         },
     }
-    if scaling.min_replicas == scaling.max_replicas:
-        llm_options["num_replicas"] = scaling.min_replicas
-    else:
-        llm_options["autoscaling_config"] = {
-            "min_replicas": scaling.min_replicas,
-            "max_replicas": scaling.max_replicas,
-            "target_ongoing_requests": scaling.target_ongoing_requests,
-            "upscale_delay_s": scaling.upscale_delay_s,
-            "downscale_delay_s": scaling.downscale_delay_s,
-        }
+    llm_options.update(scaling.serve_options())
     # The ingress only parses and relays: a sliver of CPU, and room for every request the model replicas can
     # hold or queue, so overload surfaces as the replicas' bounded queue (HTTP 503 + Retry-After).
     queued = max(serving.max_queued_requests, 0)

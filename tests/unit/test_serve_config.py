@@ -80,3 +80,14 @@ def test_the_shipped_llm_config():
     assert server["user_config"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.0}
     scaling = AutoscalingConfig(**server["autoscaling_config"])
     assert 1 <= scaling.min_replicas < scaling.max_replicas
+
+
+def test_autoscaling_serve_options_fixed_or_bounded():
+    fixed = load_config(None, ["serving.autoscaling.min_replicas=2", "serving.autoscaling.max_replicas=2"])
+    assert fixed.serving.autoscaling.serve_options() == {"num_replicas": 2}
+    bounded = load_config(
+        None, ["serving.autoscaling.max_replicas=3", "serving.autoscaling.target_ongoing_requests=4"]
+    )
+    options = bounded.serving.autoscaling.serve_options()["autoscaling_config"]
+    assert options["max_replicas"] == 3 and options["target_ongoing_requests"] == 4
+    AutoscalingConfig(**options)  # Ray's own schema accepts every key

@@ -306,6 +306,20 @@ class AutoscalingConfig(StrictModel):
             )
         return self
 
+    def serve_options(self) -> dict:
+        """Serve deployment options: a fixed ``num_replicas``, or an ``autoscaling_config`` between bounds."""
+        if self.min_replicas == self.max_replicas:
+            return {"num_replicas": self.min_replicas}
+        return {
+            "autoscaling_config": {
+                "min_replicas": self.min_replicas,
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+                "upscale_delay_s": self.upscale_delay_s,
+                "downscale_delay_s": self.downscale_delay_s,
+            }
+        }
+
 
 class ServingConfig(StrictModel):
     """Ray Serve application settings."""
