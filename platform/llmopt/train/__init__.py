@@ -4,6 +4,7 @@ from llmopt.train._checkpointing import CheckpointingPlan, apply_checkpointing, 
 from llmopt.train._deepspeed import PrecisionError, build_deepspeed_config, resolve_precision
 from llmopt.train._loop import lr_lambda, prepare, train_loop_per_worker
 from llmopt.train._metrics import expert_load_metrics, expert_token_counts, peak_memory_bytes
+from llmopt.train._reference import endless_batches
 from llmopt.train._runs import list_runs, plot_loss, read_metrics, show_run
 from llmopt.train._trainer import FinetuneResult, finetune, new_run_dir
 
@@ -13,6 +14,7 @@ __all__ = [
     "PrecisionError",
     "apply_checkpointing",
     "build_deepspeed_config",
+    "endless_batches",
     "expert_load_metrics",
     "expert_token_counts",
     "finetune",

@@ -7,6 +7,7 @@ DeepSpeed or distributed collectives.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -53,19 +54,12 @@ def plain_torch_train(config: RunConfig, steps: int | None = None) -> dict[str, 
     model.train()
     setup_rss = current_rss_bytes()
     losses, step_times, tokens_after_first = [], [], 0
-    batches = iter(loader)
-    epoch = 0
+    batches = endless_batches(loader, sampler)
     for step in range(steps):
         start = time.perf_counter()
         step_loss, step_tokens = 0.0, 0
         for _ in range(train.gradient_accumulation_steps):
-            try:
-                batch = next(batches)
-            except StopIteration:
-                epoch += 1
-                sampler.set_epoch(epoch)
-                batches = iter(loader)
-                batch = next(batches)
+            batch = next(batches)
             loss = model(**batch).loss / train.gradient_accumulation_steps
             loss.backward()
             step_loss += loss.item()
@@ -91,3 +85,12 @@ def plain_torch_train(config: RunConfig, steps: int | None = None) -> dict[str, 
         "checkpointed_layers": len(plan.layers),
         "torch_threads": threads,
     }
+
+
+def endless_batches(loader, sampler) -> Iterator[dict]:
+    """The loader's batches epoch after epoch, reshuffled through ``sampler.set_epoch``."""
+    epoch = 0
+    while True:
+        yield from loader
+        epoch += 1
+        sampler.set_epoch(epoch)

@@ -155,7 +155,7 @@ def measure(
 
     from llmopt.data import pad_batch
     from llmopt.evaluation import set_torch_threads
-    from llmopt.train import build_deepspeed_config, prepare, resolve_precision
+    from llmopt.train import build_deepspeed_config, endless_batches, prepare, resolve_precision
     from llmopt.train._metrics import current_rss_bytes
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_extensions_dir()))
@@ -190,19 +190,12 @@ def measure(
             engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
             setup = current_rss_bytes()
             engine.train()
-            batches, epoch = iter(loader), 0
+            batches = endless_batches(loader, sampler)
             times, tokens, losses = [], [], []
             for _ in range(steps):
                 start, step_tokens, step_loss = time.perf_counter(), 0, 0.0
                 for _ in range(accumulation):
-                    try:
-                        batch = next(batches)
-                    except StopIteration:
-                        epoch += 1
-                        sampler.set_epoch(epoch)
-                        batches = iter(loader)
-                        batch = next(batches)
-                    batch = {k: v.to(device) for k, v in batch.items()}
+                    batch = {k: v.to(device) for k, v in next(batches).items()}
                     outputs = engine(**batch)
                     engine.backward(outputs.loss)
                     engine.step()
