@@ -91,21 +91,23 @@ def plot_pareto(
     vmin, vmax = (min(losses), max(losses)) if losses else (0.0, 1.0)
     if vmin == vmax:
         vmax = vmin + 1e-6
-    scatter = None
-    if good:
-        scatter = ax.scatter(
-            [r["peak_memory_bytes"] / mib for r in good],
-            [r["tokens_per_s"] for r in good],
-            c=[float(r["eval_loss"]) for r in good],
+
+    def by_loss(points: list[dict], **style):
+        """Trials at (peak MiB, tokens/s), coloured by held-out loss on the shared scale."""
+        return ax.scatter(
+            [r["peak_memory_bytes"] / mib for r in points],
+            [r["tokens_per_s"] for r in points],
+            c=[float(r["eval_loss"]) for r in points],
             cmap="viridis_r",
             vmin=vmin,
             vmax=vmax,
-            s=60,
-            edgecolors="black",
-            linewidths=0.5,
-            label="feasible trial",
             zorder=3,
+            **style,
         )
+
+    scatter = None
+    if good:
+        scatter = by_loss(good, s=60, edgecolors="black", linewidths=0.5, label="feasible trial")
         front = pareto_front([(r["peak_memory_bytes"] / mib, r["tokens_per_s"]) for r in good])
         ax.step(
             [m for m, _ in front],
@@ -118,18 +120,7 @@ def plot_pareto(
         )
     scored = [r for r in bad if _number(r.get("eval_loss")) is not None]
     if scored:  # measured to the end but infeasible (e.g. over the loss ceiling): still coloured by loss
-        scatter = ax.scatter(
-            [r["peak_memory_bytes"] / mib for r in scored],
-            [r["tokens_per_s"] for r in scored],
-            c=[float(r["eval_loss"]) for r in scored],
-            cmap="viridis_r",
-            vmin=vmin,
-            vmax=vmax,
-            marker="X",
-            s=70,
-            label="infeasible (loss ceiling)",
-            zorder=3,
-        )
+        scatter = by_loss(scored, marker="X", s=70, label="infeasible (loss ceiling)")
     unscored = [r for r in bad if r not in scored]
     if unscored:
         ax.scatter(
