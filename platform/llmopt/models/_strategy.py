@@ -65,16 +65,22 @@ class StrategyReport:
         return {**asdict(self), "trainable_fraction": self.trainable_fraction}
 
 
-def quantization_config(config: RunConfig):
-    """The bitsandbytes config for QLoRA loading, or None."""
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def quantization_config(config: RunConfig, training_dtype: str | None = None):
+    """The bitsandbytes config for QLoRA loading, or None.
+
+    `training_dtype` (the precision DeepSpeed casts the model to; default: the compute dtype) is the
+    4-bit storage dtype: packed nf4 bytes are kept in a float tensor, and casting that tensor to another
+    float dtype (DeepSpeed's bf16 cast of an fp32-stored model) scrambles the packed bytes.
+    """
     mode = config.quantization.mode
     if mode == "none":
         return None
     from transformers import BitsAndBytesConfig
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-        config.quantization.compute_dtype
-    ]
+    dtype = _DTYPES[config.quantization.compute_dtype]
     if mode == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
@@ -82,13 +88,22 @@ def quantization_config(config: RunConfig):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_compute_dtype=dtype,
         bnb_4bit_use_double_quant=config.quantization.double_quant,
-        bnb_4bit_quant_storage=dtype,
+        bnb_4bit_quant_storage=_DTYPES[training_dtype] if training_dtype else dtype,
     )
 
 
-def load_for_training(config: RunConfig, dtype: str = "fp32", device: str | torch.device = "cpu"):
-    """Load the config's model for training: quantized for QLoRA, else at `dtype` on `device`."""
-    quant = quantization_config(config)
+def load_for_training(
+    config: RunConfig,
+    dtype: str = "fp32",
+    device: str | torch.device = "cpu",
+    training_dtype: str | None = None,
+):
+    """Load the config's model for training: quantized for QLoRA, else at `dtype` on `device`.
+
+    `training_dtype` is the precision the engine will cast the model to; QLoRA stores its 4-bit
+    weights in it (see `quantization_config`).
+    """
+    quant = quantization_config(config, training_dtype)
     if quant is None:
         return load_model(config.model, dtype=dtype, device=device)
     device_map = {"": str(device) if str(device) != "cpu" else "cpu"}

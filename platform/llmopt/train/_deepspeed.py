@@ -82,6 +82,13 @@ def build_deepspeed_config(config: RunConfig, world_size: int, precision: str) -
         "steps_per_print": 1_000_000_000,
         "wall_clock_breakdown": False,
     }
+    if par.offload_optimizer != "none":
+        # We hand DeepSpeed a torch AdamW (client optimizer). DeepSpeed refuses that under ZeRO-Offload
+        # unless told otherwise, pushing its own DeepSpeedCPUAdam, whose C++ op is compiled on first use
+        # (needs a compiler and ninja, which a CPU-only worker image may lack). Offload still moves the
+        # optimizer states to host memory; DeepSpeedCPUAdam can be chosen through
+        # parallelism.deepspeed_config ("optimizer") where the op builds.
+        ds["zero_force_ds_cpu_optimizer"] = False
     if train.max_grad_norm is not None:
         ds["gradient_clipping"] = train.max_grad_norm
     return deep_merge(ds, _load_user_config(par.deepspeed_config))

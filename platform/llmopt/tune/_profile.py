@@ -173,7 +173,7 @@ def measure(
         _release_memory()
         base = current_rss_bytes()
         with _PeakRss(device) as tracker:
-            tokenizer, model, strategy, examples, plan = prepare(config, micro, device)
+            tokenizer, model, strategy, examples, plan = prepare(config, micro, device, precision)
             sampler = DistributedSampler(
                 examples, num_replicas=1, rank=0, shuffle=True, seed=train.seed, drop_last=True
             )
