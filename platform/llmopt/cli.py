@@ -413,6 +413,9 @@ def tune_command(
     trial_tokens: Annotated[int, typer.Option(min=1, help="Training tokens per trial.")] = 32768,
     eval_samples: Annotated[int, typer.Option(min=1, help="Held-out rows per trial.")] = 64,
     no_prune: Annotated[bool, typer.Option("--no-prune", help="Run every sampled strategy.")] = False,
+    calibrate: Annotated[
+        str, typer.Option(help="Measure the cost model first: auto (when none is cached), always, never.")
+    ] = "auto",
     out: Annotated[Path | None, typer.Option("--out", help="Output directory.")] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="Tune experiment dir to continue.")] = None,
 ) -> None:
@@ -448,6 +451,7 @@ def tune_command(
         trial_tokens=trial_tokens,
         eval_samples=eval_samples,
         prune=not no_prune,
+        calibrate=calibrate,  # type: ignore[arg-type]
         name=f"{config.name}-search",
     )
     _quiet_transformers()

@@ -35,6 +35,7 @@ def _settings(**kw):
         "seeds": 1,
         "max_concurrent_trials": 1,
         "trial_time_s": 240,
+        "calibrate": "never",  # the cached calibration or the defaults: calibrating is tested on its own
         "name": "search",
     }
     return SearchSettings(**{**base, **kw})
@@ -110,4 +111,19 @@ def test_over_budget_trial_is_recorded_not_fatal(ray_cluster, repo, tmp_path):
     assert row["reason"].startswith("memory: peak")
     assert row["peak_memory_bytes"] > 64 * MIB
     assert result.best is None and not (tmp_path / "best.yaml").exists()
+    assert (tmp_path / "trials.csv").is_file() and (tmp_path / "summary.json").is_file()
+
+
+def test_resume_restores_the_experiment(search, repo, tmp_path):
+    """`--resume`: Tuner.restore of the search's experiment; its trials come back, none runs again."""
+    base = load_config(repo / CONFIG, [])
+    space = load_space(repo / "tune_spaces/strategy.yaml")
+    settings = _settings(num_samples=3, memory_budget_bytes=850 * MIB, baseline=False)
+    again = run_search(base, space, settings, tmp_path, resume=search.experiment_path, log=print)
+    assert again.experiment_path == search.experiment_path
+    assert sorted(r["trial_id"] for r in again.rows) == sorted(r["trial_id"] for r in search.rows)
+    by_id = {r["trial_id"]: r for r in search.rows}
+    for row in again.rows:
+        assert row["status"] == by_id[row["trial_id"]]["status"]
+        assert row.get("tokens_per_s") == by_id[row["trial_id"]].get("tokens_per_s")
     assert (tmp_path / "trials.csv").is_file() and (tmp_path / "summary.json").is_file()

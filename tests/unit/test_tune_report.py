@@ -16,7 +16,8 @@ from llmopt.tune import (
     trial_config,
     write_outputs,
 )
-from llmopt.tune._search import WORST_SCORE
+from llmopt.tune._report import prediction_errors
+from llmopt.tune._search import WORST_SCORE, error_summary
 
 MIB = 2**20
 
@@ -104,7 +105,49 @@ def test_write_outputs(tmp_path, repo):
     assert [r["trial_id"] for r in table] == ["t0", "t1", "t2", "t3", "baseline"]
     assert "param/training.micro_batch_size" in table[0]
     summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["cost_model"]["trial_errors"]) == {"tokens_per_s", "peak_memory"}
     assert summary["comparison"]["speedup_tokens_per_s"] == pytest.approx(2.0)
     assert summary["comparison"]["eval_loss_best_le_baseline"] is True
     assert (tmp_path / "pareto.png").stat().st_size > 10_000
     assert load_config(tmp_path / "best.yaml", []).name == best_config.name
+
+
+def test_prediction_errors_over_the_trials_that_ran():
+    rows = [
+        {
+            **_row(0, 2000.0, 800 * MIB, 3.0),
+            "predicted_tokens_per_s": 1500.0,
+            "predicted_peak_bytes": 880 * MIB,
+        },
+        {
+            **_row(1, 4000.0, 500 * MIB, 3.0),
+            "predicted_tokens_per_s": 5000.0,
+            "predicted_peak_bytes": 500 * MIB,
+        },
+        # Pruned: predicted, never measured; it counts in neither error.
+        {"trial_id": "t2", "status": "pruned", "predicted_tokens_per_s": 9.0, "predicted_peak_bytes": 1},
+    ]
+    errors = prediction_errors(rows)
+    assert errors["tokens_per_s"] == {
+        "mean_abs_error": pytest.approx(0.25),
+        "max_abs_error": 0.25,
+        "trials": 2,
+    }
+    assert errors["peak_memory"]["mean_abs_error"] == pytest.approx(0.05)
+    assert errors["peak_memory"]["max_abs_error"] == pytest.approx(0.1)
+    assert prediction_errors([])["tokens_per_s"]["trials"] == 0
+
+
+def test_error_summary_keeps_the_exception_a_worker_ended_with():
+    ray_error = (
+        "WorkerGroupError: Training failed due to worker errors:\n[Rank 0 Error Snippet]:\n"
+        'Traceback (most recent call last):\n  File "/x/_loop.py", line 245, in loop\n'
+        "    engine = deepspeed.initialize(\n... (Output truncated) ...\n"
+        "RuntimeError: shape '[256, 128]' is invalid for input of size 16384\n"
+    )
+    assert error_summary(ray_error) == (
+        "WorkerGroupError: Training failed due to worker errors: ... "
+        "RuntimeError: shape '[256, 128]' is invalid for input of size 16384"
+    )
+    assert error_summary("ValueError: bad") == "ValueError: bad"
+    assert len(error_summary("x" * 2000)) == 500

@@ -325,3 +325,49 @@ def calibrate(
     if save:
         calibration.save()
     return calibration
+
+
+def calibrate_in_subprocess(config: RunConfig, log=None, timeout_s: float = 900.0) -> Calibration:
+    """`calibrate` in a fresh Python process, then the cached result.
+
+    A search driver has Ray, Tune and their threads loaded; measured in it, every probe's base memory
+    would carry them (~140 MiB more here) and the model would over-predict a trial worker's peak. A
+    fresh interpreter holds what a bare training process holds, as `llmopt recommend --calibrate` does.
+
+    Raises:
+        RuntimeError: the calibration process failed (its last output lines are in the message).
+    """
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="llmopt-calibrate-") as tmp:
+        path = Path(tmp) / "config.json"
+        path.write_text(json.dumps(config.model_dump(mode="json")))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llmopt.tune._calibrate", str(path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore::RuntimeWarning"},
+        )
+        lines: list[str] = []
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line.rstrip())
+            if log and line.startswith("probe "):
+                log(line.rstrip())
+        code = process.wait(timeout=timeout_s)
+    hardware = Hardware.detect()
+    calibration = load_calibration(config.model.name_or_path, hardware) if code == 0 else None
+    if calibration is None:
+        tail = "\n".join(lines[-15:])
+        raise RuntimeError(f"cost-model calibration failed (exit {code}):\n{tail}")
+    return calibration
+
+
+if __name__ == "__main__":  # `calibrate_in_subprocess`: python -m llmopt.tune._calibrate CONFIG.json
+    import sys
+
+    calibrate(validate_config(json.loads(Path(sys.argv[1]).read_text())), log=print)

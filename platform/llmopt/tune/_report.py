@@ -180,6 +180,27 @@ def plot_pareto(
     return path
 
 
+def prediction_errors(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The cost model's errors on the trials that ran: mean and max |predicted - measured| / measured of
+    tokens/s and peak memory, and how many trials each is over."""
+    out: dict[str, Any] = {}
+    for name, predicted_key, measured_key in (
+        ("tokens_per_s", "predicted_tokens_per_s", "tokens_per_s"),
+        ("peak_memory", "predicted_peak_bytes", "peak_memory_bytes"),
+    ):
+        errors = [
+            abs(p - m) / m
+            for p, m in ((_number(r.get(predicted_key)), _number(r.get(measured_key))) for r in rows)
+            if p is not None and m
+        ]
+        out[name] = {
+            "mean_abs_error": sum(errors) / len(errors) if errors else None,
+            "max_abs_error": max(errors) if errors else None,
+            "trials": len(errors),
+        }
+    return out
+
+
 def summary_data(result: SearchResult) -> dict[str, Any]:
     """The search's summary: best, baseline, their ratio and loss comparison, counts, settings."""
     best, base = result.best, result.baseline
@@ -197,6 +218,7 @@ def summary_data(result: SearchResult) -> dict[str, Any]:
         "best": best,
         "baseline": base,
         "comparison": comparison,
+        "cost_model": {**result.cost_model, "trial_errors": prediction_errors(result.rows)},
         "counts": result.counts,
         "loss_ceiling": result.loss_ceiling,
         "seeds": result.seeds,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import threading
 import time
@@ -65,6 +66,8 @@ class SearchSettings:
             whether its final held-out loss meets the ceiling, and ASHA then stopped the useful ones).
         grace_period: Steps before ASHA may stop a trial.
         points: Strategies (search-space values by parameter name) to evaluate first, before the seeds.
+        calibrate: Measure the cost model's probes first: `auto` when no calibration of the model on this
+            machine is cached, `always`, or `never` (cached or uncalibrated defaults).
         seed: Searcher seed.
         name: Experiment name (Tune's directory under `<out>/tune/`).
     """
@@ -86,6 +89,7 @@ class SearchSettings:
     scheduler: Literal["auto", "asha", "fifo"] = "auto"
     grace_period: int = 4
     points: list[dict[str, Any]] = field(default_factory=list)
+    calibrate: Literal["auto", "always", "never"] = "auto"
     seed: int = 0
     name: str = "strategy-search"
 
@@ -105,6 +109,8 @@ class SearchSettings:
             issues.append(
                 ConfigIssue("loss_ceiling", "'baseline' needs the baseline run; drop --no-baseline")
             )
+        if self.calibrate not in ("auto", "always", "never"):
+            issues.append(ConfigIssue("calibrate", f"{self.calibrate!r} must be auto, always or never"))
         if self.cpus_per_worker <= 0:
             issues.append(ConfigIssue("cpus_per_worker", f"{self.cpus_per_worker} must be > 0 (e.g. 0.99)"))
         if issues:
@@ -176,6 +182,23 @@ def trial_config(config: RunConfig, settings: SearchSettings, run_dir: Path, nam
     data["resources"]["cpus_per_worker"] = settings.cpus_per_worker
     data.update(name=name, output_dir=str(run_dir.parent))
     return validate_config(data)
+
+
+def error_summary(error: str, limit: int = 500) -> str:
+    """A failed run's error in one line: its first line and the exception it ended with.
+
+    Ray Train's errors carry a worker traceback whose last line names the actual exception; the head of
+    the text alone ("WorkerGroupError: Training failed due to worker errors:") says nothing.
+    """
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    if not lines:
+        return "no error text"
+    tail = next(
+        (line for line in reversed(lines) if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b", line)),
+        lines[-1],
+    )
+    text = lines[0] if tail == lines[0] else f"{lines[0]} ... {tail}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _read_new(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
@@ -312,7 +335,7 @@ def run_trial(
         kind = "out of memory" if "memory" in error.lower() or "killed" in error.lower() else "crashed"
         return finish(
             status="infeasible",
-            reason=f"{kind}: {error[:500]}",
+            reason=f"{kind}: {error_summary(error)}",
             feasible=False,
             score=WORST_SCORE,
             seconds=seconds,
@@ -402,6 +425,7 @@ class SearchResult:
     seconds: float = 0.0
     seeds: list[dict[str, Any]] = field(default_factory=list)
     loss_ceiling: float | None = None
+    cost_model: dict[str, Any] = field(default_factory=dict)
 
     @property
     def speedup(self) -> float | None:
@@ -411,17 +435,33 @@ class SearchResult:
         return float(self.best["tokens_per_s"]) / float(self.baseline["tokens_per_s"])
 
 
-def _cost_model(base: RunConfig) -> tuple[CostModel, bool]:
-    from llmopt.tune._calibrate import load_calibration
+def _cost_model(
+    base: RunConfig, calibrate: Literal["auto", "always", "never"], log: Callable[[str], None]
+) -> tuple[CostModel, dict[str, Any]]:
+    """The cost model for `base`'s model here, calibrated when asked, and what it knows of its errors.
+
+    `auto` measures the probes (a few real steps each) when this model has no cached calibration on this
+    machine; `always` measures again (after a hardware or software change); `never` uses the cache or
+    the uncalibrated defaults.
+    """
+    from llmopt.tune._calibrate import calibrate_in_subprocess, load_calibration
     from llmopt.tune._hardware import Hardware
     from llmopt.tune._shape import model_shape
 
     hardware = Hardware.detect()
-    calibration = load_calibration(base.model.name_or_path, hardware)
+    calibration = None if calibrate == "always" else load_calibration(base.model.name_or_path, hardware)
+    if calibration is None and calibrate != "never":
+        log(f"cost model: calibrating on {base.model.name_or_path} (a few real steps of each probe) ...")
+        calibration = calibrate_in_subprocess(base, log=lambda line: log(f"  {line}"))
     shape = model_shape(base.model.name_or_path)
-    return CostModel(
-        shape, hardware, calibration.coefficients if calibration else None
-    ), calibration is not None
+    info: dict[str, Any] = {"calibrated": calibration is not None}
+    if calibration is not None:
+        info.update(
+            created=calibration.created,
+            path=str(calibration.path) if calibration.path else None,
+            probe_errors=calibration.summary(),
+        )
+    return CostModel(shape, hardware, calibration.coefficients if calibration else None), info
 
 
 def _within(param, value: Any) -> bool:
@@ -555,11 +595,6 @@ def run_search(
     started_ray = not ray.is_initialized()
     init_ray()
     try:
-        cost, calibrated = _cost_model(base)
-        log(
-            f"cost model: {'calibrated' if calibrated else 'uncalibrated defaults'} for "
-            f"{base.model.name_or_path} on {cost.hardware.describe()}"
-        )
         trial_base = base.model_copy(
             update={
                 "parallelism": base.parallelism.model_copy(
@@ -567,6 +602,18 @@ def run_search(
                 ),
                 "resources": base.resources.model_copy(update={"cpus_per_worker": settings.cpus_per_worker}),
             }
+        )
+        cost, cost_info = _cost_model(trial_base, settings.calibrate, log)
+        probe_errors = cost_info.get("probe_errors")
+        state = f"calibrated {cost_info['created']}" if cost_info["calibrated"] else "uncalibrated defaults"
+        log(
+            f"cost model: {state} for {base.model.name_or_path} on {cost.hardware.describe()}"
+            + (
+                f"; probe errors (mean |predicted-measured|/measured, leave-one-out): peak memory "
+                f"{probe_errors['loo_memory_error']:.0%}, step time {probe_errors['loo_step_time_error']:.0%}"
+                if probe_errors
+                else ""
+            )
         )
         facts = space_facts(cost.shape, cost.hardware)
         workload = workload_for(trial_base)
@@ -696,6 +743,7 @@ def run_search(
         seconds=time.perf_counter() - start,
         seeds=seeds,
         loss_ceiling=ceiling,
+        cost_model=cost_info,
     )
     write_outputs(result)
     return result
