@@ -101,3 +101,36 @@ def test_unresolvable_model_says_what_was_tried(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="local path exists but could not be loaded"):
         load_model(str(tmp_path / "empty"))
+
+
+def test_moe_top_k_reroutes_a_native_moe_model(tmp_path):
+    """`moe.top_k` on `finetune` changes the experts each token goes to (routers, MoE blocks, aux loss,
+    saved config); unset, the model's own top-k stays."""
+    from llmopt.config import load_config
+    from llmopt.models import apply_strategy
+    from llmopt.models._strategy import StrategyError, set_experts_per_token
+    from llmopt.train import expert_token_counts
+
+    base = ["model.name_or_path=tiny-moe", "moe.mode=finetune", "lora.enabled=false"]
+    ids = torch.arange(1, 33).unsqueeze(0)
+    logits = []
+    for top_k, expected in ((None, 2), (1, 1)):
+        extra = [] if top_k is None else [f"moe.top_k={top_k}"]
+        model, _ = apply_strategy(load_model("tiny-moe"), load_config(None, [*base, *extra]))
+        assert model.config.num_experts_per_tok == expected
+        out = model(input_ids=ids, output_router_logits=True)
+        logits.append(out.logits)
+        counts = expert_token_counts(out.router_logits, expected, None)
+        # Every token of every layer is routed to `expected` experts.
+        assert int(counts.sum()) == ids.numel() * expected * model.config.num_hidden_layers
+        routers = [m for m in model.modules() if type(m).__name__.endswith("Router")]
+        assert routers and all(r.top_k == expected for r in routers)
+        model.save_pretrained(tmp_path / str(top_k))
+        assert (
+            json.loads((tmp_path / str(top_k) / "config.json").read_text())["num_experts_per_tok"] == expected
+        )
+    assert not torch.allclose(logits[0], logits[1])  # top-1 routing really computes something else
+    with pytest.raises(StrategyError, match="has no experts"):
+        set_experts_per_token(load_model("tiny-llama"), 1)
+    with pytest.raises(StrategyError, match="4 experts"):
+        set_experts_per_token(load_model("tiny-moe"), 5)

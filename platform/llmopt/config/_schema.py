@@ -120,11 +120,21 @@ class MoEConfig(StrictModel):
         0.01, ge=0.0, le=10.0, description="Weight of the router load-balancing auxiliary loss."
     )
     num_experts: int = Field(8, ge=2, le=1024, description="Experts per layer when upcycling.")
-    top_k: int = Field(2, ge=1, description="Experts each token is routed to.")
+    top_k: int | None = Field(
+        None,
+        ge=1,
+        description="Experts each token is routed to: `finetune` sets the model's num_experts_per_tok "
+        "(null keeps the model's own); `upcycle` routes to this many (null: 2).",
+    )
+
+    @property
+    def upcycle_top_k(self) -> int:
+        """Experts per token of an upcycled model."""
+        return self.top_k if self.top_k is not None else min(2, self.num_experts)
 
     @model_validator(mode="after")
     def _top_k_fits(self) -> MoEConfig:
-        if self.top_k > self.num_experts:
+        if self.mode == "upcycle" and self.top_k is not None and self.top_k > self.num_experts:
             raise ValueError(
                 f"moe.top_k={self.top_k} exceeds moe.num_experts={self.num_experts}; "
                 "route to at most num_experts experts"

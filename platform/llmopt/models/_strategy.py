@@ -161,6 +161,36 @@ def lora_targets(config: RunConfig, model_type: str) -> dict[str, list[str]]:
     return {"target_modules": modules, "target_parameters": parameters, "modules_to_save": to_save}
 
 
+def set_experts_per_token(model, top_k: int) -> None:
+    """Route every token of a loaded MoE model to `top_k` experts (its config, routers, MoE blocks and
+    load-balancing loss), so that the trained model and its saved config agree.
+
+    Transformers reads `num_experts_per_tok` once, into each router's and MoE block's `top_k` and the
+    causal LM's `num_experts_per_tok`; those copies are updated with the config.
+
+    Raises:
+        StrategyError: a dense model, or `top_k` above the model's experts per layer.
+    """
+    config = model.config
+    old = getattr(config, "num_experts_per_tok", None)
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    if old is None or not experts:
+        raise StrategyError(
+            f"moe.top_k={top_k} needs an MoE model; {config.model_type!r} has no experts (drop moe.top_k, "
+            "or use moe.mode=upcycle)"
+        )
+    if not 1 <= top_k <= experts:
+        raise StrategyError(f"moe.top_k={top_k} is invalid for a model with {experts} experts per layer")
+    config.num_experts_per_tok = top_k
+    for module in model.modules():
+        if getattr(module, "top_k", None) == old and not isinstance(module, torch.nn.Linear):
+            module.top_k = top_k
+        if module is not model and getattr(module, "num_experts_per_tok", None) == old:
+            module.num_experts_per_tok = top_k
+    if getattr(model, "num_experts_per_tok", None) == old:
+        model.num_experts_per_tok = top_k
+
+
 def apply_strategy(model, config: RunConfig):
     """Upcycle (if asked), switch on the router auxiliary loss, and wrap LoRA adapters with peft.
 
@@ -176,12 +206,14 @@ def apply_strategy(model, config: RunConfig):
         model = upcycle_to_moe(
             model,
             config.moe.num_experts,
-            config.moe.top_k,
+            config.moe.upcycle_top_k,
             config.moe.router_aux_loss_coef,
             seed=config.training.seed,
         )
         moe_info["upcycled"] = True
     model_type = model.config.model_type
+    if config.moe.mode == "finetune" and config.moe.top_k is not None:
+        set_experts_per_token(model, config.moe.top_k)
     if config.moe.mode != "none":
         model.config.router_aux_loss_coef = config.moe.router_aux_loss_coef
         model.config.output_router_logits = True  # adds coef x load-balancing loss to the LM loss

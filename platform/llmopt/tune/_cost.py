@@ -47,7 +47,7 @@ CPU, per GPU), at the run's precision. Tokens/s counts real (unpadded) tokens, a
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from llmopt.config import RunConfig
@@ -243,7 +243,9 @@ class CostModel:
     def shape_for(self, config: RunConfig) -> ModelShape:
         """The trained model's shape (upcycling turns a dense model into an MoE)."""
         if config.moe.mode == "upcycle" and not self.shape.is_moe:
-            return self.shape.upcycled(config.moe.num_experts, config.moe.top_k)
+            return self.shape.upcycled(config.moe.num_experts, config.moe.upcycle_top_k)
+        if config.moe.mode == "finetune" and config.moe.top_k is not None and self.shape.is_moe:
+            return replace(self.shape, top_k=config.moe.top_k)
         return self.shape
 
     def lora(self, config: RunConfig, shape: ModelShape) -> LoraCount | None:

@@ -140,7 +140,9 @@ def describe(config: RunConfig) -> str:
     else:
         parts.append("full")
     if config.moe.mode != "none":
-        parts.append(f"{config.moe.mode} top{config.moe.top_k} [{','.join(config.moe.adapter_targets)}]")
+        k = config.moe.upcycle_top_k if config.moe.mode == "upcycle" else config.moe.top_k
+        top = f" top{k}" if k is not None else ""
+        parts.append(f"{config.moe.mode}{top} [{','.join(config.moe.adapter_targets)}]")
     ckpt = config.checkpointing
     parts.append(
         {
