@@ -336,3 +336,18 @@ def test_mixed_adapter_batch_equals_each_alone(model, tok, tmp_path):
     _assert_same(together["z"], _alone(model, tok, request("z", TEXTS[1], None)))
     assert not torch.allclose(together["x"][0].logits, together["z"][0].logits)
     assert not torch.allclose(together["x"][0].logits, together["y"][0].logits)
+
+
+def test_prefill_runs_the_output_head_on_the_last_position_only(model, tok):
+    """`logits_to_keep=1`: a long prompt's prefill (and a recompute without cache) runs the head once per
+    row, not once per prompt token."""
+    shapes = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, out: shapes.append(tuple(out.shape)))
+    try:
+        for use_cache in (True, False):
+            shapes.clear()
+            engine = _engine(model, tok, use_cache=use_cache)
+            engine.generate([_req(tok, "a", "1 2 3 4 5 6 7 8 9 10 11 12", max_tokens=2)])
+            assert shapes and all(shape[1] == 1 for shape in shapes), shapes
+    finally:
+        hook.remove()

@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -151,6 +152,13 @@ class GenerationEngine:
         self.use_cache = use_cache
         # A PeftModel would apply its active adapter to rows that asked for the base model.
         self._peft = hasattr(model, "peft_config")
+        # Only the last position's logits are used: `logits_to_keep=1` skips the output head over every
+        # other prompt position (with a 150k vocabulary, a 2,000-token prefill would otherwise compute and
+        # hold a 2000 x 150k logits tensor). Models whose forward lacks it get the full logits.
+        forward = getattr(model, "get_base_model", lambda: model)().forward
+        self._last_logits = (
+            {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(forward).parameters else {}
+        )
         self.device = next(model.parameters()).device
         generation_config = getattr(model, "generation_config", None)
         eos = {tokenizer.eos_token_id, *_as_list(getattr(generation_config, "eos_token_id", None))}
@@ -329,6 +337,7 @@ class GenerationEngine:
             attention_mask=mask,
             position_ids=position_ids,
             use_cache=False,
+            **self._last_logits,
             **_adapter_kwargs(seqs, self._peft),
         )
         return out.logits[:, -1, :].float()
@@ -357,6 +366,7 @@ class GenerationEngine:
             position_ids=position_ids,
             past_key_values=cache,
             use_cache=True,
+            **self._last_logits,
             **_adapter_kwargs(seqs, self._peft),
         )
         return out.logits[:, -1, :].float()
