@@ -130,7 +130,7 @@ class MoEConfig(StrictModel):
     @property
     def upcycle_top_k(self) -> int:
         """Experts per token of an upcycled model."""
-        return self.top_k if self.top_k is not None else min(2, self.num_experts)
+        return self.top_k if self.top_k is not None else 2  # num_experts >= 2
 
     @model_validator(mode="after")
     def _top_k_fits(self) -> MoEConfig:

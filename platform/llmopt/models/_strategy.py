@@ -13,7 +13,7 @@ import torch
 
 from llmopt.config import RunConfig
 from llmopt.models._upcycle import upcycle_to_moe
-from llmopt.models._zoo import load_model
+from llmopt.models._zoo import _DTYPES, load_model
 
 # Attention projections per architecture: what `lora.target_modules: auto` adapts.
 ATTENTION_TARGETS: dict[str, list[str]] = {
@@ -63,9 +63,6 @@ class StrategyReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "trainable_fraction": self.trainable_fraction}
-
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def quantization_config(config: RunConfig, training_dtype: str | None = None):
@@ -182,13 +179,11 @@ def set_experts_per_token(model, top_k: int) -> None:
     if not 1 <= top_k <= experts:
         raise StrategyError(f"moe.top_k={top_k} is invalid for a model with {experts} experts per layer")
     config.num_experts_per_tok = top_k
-    for module in model.modules():
+    for module in model.modules():  # the model itself included
         if getattr(module, "top_k", None) == old and not isinstance(module, torch.nn.Linear):
             module.top_k = top_k
-        if module is not model and getattr(module, "num_experts_per_tok", None) == old:
+        if getattr(module, "num_experts_per_tok", None) == old:
             module.num_experts_per_tok = top_k
-    if getattr(model, "num_experts_per_tok", None) == old:
-        model.num_experts_per_tok = top_k
 
 
 def apply_strategy(model, config: RunConfig):

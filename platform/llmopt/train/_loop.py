@@ -9,6 +9,7 @@ position) so a restarted worker group resumes where the last checkpoint left off
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -75,8 +76,6 @@ def report_interval_s() -> float:
     step therefore stalls training: measured here, 0.09 s LoRA steps of the tiny preset took 0.47 s each.
     Every log step still goes to the run's metrics sink (metrics.jsonl, the dashboard, the Tune trial).
     """
-    import os
-
     return float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
 
 

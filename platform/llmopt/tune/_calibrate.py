@@ -327,7 +327,9 @@ def calibrate(
     return calibration
 
 
-def calibrate_in_subprocess(config: RunConfig, log=None, timeout_s: float = 900.0) -> Calibration:
+def calibrate_in_subprocess(
+    config: RunConfig, hardware: Hardware | None = None, log=None, timeout_s: float = 900.0
+) -> Calibration:
     """`calibrate` in a fresh Python process, then the cached result.
 
     A search driver has Ray, Tune and their threads loaded; measured in it, every probe's base memory
@@ -359,7 +361,7 @@ def calibrate_in_subprocess(config: RunConfig, log=None, timeout_s: float = 900.
             if log and line.startswith("probe "):
                 log(line.rstrip())
         code = process.wait(timeout=timeout_s)
-    hardware = Hardware.detect()
+    hardware = hardware or Hardware.detect()
     calibration = load_calibration(config.model.name_or_path, hardware) if code == 0 else None
     if calibration is None:
         tail = "\n".join(lines[-15:])

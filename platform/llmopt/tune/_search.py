@@ -452,7 +452,7 @@ def _cost_model(
     calibration = None if calibrate == "always" else load_calibration(base.model.name_or_path, hardware)
     if calibration is None and calibrate != "never":
         log(f"cost model: calibrating on {base.model.name_or_path} (a few real steps of each probe) ...")
-        calibration = calibrate_in_subprocess(base, log=lambda line: log(f"  {line}"))
+        calibration = calibrate_in_subprocess(base, hardware, log=lambda line: log(f"  {line}"))
     shape = model_shape(base.model.name_or_path)
     info: dict[str, Any] = {"calibrated": calibration is not None}
     if calibration is not None:
