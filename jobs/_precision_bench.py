@@ -24,10 +24,13 @@ from llmopt.config import load_config
 def measure_bandwidth(threads: int, megabytes: int, repeats: int = 5) -> dict[str, Any]:
     """Memory bandwidth with `threads` torch threads, best of `repeats`, in bytes/s.
 
-    `copy` counts bytes read plus written by `dst.copy_(src)`; `sum` and `gemv` read the buffer once (a
-    reduction, and a matrix-vector product over it as a matrix: what batch-1 decoding does per weight).
+    `copy` counts bytes read plus written by `dst.copy_(src)`; `sum`, `gemv` and `native_gemv` read the
+    buffer once (a reduction, and a matrix-vector product over it as a matrix, what batch-1 decoding does
+    per weight: torch's, and the native kernel's of `serving.decode_kernel`, None where it cannot build).
     """
     import torch
+
+    from llmopt.serve._native import load_gemv
 
     torch.set_num_threads(threads)
     n = megabytes * 2**20 // 4
@@ -46,12 +49,16 @@ def measure_bandwidth(threads: int, megabytes: int, repeats: int = 5) -> dict[st
             times.append(time.perf_counter() - t0)
         return min(times)
 
+    gemv, _ = load_gemv()
+    out = torch.empty(src.shape[0])
+    args = (src.data_ptr(), vec.data_ptr(), None, out.data_ptr(), src.shape[0], cols)
     return {
         "threads": threads,
         "buffer_bytes": nbytes,
         "copy_bytes_per_s": 2 * nbytes / best(lambda: dst.copy_(src)),
         "sum_bytes_per_s": nbytes / best(lambda: src.sum()),
         "gemv_bytes_per_s": nbytes / best(lambda: torch.mv(src, vec)),
+        "native_gemv_bytes_per_s": gemv and nbytes / best(lambda: gemv(*args)),
     }
 
 
@@ -122,7 +129,14 @@ def _precision_case(overrides: list[str], rows: int, new_tokens: int) -> dict[st
             )
             for b in (1, 8)
         }
-    return {"load_s": load_s, "weight_bytes": weight_bytes, "heldout_loss": loss, **speed}
+    kernel = getattr(model, "decode_kernel", "torch")
+    return {
+        "load_s": load_s,
+        "weight_bytes": weight_bytes,
+        "heldout_loss": loss,
+        "decode_kernel": kernel,
+        **speed,
+    }
 
 
 def precision_cases(presets: list[str], quick: bool) -> list[dict[str, Any]]:
@@ -135,22 +149,27 @@ def precision_cases(presets: list[str], quick: bool) -> list[dict[str, Any]]:
         quick: Fewer held-out rows and decode steps (a smoke run).
 
     Returns:
-        One row per (preset, format): ``preset``, ``format``, ``load_s``, ``weight_bytes``, ``heldout_loss``
-        and ``decode_tokens_per_s_batch1`` / ``_batch8``. Needs Ray initialised.
+        One row per (preset, format): ``preset``, ``format``, ``load_s``, ``weight_bytes``, ``heldout_loss``,
+        ``decode_kernel`` and ``decode_tokens_per_s_batch1`` / ``_batch8``. Needs Ray initialised.
     """
     rows, new_tokens = (16, 8) if quick else (64, 32)
     results = []
     for preset in presets:
-        formats = [("fp32", "none"), ("int8", "int8")]
+        # (label, precision, quantization, decode kernel): fp32 twice, to show serving.decode_kernel's gain.
+        formats = [
+            ("fp32", "fp32", "none", "auto"),
+            ("fp32, torch GEMV", "fp32", "none", "torch"),
+            ("int8", "fp32", "int8", "auto"),
+        ]
         if preset == "tiny-llama":
-            formats.append(("bf16", "none"))
-        for label, quant in formats:
-            precision = "fp32" if label in ("fp32", "int8") else label
+            formats.append(("bf16", "bf16", "none", "auto"))
+        for label, precision, quant, kernel in formats:
             overrides = [
                 f"model.name_or_path={preset}",
                 "model.max_seq_len=128",
                 f"serving.precision={precision}",
                 f"serving.quantization={quant}",
+                f"serving.decode_kernel={kernel}",
             ]
             measured = ray.get(_precision_case.remote(overrides, rows, new_tokens))
             results.append({"preset": preset, "format": label, **measured})

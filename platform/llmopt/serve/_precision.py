@@ -3,17 +3,22 @@
 `serving.quantization=int8` uses torch dynamic quantization on CPU (int8 weights, activations quantized
 per batch at run time) and bitsandbytes 8-bit on GPU; `nf4` uses bitsandbytes 4-bit. `serving.precision`
 picks the dtype of everything that is not quantized (`auto`: bf16 on a GPU that has it, else fp32 —
-these CPUs have no fast bf16 units).
+these CPUs have no fast bf16 units). `serving.decode_kernel` picks the kernel of batch-1 decoding for fp32
+on CPU (see `llmopt.serve._native`).
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
 
 from llmopt.config import RunConfig
 from llmopt.models import load_model
+from llmopt.serve._native import use_native_decode
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
@@ -36,6 +41,33 @@ def serving_dtype(config: RunConfig, device: str | torch.device) -> str:
     return _DTYPES[precision]
 
 
+def _choose_decode_kernel(model, config: RunConfig, dtype: str, on_gpu: bool) -> None:
+    """Apply `serving.decode_kernel` to an unquantized model (records the choice as `model.decode_kernel`)."""
+    choice = config.serving.decode_kernel
+    model.decode_kernel = "torch"
+    if choice == "torch":
+        return
+    if on_gpu or dtype != "fp32":
+        if choice == "native":
+            raise ServingPrecisionError(
+                f"serving.decode_kernel='native' is an fp32 CPU kernel, but this replica serves {dtype} on "
+                f"{'GPU' if on_gpu else 'CPU'}; set serving.decode_kernel=auto (or torch)"
+            )
+        return
+    try:
+        layers, description = use_native_decode(model, required=choice == "native")
+    except RuntimeError as exc:
+        raise ServingPrecisionError(
+            f"serving.decode_kernel='native' cannot be used here: {exc}; set serving.decode_kernel=auto to "
+            "fall back to torch's kernel"
+        ) from exc
+    if layers:
+        model.decode_kernel = description
+        log.info("batch-1 decode: %s on %d linear layers", description, layers)
+    else:
+        log.info("batch-1 decode: torch's kernel (%s)", description)
+
+
 def load_serving_model(config: RunConfig, device: str | torch.device = "cpu"):
     """Load the config's model for inference, quantized and cast as `config.serving` says.
 
@@ -53,7 +85,9 @@ def load_serving_model(config: RunConfig, device: str | torch.device = "cpu"):
     mode = config.serving.quantization
     on_gpu = torch.device(device).type == "cuda"
     if mode == "none":
-        return load_model(config.model, dtype=dtype, device=device).eval()
+        model = load_model(config.model, dtype=dtype, device=device).eval()
+        _choose_decode_kernel(model, config, dtype, on_gpu)
+        return model
     if mode == "int8" and not on_gpu:
         model = load_model(config.model, dtype="fp32", device="cpu").eval()
         with warnings.catch_warnings():

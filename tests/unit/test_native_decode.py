@@ -1,0 +1,148 @@
+"""serving.decode_kernel: the native batch-1 GEMV matches torch, falls back where it must, errors clearly."""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+from llmopt.config import load_config
+from llmopt.models import load_model, load_tokenizer
+from llmopt.serve import GenerationEngine, GenerationRequest, SamplingParams, load_serving_model
+from llmopt.serve._native import DecodeLinear, _compiler, load_gemv, use_native_decode
+from llmopt.serve._precision import ServingPrecisionError
+
+TOL = {"atol": 1e-4, "rtol": 1e-4}
+BUILDABLE = platform.machine().lower() in ("x86_64", "amd64") and _compiler() is not None
+needs_kernel = pytest.mark.skipif(not BUILDABLE, reason="the native kernel needs x86-64 and a C compiler")
+
+
+def _config(*overrides):
+    return load_config(None, ["model.max_seq_len=128", *overrides])
+
+
+@pytest.fixture
+def fresh_kernel_cache(tmp_path, monkeypatch):
+    """An empty llmopt cache and a cleared in-process kernel, so the kernel is really rebuilt."""
+    monkeypatch.setenv("LLMOPT_CACHE_DIR", str(tmp_path))
+    load_gemv.cache_clear()
+    yield tmp_path
+    load_gemv.cache_clear()
+
+
+@needs_kernel
+def test_kernel_builds_into_the_cache_and_matches_f_linear(fresh_kernel_cache):
+    gemv, description = load_gemv()
+    assert gemv is not None, description
+    assert "AVX" in description and list((fresh_kernel_cache / "kernels").glob("gemv-*.so"))
+    gen = torch.Generator().manual_seed(1)
+    for out_f, in_f, bias in (
+        (1, 1, False),
+        (5, 15, True),
+        (33, 100, True),
+        (768, 3072, False),
+        (7, 1025, True),
+    ):
+        layer = torch.nn.Linear(in_f, out_f, bias=bias)
+        torch.nn.init.normal_(layer.weight, generator=gen)
+        x = torch.randn(1, 1, in_f, generator=gen)
+        want = layer(x).detach()
+        use_native_decode(layer)
+        assert type(layer) is DecodeLinear
+        with torch.no_grad():
+            got = layer(x)
+        assert got.shape == want.shape == (1, 1, out_f)
+        torch.testing.assert_close(got, want, **TOL)
+
+
+@needs_kernel
+def test_only_single_row_inference_uses_the_kernel(monkeypatch):
+    layer = torch.nn.Linear(64, 32)
+    use_native_decode(layer)
+    calls = []
+    kernel = DecodeLinear._gemv
+    monkeypatch.setattr(DecodeLinear, "_gemv", staticmethod(lambda *a: calls.append(a) or kernel(*a)))
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        layer(x)
+        assert len(calls) == 1
+        layer(torch.randn(3, 64))  # a batch: torch's GEMM
+        layer(torch.randn(64, 2).t()[:1])  # not contiguous
+        layer(x.double().float()[:, :64])  # contiguous copy: kernel again
+    assert len(calls) == 2
+    out = layer(x.requires_grad_())  # autograd keeps torch's kernel, and gradients flow
+    out.sum().backward()
+    assert len(calls) == 2 and layer.weight.grad is not None
+
+
+@needs_kernel
+def test_served_model_decodes_like_torch_alone_and_in_a_batch():
+    """Greedy logits of the native path equal torch's, alone and against a batch (which stays on GEMM)."""
+    tok = load_tokenizer("tiny-llama")
+    native = load_serving_model(_config())
+    plain = load_serving_model(_config("serving.decode_kernel=torch"))
+    assert native.decode_kernel.startswith("native") and plain.decode_kernel == "torch"
+    switched = [m for m in native.modules() if type(m) is DecodeLinear]
+    assert len(switched) == 4 * 7 + 1  # q k v o gate up down per layer, and the output head
+    assert native.state_dict().keys() == plain.state_dict().keys()
+    texts = ["Hello", "Ray Serve batches requests", "Reverse the digits: 12345"]
+    requests = [
+        GenerationRequest(f"r{i}", tok(t).input_ids, SamplingParams(max_tokens=6))
+        for i, t in enumerate(texts)
+    ]
+
+    def run(model, reqs):
+        with torch.no_grad():
+            return GenerationEngine(model, tok, keep_logits=True).generate(reqs)
+
+    batched = run(plain, requests)
+    for request in requests:
+        alone_native = run(native, [request])[request.request_id]
+        alone_torch = run(plain, [request])[request.request_id]
+        for want in (alone_torch, batched[request.request_id]):
+            assert [o.token_id for o in alone_native] == [o.token_id for o in want]
+            for got, ref in zip(alone_native, want, strict=True):
+                torch.testing.assert_close(got.logits, ref.logits, **TOL)
+
+
+@needs_kernel
+def test_lora_adapters_wrap_the_native_layers():
+    from peft import LoraConfig, get_peft_model
+
+    model = load_model("tiny-llama").eval()
+    ids = torch.tensor([[5, 17, 99]])
+    peft = get_peft_model(
+        model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    peft.eval()
+    with torch.no_grad():
+        want = [peft(ids[:, : i + 1]).logits[:, -1] for i in range(3)]
+        use_native_decode(peft)
+        assert type(peft.base_model.model.model.layers[0].self_attn.q_proj.base_layer) is DecodeLinear
+        got = [peft(ids[:, : i + 1]).logits[:, -1] for i in range(3)]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **TOL)
+
+
+def test_torch_setting_and_non_fp32_keep_torch_kernels():
+    for overrides in (["serving.decode_kernel=torch"], ["serving.precision=bf16"]):
+        model = load_serving_model(_config(*overrides))
+        assert model.decode_kernel == "torch"
+        assert not any(type(m) is DecodeLinear for m in model.modules())
+    int8 = load_serving_model(_config("serving.quantization=int8"))
+    assert not any(type(m) is DecodeLinear for m in int8.modules())
+
+
+def test_native_where_it_cannot_run_is_a_config_error_and_auto_falls_back(fresh_kernel_cache, monkeypatch):
+    with pytest.raises(ServingPrecisionError, match=r"serving\.decode_kernel=auto"):
+        load_serving_model(_config("serving.decode_kernel=native", "serving.precision=bf16"))
+    monkeypatch.setenv("CC", str(fresh_kernel_cache / "no-such-compiler"))
+    gemv, reason = load_gemv()
+    assert gemv is None and "could not build" in reason
+    with pytest.raises(ServingPrecisionError, match=r"serving\.decode_kernel='native' cannot be used here"):
+        load_serving_model(_config("serving.decode_kernel=native"))
+    model = load_serving_model(_config())  # auto: torch's kernel, and the model still serves
+    assert model.decode_kernel == "torch"
+    with pytest.raises(ValueError, match="decode_kernel"):
+        _config("serving.decode_kernel=fast")
