@@ -351,3 +351,22 @@ def test_prefill_runs_the_output_head_on_the_last_position_only(model, tok):
             assert shapes and all(shape[1] == 1 for shape in shapes), shapes
     finally:
         hook.remove()
+
+
+def test_running_cache_appends_in_place_and_matches_a_plain_cache(model, tok):
+    """Decode steps write into the running cache's spare capacity instead of copying it (torch.cat)."""
+    request = _req(tok, "g", TEXTS[3], max_tokens=12)
+    engine = _engine(model, tok)
+    engine.add(request)
+    outs = engine.step()
+    layer = engine._cache.layers[0]
+    assert type(layer).__name__ == "_GrowingLayer"
+    storages = []
+    while engine.has_work():
+        outs += engine.step()
+        if engine._cache is not None:
+            storages.append(engine._cache.layers[0].keys.untyped_storage().data_ptr())
+    # the first decode step moves the prefill's keys into a buffer with room; later steps append to it
+    assert len(storages) == 10 and len(set(storages)) == 1
+    plain = model(torch.tensor([request.prompt_ids + [o.token_id for o in outs[:-1]]])).logits[0, -1]
+    torch.testing.assert_close(outs[-1].logits, plain, **TOL)

@@ -374,6 +374,9 @@ class GenerationEngine:
     def _merge(self, newcomers: list[_Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
         """Append the newcomers' rows (cache + mask) to the running batch, left-padding the shorter side."""
         if not self._running:
+            for layer in cache.layers:  # the running batch's cache appends in place from now on
+                if type(layer) is DynamicLayer:
+                    layer.__class__ = _GrowingLayer
             self._running, self._cache, self._mask = list(newcomers), cache, mask
             return
         _check_layers(self._cache)
@@ -469,9 +472,53 @@ def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
+class _GrowingLayer(DynamicLayer):
+    """A `DynamicLayer` that appends into spare capacity instead of concatenating.
+
+    `DynamicLayer.update` copies the whole cache on every decode step (`torch.cat`), so a step's copy grows
+    with the context: O(n^2) bytes over a generation, and ~0.6 ms of a ~22 ms batch-1 step on the ~100M
+    preset at 128 tokens. This layer keeps `keys`/`values` as views of the first `length` positions of a
+    buffer with room to grow (1.5x plus 64 positions) and writes new positions in place; when the engine
+    replaces `keys`/`values` (merging or dropping rows), the next update moves them into a fresh buffer.
+    The running batch's cache uses it; caches handed to callers (sessions) are plain `DynamicLayer`s.
+    """
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized or self.keys.numel() == 0:
+            return super().update(key_states, value_states, *args, **kwargs)
+        length, new = self.keys.shape[-2], key_states.shape[-2]
+        buffers = getattr(self, "_kv_buffers", None)
+        if buffers is None or not all(
+            _is_prefix(t, b, length + new) for t, b in zip((self.keys, self.values), buffers, strict=True)
+        ):
+            capacity = length + new + max(64, (length + new) // 2)
+            buffers = tuple(_with_capacity(t, capacity) for t in (self.keys, self.values))
+            self._kv_buffers = buffers
+        buffers[0][:, :, length : length + new] = key_states
+        buffers[1][:, :, length : length + new] = value_states
+        self.keys, self.values = buffers[0][:, :, : length + new], buffers[1][:, :, : length + new]
+        return self.keys, self.values
+
+
+def _is_prefix(view: torch.Tensor, buffer: torch.Tensor, needed: int) -> bool:
+    """Whether `view` is `buffer[:, :, :len]` and the buffer holds `needed` positions."""
+    return (
+        view.data_ptr() == buffer.data_ptr()
+        and view.shape[:2] == buffer.shape[:2]
+        and view.stride() == buffer.stride()
+        and buffer.shape[2] >= needed
+    )
+
+
+def _with_capacity(t: torch.Tensor, capacity: int) -> torch.Tensor:
+    buffer = t.new_empty((*t.shape[:2], capacity, t.shape[3]))
+    buffer[:, :, : t.shape[2]] = t
+    return buffer
+
+
 def _check_layers(cache: DynamicCache) -> None:
     for layer in cache.layers:
-        if type(layer) is not DynamicLayer or not layer.is_initialized:
+        if type(layer) not in (DynamicLayer, _GrowingLayer) or not layer.is_initialized:
             raise NotImplementedError(
                 "GenerationEngine supports full-attention DynamicLayer caches only, got "
                 f"{type(layer).__name__} (initialized={layer.is_initialized}); sliding-window or "
