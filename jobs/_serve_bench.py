@@ -115,7 +115,9 @@ def serve_figures(results, bandwidth, weights, plan: Plan) -> dict[str, Any]:
     if batch1 and bandwidth and batch1["decode_tokens_per_s_p50"]:
         preset = BASE if group == "base-100m" else TINY
         per_token = weights[preset]["bytes_per_token"]
-        read_bw = read_bandwidth(bandwidth)
+        adjacent = batch1.get("bandwidth_adjacent") or []
+        # The higher of the measurements right before and after the point (the start-of-run one otherwise).
+        read_bw = max(map(read_bandwidth, adjacent)) if adjacent else read_bandwidth(bandwidth)
         ceiling = read_bw / per_token
         figures["bandwidth_fraction"] = _figure(
             batch1["decode_tokens_per_s_p50"] / ceiling,
@@ -124,11 +126,16 @@ def serve_figures(results, bandwidth, weights, plan: Plan) -> dict[str, Any]:
             preset=preset,
             decode_tokens_per_s=batch1["decode_tokens_per_s_p50"],
             ceiling_tokens_per_s=ceiling,
-            gemv_ceiling_tokens_per_s=bandwidth["gemv_bytes_per_s"] / per_token,
-            native_gemv_ceiling_tokens_per_s=(bandwidth.get("native_gemv_bytes_per_s") or 0) / per_token,
+            gemv_ceiling_tokens_per_s=max(b["gemv_bytes_per_s"] for b in adjacent or [bandwidth]) / per_token,
+            native_gemv_ceiling_tokens_per_s=max(
+                b.get("native_gemv_bytes_per_s") or 0 for b in adjacent or [bandwidth]
+            )
+            / per_token,
             weight_bytes_per_token=per_token,
             bandwidth_bytes_per_s=read_bw,
-            bandwidth_used="max(sum, torch gemv, native gemv): read-only bandwidth",
+            bandwidth_used="max(sum, torch gemv, native gemv): read-only bandwidth, "
+            + ("the higher of right before and after the point" if adjacent else "at the start of the run"),
+            start_of_run_bandwidth_bytes_per_s=read_bandwidth(bandwidth),
         )
     sessions = {r["label"]: r.get("session") for r in results if r["kind"] == "session"}
     reuse, recompute = sessions.get("session reuse"), sessions.get("recompute")
@@ -302,13 +309,22 @@ def run_serve(args: argparse.Namespace) -> dict[str, Any]:
         task = ray.remote(num_cpus=plan.replica_cpus, max_calls=1)(measure_bandwidth)
         bandwidth = ray.get(task.remote(threads, plan.bandwidth_mb))
         log("  " + _bandwidth_text(bandwidth))
+        # Around the batch-1 point, while the replica holds its CPU but idles: a zero-CPU task.
+        adjacent_task = ray.remote(num_cpus=0, max_calls=1)(measure_bandwidth)
+
+        def probe() -> dict[str, Any]:
+            measured = ray.get(adjacent_task.remote(threads, plan.bandwidth_mb))
+            log("  memory bandwidth next to this point: " + _bandwidth_text(measured))
+            return measured
+
         port = args.port or _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         try:
             for case in cases:
                 log(f"[bold]{case['group']}[/] / {case['label']} ({case['preset']}) ...")
                 try:
-                    results.append(run_case(case, plan, f"http://127.0.0.1:{port}", tokenizer, log))
+                    url = f"http://127.0.0.1:{port}"
+                    results.append(run_case(case, plan, url, tokenizer, log, probe))
                 except Exception as exc:  # one broken case must not lose the others' measurements
                     results.append({**case, "points": [], "error": f"{type(exc).__name__}: {exc}"})
                     log(f"  [red]failed:[/] {results[-1]['error'][:300]}")

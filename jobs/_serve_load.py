@@ -116,6 +116,11 @@ def make_cases(plan: Plan) -> list[dict[str, Any]]:
         {"kind": "load", "group": g, "label": label, "preset": preset, "overrides": o, "concurrency": c}
         for g, label, preset, o, c in load
     ]
+    # The batch-1 point of the bandwidth figure gets the memory bandwidth measured right before and after it.
+    ceiling_group = "base-100m" if plan.include_base else "batching"
+    for case in cases:
+        if case["group"] == ceiling_group and case["label"] == "continuous" and 1 in case["concurrency"]:
+            case["bandwidth_at"] = 1
     session_len = plan.session_history + plan.session_output + plan.session_followup + plan.session_output
     for reuse in (True, False):
         reuse_on = f"serving.kv_cache.session_reuse={str(reuse).lower()}"
@@ -421,8 +426,15 @@ def _measure_sessions(result: dict[str, Any], plan: Plan, url: str, tokenizer) -
     result["turns"] = turns
 
 
-def run_case(case: dict[str, Any], plan: Plan, url: str, tokenizer, log) -> dict[str, Any]:
-    """Deploy one configuration, measure its load points (or its sessions), delete it."""
+def run_case(
+    case: dict[str, Any], plan: Plan, url: str, tokenizer, log, bandwidth_probe=None
+) -> dict[str, Any]:
+    """Deploy one configuration, measure its load points (or its sessions), delete it.
+
+    ``bandwidth_probe()`` (a bandwidth measurement) runs right before and after the point at concurrency
+    ``case["bandwidth_at"]``: this shared machine's speed drifts by up to a third over minutes, so the
+    decode-vs-ceiling figure compares measurements taken together.
+    """
     from ray import serve
 
     from serve_apps.llm import app
@@ -440,9 +452,13 @@ def run_case(case: dict[str, Any], plan: Plan, url: str, tokenizer, log) -> dict
             prompts = prompts_of_length(
                 tokenizer, plan.prompt_tokens, plan.requests(case["preset"], concurrency), i
             )
+            probe = bandwidth_probe if bandwidth_probe and case.get("bandwidth_at") == concurrency else None
+            adjacent = [probe()] if probe else []
             before, load_before = server_stats(url), os.getloadavg()[0]
             records, wall = asyncio.run(load_point(url, prompts, plan.output_tokens, concurrency))
             point = {"concurrency": concurrency, **summarize(records, wall)}
+            if probe:
+                point["bandwidth_adjacent"] = [*adjacent, probe()]
             point["server_stats"] = after = server_stats(url)
             point["batch_size_mean"] = batch_mean(before, after)
             # Other processes on the machine skew every figure: the 1-minute load, before and after.

@@ -45,6 +45,11 @@ def test_quick_serve_benchmark(ray_cluster, tmp_path):
         ("none", [1]),
         ("continuous", [1, 4]),
     ]
+    # The ceiling of the bandwidth figure comes from measurements right before and after its batch-1 point.
+    adjacent = loads[1]["points"][0]["bandwidth_adjacent"]
+    assert len(adjacent) == 2 and all(b["sum_bytes_per_s"] > 0 for b in adjacent)
+    assert "bandwidth_adjacent" not in loads[1]["points"][1]
+    assert "before and after" in saved["figures"]["bandwidth_fraction"]["bandwidth_used"]
     for case in loads:
         assert "error" not in case
         for point in case["points"]:
@@ -82,9 +87,12 @@ def test_quick_serve_benchmark(ray_cluster, tmp_path):
     assert saved["precision_error"] is None
     assert [(r["preset"], r["format"]) for r in precision] == [
         ("tiny-llama", "fp32"),
+        ("tiny-llama", "fp32, torch GEMV"),
         ("tiny-llama", "int8"),
         ("tiny-llama", "bf16"),
     ]
+    kernels = [row["decode_kernel"] for row in precision]
+    assert kernels[1] == kernels[3] == "torch"  # serving.decode_kernel=torch, and bf16 (native is fp32 only)
     for row in precision:
         keys = ("weight_bytes", "heldout_loss", "decode_tokens_per_s_batch1", "decode_tokens_per_s_batch8")
         for key in keys:
