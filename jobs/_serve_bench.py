@@ -117,7 +117,8 @@ def serve_figures(results, bandwidth, weights, plan: Plan) -> dict[str, Any]:
         per_token = weights[preset]["bytes_per_token"]
         adjacent = batch1.get("bandwidth_adjacent") or []
         # The higher of the measurements right before and after the point (the start-of-run one otherwise).
-        read_bw = max(map(read_bandwidth, adjacent)) if adjacent else read_bandwidth(bandwidth)
+        sources = adjacent or [bandwidth]
+        read_bw = max(map(read_bandwidth, sources))
         ceiling = read_bw / per_token
         figures["bandwidth_fraction"] = _figure(
             batch1["decode_tokens_per_s_p50"] / ceiling,
@@ -126,10 +127,8 @@ def serve_figures(results, bandwidth, weights, plan: Plan) -> dict[str, Any]:
             preset=preset,
             decode_tokens_per_s=batch1["decode_tokens_per_s_p50"],
             ceiling_tokens_per_s=ceiling,
-            gemv_ceiling_tokens_per_s=max(b["gemv_bytes_per_s"] for b in adjacent or [bandwidth]) / per_token,
-            native_gemv_ceiling_tokens_per_s=max(
-                b.get("native_gemv_bytes_per_s") or 0 for b in adjacent or [bandwidth]
-            )
+            gemv_ceiling_tokens_per_s=max(b["gemv_bytes_per_s"] for b in sources) / per_token,
+            native_gemv_ceiling_tokens_per_s=max(b.get("native_gemv_bytes_per_s") or 0 for b in sources)
             / per_token,
             weight_bytes_per_token=per_token,
             bandwidth_bytes_per_s=read_bw,
@@ -318,12 +317,12 @@ def run_serve(args: argparse.Namespace) -> dict[str, Any]:
             return measured
 
         port = args.port or _free_port()
+        url = f"http://127.0.0.1:{port}"
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         try:
             for case in cases:
                 log(f"[bold]{case['group']}[/] / {case['label']} ({case['preset']}) ...")
                 try:
-                    url = f"http://127.0.0.1:{port}"
                     results.append(run_case(case, plan, url, tokenizer, log, probe))
                 except Exception as exc:  # one broken case must not lose the others' measurements
                     results.append({**case, "points": [], "error": f"{type(exc).__name__}: {exc}"})
