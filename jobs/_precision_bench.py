@@ -129,12 +129,11 @@ def _precision_case(overrides: list[str], rows: int, new_tokens: int) -> dict[st
             )
             for b in (1, 8)
         }
-    kernel = getattr(model, "decode_kernel", "torch")
     return {
         "load_s": load_s,
         "weight_bytes": weight_bytes,
         "heldout_loss": loss,
-        "decode_kernel": kernel,
+        "decode_kernel": model.decode_kernel,
         **speed,
     }
 

@@ -131,12 +131,15 @@ def test_torch_setting_and_non_fp32_keep_torch_kernels():
         assert model.decode_kernel == "torch"
         assert not any(type(m) is DecodeLinear for m in model.modules())
     int8 = load_serving_model(_config("serving.quantization=int8"))
+    assert int8.decode_kernel == "torch"
     assert not any(type(m) is DecodeLinear for m in int8.modules())
 
 
 def test_native_where_it_cannot_run_is_a_config_error_and_auto_falls_back(fresh_kernel_cache, monkeypatch):
     with pytest.raises(ServingPrecisionError, match=r"serving\.decode_kernel=auto"):
         load_serving_model(_config("serving.decode_kernel=native", "serving.precision=bf16"))
+    with pytest.raises(ServingPrecisionError, match=r"quantization='int8'.*serving\.decode_kernel=auto"):
+        load_serving_model(_config("serving.decode_kernel=native", "serving.quantization=int8"))
     monkeypatch.setenv("CC", str(fresh_kernel_cache / "no-such-compiler"))
     gemv, reason = load_gemv()
     assert gemv is None and "could not build" in reason

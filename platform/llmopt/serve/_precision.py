@@ -41,18 +41,20 @@ def serving_dtype(config: RunConfig, device: str | torch.device) -> str:
     return _DTYPES[precision]
 
 
-def _choose_decode_kernel(model, config: RunConfig, dtype: str, on_gpu: bool) -> None:
-    """Apply `serving.decode_kernel` to an unquantized model (records the choice as `model.decode_kernel`)."""
-    choice = config.serving.decode_kernel
-    model.decode_kernel = "torch"
-    if choice == "torch":
-        return
+def _native_unsupported(config: RunConfig, dtype: str, on_gpu: bool) -> str | None:
+    """Why the native decode kernel cannot serve this config (None when it can)."""
     if on_gpu or dtype != "fp32":
-        if choice == "native":
-            raise ServingPrecisionError(
-                f"serving.decode_kernel='native' is an fp32 CPU kernel, but this replica serves {dtype} on "
-                f"{'GPU' if on_gpu else 'CPU'}; set serving.decode_kernel=auto (or torch)"
-            )
+        return f"it is an fp32 CPU kernel, but this replica serves {dtype} on {'GPU' if on_gpu else 'CPU'}"
+    if config.serving.quantization != "none":
+        return f"serving.quantization={config.serving.quantization!r} layers keep their own kernels"
+    return None
+
+
+def _apply_decode_kernel(model, config: RunConfig, unsupported: str | None) -> None:
+    """Apply `serving.decode_kernel` to a loaded model and record the choice as `model.decode_kernel`."""
+    model.decode_kernel = "torch"
+    choice = config.serving.decode_kernel
+    if choice == "torch" or unsupported:
         return
     try:
         layers, description = use_native_decode(model, required=choice == "native")
@@ -76,18 +78,30 @@ def load_serving_model(config: RunConfig, device: str | torch.device = "cpu"):
         device: `cpu` or a CUDA device.
 
     Returns:
-        The model in eval mode.
+        The model in eval mode, with `decode_kernel` naming its batch-1 decode kernel (`torch` or the
+        native kernel's description).
 
     Raises:
-        ServingPrecisionError: an impossible combination (e.g. int8 with bf16 activations on CPU).
+        ServingPrecisionError: an impossible combination (e.g. int8 with bf16 activations on CPU, or
+            `decode_kernel=native` where it cannot run).
     """
     dtype = serving_dtype(config, device)
-    mode = config.serving.quantization
     on_gpu = torch.device(device).type == "cuda"
+    unsupported = _native_unsupported(config, dtype, on_gpu)
+    if unsupported and config.serving.decode_kernel == "native":  # before loading anything
+        raise ServingPrecisionError(
+            f"serving.decode_kernel='native' cannot serve this config: {unsupported}; set "
+            "serving.decode_kernel=auto (or torch)"
+        )
+    model = _load(config, dtype, device, on_gpu)
+    _apply_decode_kernel(model, config, unsupported)
+    return model
+
+
+def _load(config: RunConfig, dtype: str, device: str | torch.device, on_gpu: bool):
+    mode = config.serving.quantization
     if mode == "none":
-        model = load_model(config.model, dtype=dtype, device=device).eval()
-        _choose_decode_kernel(model, config, dtype, on_gpu)
-        return model
+        return load_model(config.model, dtype=dtype, device=device).eval()
     if mode == "int8" and not on_gpu:
         model = load_model(config.model, dtype="fp32", device="cpu").eval()
         with warnings.catch_warnings():
