@@ -98,7 +98,9 @@ def _decode_tokens_per_s(engine_cls, model, tokenizer, batch: int, prompt_len: i
 
 
 @ray.remote(num_cpus=1)
-def _precision_case(overrides: list[str], rows: int, new_tokens: int) -> dict[str, Any]:
+def _precision_case(overrides: list[str], rows: int, new_tokens: int, lean: bool = True) -> dict[str, Any]:
+    import functools
+
     import torch
 
     from llmopt.data import load_rows, response_loss
@@ -123,9 +125,10 @@ def _precision_case(overrides: list[str], rows: int, new_tokens: int) -> dict[st
         loss = response_loss(
             model, tokenizer, held_out, config.data.prompt_template, config.model.max_seq_len
         )
+        engine_cls = functools.partial(GenerationEngine, lean_decode=lean)
         speed = {
             f"decode_tokens_per_s_batch{b}": _decode_tokens_per_s(
-                GenerationEngine, model, tokenizer, b, 32, new_tokens
+                engine_cls, model, tokenizer, b, 32, new_tokens
             )
             for b in (1, 8)
         }
@@ -134,6 +137,7 @@ def _precision_case(overrides: list[str], rows: int, new_tokens: int) -> dict[st
         "weight_bytes": weight_bytes,
         "heldout_loss": loss,
         "decode_kernel": model.decode_kernel,
+        "decode_path": engine_cls(model, tokenizer).decode_path,
         **speed,
     }
 
@@ -149,20 +153,23 @@ def precision_cases(presets: list[str], quick: bool) -> list[dict[str, Any]]:
 
     Returns:
         One row per (preset, format): ``preset``, ``format``, ``load_s``, ``weight_bytes``, ``heldout_loss``,
-        ``decode_kernel`` and ``decode_tokens_per_s_batch1`` / ``_batch8``. Needs Ray initialised.
+        ``decode_kernel``, ``decode_path`` and ``decode_tokens_per_s_batch1`` / ``_batch8``. Needs Ray
+        initialised.
     """
     rows, new_tokens = (16, 8) if quick else (64, 32)
     results = []
     for preset in presets:
-        # (label, precision, quantization, decode kernel): fp32 twice, to show serving.decode_kernel's gain.
+        # (label, precision, quantization, decode kernel, lean step): fp32 three times, to show the gains of
+        # serving.decode_kernel and of the engine's lean batch-1 Llama step.
         formats = [
-            ("fp32", "fp32", "none", "auto"),
-            ("fp32, torch GEMV", "fp32", "none", "torch"),
-            ("int8", "fp32", "int8", "auto"),
+            ("fp32", "fp32", "none", "auto", True),
+            ("fp32, transformers forward", "fp32", "none", "auto", False),
+            ("fp32, torch GEMV", "fp32", "none", "torch", True),
+            ("int8", "fp32", "int8", "auto", True),
         ]
         if preset == "tiny-llama":
-            formats.append(("bf16", "bf16", "none", "auto"))
-        for label, precision, quant, kernel in formats:
+            formats.append(("bf16", "bf16", "none", "auto", True))
+        for label, precision, quant, kernel, lean in formats:
             overrides = [
                 f"model.name_or_path={preset}",
                 "model.max_seq_len=128",
@@ -170,7 +177,7 @@ def precision_cases(presets: list[str], quick: bool) -> list[dict[str, Any]]:
                 f"serving.quantization={quant}",
                 f"serving.decode_kernel={kernel}",
             ]
-            measured = ray.get(_precision_case.remote(overrides, rows, new_tokens))
+            measured = ray.get(_precision_case.remote(overrides, rows, new_tokens, lean))
             results.append({"preset": preset, "format": label, **measured})
     return results
 

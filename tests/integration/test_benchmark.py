@@ -87,12 +87,18 @@ def test_quick_serve_benchmark(ray_cluster, tmp_path):
     assert saved["precision_error"] is None
     assert [(r["preset"], r["format"]) for r in precision] == [
         ("tiny-llama", "fp32"),
+        ("tiny-llama", "fp32, transformers forward"),
         ("tiny-llama", "fp32, torch GEMV"),
         ("tiny-llama", "int8"),
         ("tiny-llama", "bf16"),
     ]
     kernels = [row["decode_kernel"] for row in precision]
-    assert kernels[1] == kernels[3] == "torch"  # serving.decode_kernel=torch, and bf16 (native is fp32 only)
+    assert kernels[2] == kernels[4] == "torch"  # serving.decode_kernel=torch, and bf16 (native is fp32 only)
+    paths = [row["decode_path"] for row in precision]
+    native = kernels[0].startswith("native")  # no C compiler here: torch's kernel, and no lean step
+    assert paths[0] == ("lean Llama step at batch 1" if native else "transformers (not every projection runs "
+                        "the native decode kernel)")  # fmt: skip
+    assert paths[1] == "transformers (turned off)" and paths[2].startswith("transformers (not every")
     for row in precision:
         keys = ("weight_bytes", "heldout_loss", "decode_tokens_per_s_batch1", "decode_tokens_per_s_batch8")
         for key in keys:

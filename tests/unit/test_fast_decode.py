@@ -1,0 +1,112 @@
+"""The lean batch-1 Llama decode step: transformers' logits, and used only where it applies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmopt.config import load_config
+from llmopt.models import load_tokenizer
+from llmopt.serve import GenerationEngine, GenerationRequest, SamplingParams, load_serving_model
+from llmopt.serve._fast_decode import LlamaDecodeStep
+from tests.unit.test_native_decode import needs_kernel
+
+pytestmark = needs_kernel
+EXACT = {"atol": 1e-5, "rtol": 0.0}
+
+
+@pytest.fixture(scope="module")
+def native():
+    model = load_serving_model(load_config(None, ["model.max_seq_len=128"]))
+    assert model.decode_kernel.startswith("native")
+    return model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("tiny-llama")
+
+
+def _run(model, tok, requests, lean, max_batch_size=8):
+    engine = GenerationEngine(model, tok, max_batch_size=max_batch_size, keep_logits=True, lean_decode=lean)
+    return engine, engine.generate(requests)
+
+
+def _requests(tok):
+    texts = ["Hello", "Ray Serve batches requests dynamically", "Reverse: 12345"]
+    sampled = SamplingParams(max_tokens=7, temperature=0.9, top_k=20, seed=3)
+    return [
+        GenerationRequest("greedy", tok(texts[0]).input_ids, SamplingParams(max_tokens=9)),
+        GenerationRequest("sampled", tok(texts[1]).input_ids, sampled),
+        GenerationRequest("short", tok(texts[2]).input_ids, SamplingParams(max_tokens=2)),
+    ]
+
+
+def _assert_same(got, want):
+    assert [o.token_id for o in got] == [o.token_id for o in want]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.logits, w.logits, **EXACT)
+
+
+def test_lean_step_gives_transformers_logits_alone(native, tok, monkeypatch):
+    calls = []
+    step = LlamaDecodeStep.__call__
+    monkeypatch.setattr(LlamaDecodeStep, "__call__", lambda *a: calls.append(a[2]) or step(*a))
+    for request in _requests(tok):
+        engine, lean = _run(native, tok, [request], lean=True)
+        assert engine.decode_path == "lean Llama step at batch 1"
+        _, plain = _run(native, tok, [request], lean=False)
+        _assert_same(lean[request.request_id], plain[request.request_id])
+    assert len(calls) == (9 - 1) + (7 - 1) + (2 - 1)  # every decode step after the prefill
+
+
+def test_a_batch_that_shrinks_to_one_row_continues_on_the_lean_step(native, tok, monkeypatch):
+    """Rows of different lengths are left-padded; once one row is left, it decodes on the lean step."""
+    calls = []
+    step = LlamaDecodeStep.__call__
+    monkeypatch.setattr(LlamaDecodeStep, "__call__", lambda *a: calls.append(a[2]) or step(*a))
+    requests = _requests(tok)
+    _, batched = _run(native, tok, requests, lean=True)
+    assert calls, "the last running row never used the lean step"
+    for request in requests:
+        _, alone = _run(native, tok, [request], lean=False)
+        _assert_same(batched[request.request_id], alone[request.request_id])
+
+
+def test_session_follow_up_on_the_lean_step_equals_a_full_recompute(native, tok):
+    first = GenerationRequest(
+        "t1", tok("A cached first turn").input_ids, SamplingParams(max_tokens=5), keep_cache=True
+    )
+    _, out = _run(native, tok, [first], lean=True)
+    last = out["t1"][-1]
+    follow_ids = [*last.cache_token_ids, last.token_id, *tok(" and a follow-up").input_ids[1:]]
+    reuse = GenerationRequest("t2", follow_ids, SamplingParams(max_tokens=6), prefix_cache=last.cache)
+    _, reused = _run(native, tok, [reuse], lean=True)
+    full = GenerationRequest("t2", follow_ids, SamplingParams(max_tokens=6))
+    _, recomputed = _run(native, tok, [full], lean=False)
+    assert reused["t2"][0].cached_tokens > 0
+    _assert_same(reused["t2"], recomputed["t2"])
+
+
+def test_lean_step_serves_only_what_it_reproduces(native, tok):
+    from peft import LoraConfig, get_peft_model, inject_adapter_in_model
+
+    torch_kernel = load_serving_model(load_config(None, ["serving.decode_kernel=torch"]))
+    engine = GenerationEngine(torch_kernel, tok)
+    assert engine.decode_path.startswith("transformers (not every projection runs the native")
+    with pytest.raises(ValueError, match="not every projection runs the native decode kernel"):
+        LlamaDecodeStep(torch_kernel)
+    moe = load_serving_model(load_config(None, ["model.name_or_path=tiny-moe"]))
+    assert "is not LlamaForCausalLM" in GenerationEngine(moe, load_tokenizer("tiny-moe")).decode_path
+    adapted = get_peft_model(load_serving_model(load_config(None, [])), LoraConfig(r=4))
+    assert GenerationEngine(adapted, tok).decode_path.startswith("transformers")
+
+    # A LoRA layer injected after the engine was built runs its own forward inside the lean step.
+    model = load_serving_model(load_config(None, []))
+    request = _requests(tok)[0]
+    engine = GenerationEngine(model, tok, keep_logits=True)
+    assert engine.decode_path == "lean Llama step at batch 1"
+    inject_adapter_in_model(LoraConfig(r=4, target_modules=["v_proj"], init_lora_weights=False), model)
+    lean = engine.generate([request])[request.request_id]
+    _, plain = _run(model, tok, [request], lean=False)
+    _assert_same(lean, plain[request.request_id])
