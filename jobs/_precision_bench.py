@@ -20,6 +20,12 @@ import ray
 
 from llmopt.config import load_config
 
+HUGE_PAGE_RATES = (
+    "sum_huge_pages_bytes_per_s",
+    "gemv_huge_pages_bytes_per_s",
+    "native_gemv_huge_pages_bytes_per_s",
+)
+
 
 def measure_bandwidth(threads: int, megabytes: int, repeats: int = 5) -> dict[str, Any]:
     """Memory bandwidth with `threads` torch threads, best of `repeats`, in bytes/s.
@@ -27,10 +33,14 @@ def measure_bandwidth(threads: int, megabytes: int, repeats: int = 5) -> dict[st
     `copy` counts bytes read plus written by `dst.copy_(src)`; `sum`, `gemv` and `native_gemv` read the
     buffer once (a reduction, and a matrix-vector product over it as a matrix, what batch-1 decoding does
     per weight: torch's, and the native kernel's of `serving.decode_kernel`, None where it cannot build).
+    The `*_huge_pages_*` rates read the same bytes from a buffer on 2 MiB pages (where the served weights
+    are with the native kernel; None where transparent huge pages are off); the ceiling takes the highest.
     """
+    import functools
+
     import torch
 
-    from llmopt.serve._native import load_gemv
+    from llmopt.serve._native import huge_page_empty, load_gemv, transparent_huge_pages
 
     torch.set_num_threads(threads)
     n = megabytes * 2**20 // 4
@@ -51,15 +61,26 @@ def measure_bandwidth(threads: int, megabytes: int, repeats: int = 5) -> dict[st
 
     gemv, _ = load_gemv()
     out = torch.empty(src.shape[0])
-    args = (src.data_ptr(), vec.data_ptr(), None, out.data_ptr(), src.shape[0], cols)
-    return {
-        "threads": threads,
-        "buffer_bytes": nbytes,
-        "copy_bytes_per_s": 2 * nbytes / best(lambda: dst.copy_(src)),
-        "sum_bytes_per_s": nbytes / best(lambda: src.sum()),
-        "gemv_bytes_per_s": nbytes / best(lambda: torch.mv(src, vec)),
-        "native_gemv_bytes_per_s": gemv and nbytes / best(lambda: gemv(*args)),
-    }
+
+    def rates(matrix, suffix: str) -> dict[str, float | None]:
+        args = (matrix.data_ptr(), vec.data_ptr(), None, out.data_ptr(), matrix.shape[0], cols)
+        return {
+            f"sum{suffix}_bytes_per_s": nbytes / best(lambda: matrix.sum()),
+            f"gemv{suffix}_bytes_per_s": nbytes / best(lambda: torch.mv(matrix, vec)),
+            f"native_gemv{suffix}_bytes_per_s": gemv and nbytes / best(lambda: gemv(*args)),
+        }
+
+    copy_rate = 2 * nbytes / best(functools.partial(dst.copy_, src))
+    del dst
+    result = {"threads": threads, "buffer_bytes": nbytes, "copy_bytes_per_s": copy_rate, **rates(src, "")}
+    if transparent_huge_pages() in ("always", "madvise"):
+        on_huge_pages = huge_page_empty(src.numel()).view_as(src).copy_(src)
+        del src
+        result.update(rates(on_huge_pages, "_huge_pages"))
+    else:
+        result.update(dict.fromkeys(HUGE_PAGE_RATES, None))
+    result["transparent_huge_pages"] = transparent_huge_pages()
+    return result
 
 
 def weight_bytes_per_token(preset: str) -> dict[str, Any]:

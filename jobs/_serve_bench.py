@@ -23,6 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from jobs._precision_bench import HUGE_PAGE_RATES
 from jobs._serve_load import (
     BASE,
     TINY,
@@ -41,15 +42,27 @@ REPO = Path(__file__).resolve().parent.parent
 def _bandwidth_text(bw: dict[str, Any]) -> str:
     gb = {k: (bw.get(f"{k}_bytes_per_s") or 0) / 1e9 for k in ("copy", "sum", "gemv", "native_gemv")}
     native = f", native gemv {gb['native_gemv']:.1f}" if gb["native_gemv"] else ""
-    return (
+    text = (
         f"copy {gb['copy']:.1f} GB/s (read + write), sum {gb['sum']:.1f}, torch gemv {gb['gemv']:.1f}"
         f"{native} GB/s (read)"
     )
+    huge = {k: (bw.get(f"{k}_huge_pages_bytes_per_s") or 0) / 1e9 for k in ("sum", "gemv", "native_gemv")}
+    if huge["sum"]:
+        native = f", native gemv {huge['native_gemv']:.1f}" if huge["native_gemv"] else ""
+        text += f"; on 2 MiB pages: sum {huge['sum']:.1f}, torch gemv {huge['gemv']:.1f}{native} GB/s"
+    return text
+
+
+def _best_rate(sources: list[dict[str, Any]], kind: str) -> float:
+    """The highest `kind` rate (gemv, native_gemv) over the measurements and both page sizes."""
+    return max(b.get(f"{kind}{pages}_bytes_per_s") or 0.0 for b in sources for pages in ("", "_huge_pages"))
 
 
 def read_bandwidth(bw: dict[str, Any]) -> float:
-    """The highest read-only rate measured (sum, torch's GEMV, the native GEMV): the ceiling's bandwidth."""
-    return max(bw[k] or 0.0 for k in ("sum_bytes_per_s", "gemv_bytes_per_s", "native_gemv_bytes_per_s"))
+    """The highest read-only rate measured (sum, torch's GEMV, the native GEMV, on 4 KiB and on 2 MiB pages):
+    the ceiling's bandwidth."""
+    rates = ("sum_bytes_per_s", "gemv_bytes_per_s", "native_gemv_bytes_per_s", *HUGE_PAGE_RATES)
+    return max(bw.get(k) or 0.0 for k in rates)
 
 
 def _session_text(s: dict[str, Any]) -> str:
@@ -127,12 +140,11 @@ def serve_figures(results, bandwidth, weights, plan: Plan) -> dict[str, Any]:
             preset=preset,
             decode_tokens_per_s=batch1["decode_tokens_per_s_p50"],
             ceiling_tokens_per_s=ceiling,
-            gemv_ceiling_tokens_per_s=max(b["gemv_bytes_per_s"] for b in sources) / per_token,
-            native_gemv_ceiling_tokens_per_s=max(b.get("native_gemv_bytes_per_s") or 0 for b in sources)
-            / per_token,
+            gemv_ceiling_tokens_per_s=_best_rate(sources, "gemv") / per_token,
+            native_gemv_ceiling_tokens_per_s=_best_rate(sources, "native_gemv") / per_token,
             weight_bytes_per_token=per_token,
             bandwidth_bytes_per_s=read_bw,
-            bandwidth_used="max(sum, torch gemv, native gemv): read-only bandwidth, "
+            bandwidth_used="max(sum, torch gemv, native gemv; 4 KiB and 2 MiB pages): read-only bandwidth, "
             + ("the higher of right before and after the point" if adjacent else "at the start of the run"),
             start_of_run_bandwidth_bytes_per_s=read_bandwidth(bandwidth),
         )

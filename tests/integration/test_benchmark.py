@@ -40,6 +40,8 @@ def test_quick_serve_benchmark(ray_cluster, tmp_path):
     settings = saved["settings"]
     for key in ("copy_bytes_per_s", "sum_bytes_per_s", "gemv_bytes_per_s"):
         assert saved["bandwidth"][key] > 0
+    if saved["bandwidth"]["transparent_huge_pages"] in ("always", "madvise"):  # the served weights' pages too
+        assert saved["bandwidth"]["sum_huge_pages_bytes_per_s"] > 0
     loads = [c for c in saved["cases"] if c["kind"] == "load"]
     assert [(c["label"], [p["concurrency"] for p in c["points"]]) for c in loads] == [
         ("none", [1]),

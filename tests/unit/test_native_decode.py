@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,16 @@ import torch
 from llmopt.config import load_config
 from llmopt.models import load_model, load_tokenizer
 from llmopt.serve import GenerationEngine, GenerationRequest, SamplingParams, load_serving_model
-from llmopt.serve._native import DecodeLinear, _compiler, load_gemv, use_native_decode
+from llmopt.serve._native import (
+    HUGE_PAGE,
+    DecodeLinear,
+    _compiler,
+    huge_page_empty,
+    load_gemv,
+    load_kernels,
+    transparent_huge_pages,
+    use_native_decode,
+)
 from llmopt.serve._precision import ServingPrecisionError
 
 TOL = {"atol": 1e-4, "rtol": 1e-4}
@@ -26,9 +36,9 @@ def _config(*overrides):
 def fresh_kernel_cache(tmp_path, monkeypatch):
     """An empty llmopt cache and a cleared in-process kernel, so the kernel is really rebuilt."""
     monkeypatch.setenv("LLMOPT_CACHE_DIR", str(tmp_path))
-    load_gemv.cache_clear()
+    load_kernels.cache_clear()
     yield tmp_path
-    load_gemv.cache_clear()
+    load_kernels.cache_clear()
 
 
 @needs_kernel
@@ -149,3 +159,48 @@ def test_native_where_it_cannot_run_is_a_config_error_and_auto_falls_back(fresh_
     assert model.decode_kernel == "torch"
     with pytest.raises(ValueError, match="decode_kernel"):
         _config("serving.decode_kernel=fast")
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping that holds `address` in this process (`hg`: advised to use huge pages)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        first = line.split()[0]
+        if "-" in first and not first.endswith(":"):
+            start, end = (int(x, 16) for x in first.split("-"))
+            inside = start <= address < end
+        elif inside and first == "VmFlags:":
+            return line.split()[1:]
+    return []
+
+
+THP = transparent_huge_pages() in ("always", "madvise")
+
+
+@pytest.mark.skipif(not THP, reason="transparent huge pages are off on this machine")
+def test_huge_page_buffers_are_aligned_and_advised():
+    t = huge_page_empty(3 * HUGE_PAGE // 4 + 5)
+    assert t.dtype is torch.float32 and t.numel() == 3 * HUGE_PAGE // 4 + 5
+    assert t.data_ptr() % HUGE_PAGE == 0
+    t.fill_(1.5)
+    assert float(t.sum()) == 1.5 * t.numel()
+    assert "hg" in _vm_flags(t.data_ptr())
+
+
+@needs_kernel
+@pytest.mark.skipif(not THP, reason="transparent huge pages are off on this machine")
+def test_served_weights_move_to_huge_pages_with_the_same_values():
+    plain = load_serving_model(_config("serving.decode_kernel=torch"))
+    native = load_serving_model(_config())
+    assert "MiB of weights on 2 MiB pages" in native.decode_kernel
+    switched = [m for m in native.modules() if type(m) is DecodeLinear]
+    for module in switched:
+        assert "hg" in _vm_flags(module.weight.data_ptr()), module
+    for (name, a), (_, b) in zip(native.state_dict().items(), plain.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    # Layers are laid out in the order decoding reads them: consecutive projections share a buffer.
+    attn = native.model.layers[0].self_attn
+    q, k = attn.q_proj.weight, attn.k_proj.weight
+    assert k.data_ptr() == q.data_ptr() + q.numel() * 4
+    kept, _ = use_native_decode(load_model("tiny-llama").eval(), huge_pages=False)
+    assert kept == len(switched)
