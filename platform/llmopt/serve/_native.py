@@ -1,18 +1,19 @@
-"""A native fp32 kernel for batch-1 decoding on CPU (`serving.decode_kernel`).
+"""Native fp32 kernels for batch-1 decoding on CPU (`serving.decode_kernel`).
 
 Decoding one sequence reads every weight once per token, so its speed is the rate at which the weights
 stream from memory. torch's `F.linear` on a single row (MKL's GEMV) reached 13-14 GB/s on this project's
 machines for Llama-sized layers, against 27-31 GB/s that a plain sum over the same bytes reads; the C kernel
 in `_gemv.c` (one sequential pass per row, four vector accumulators) reached 23-27 GB/s, which makes batch-1
-decoding of the ~100M preset about 1.7x faster. We deliberately hand-write this one kernel: neither torch
+decoding of the ~100M preset about 1.7x faster. We deliberately hand-write these kernels: neither torch
 (MKL/oneDNN) nor a pinned library offers a single-row GEMV that streams at the machine's bandwidth, and
-torch.compile's CPU backend calls the same MKL routine for it.
+torch.compile's CPU backend calls the same MKL routine for it. `_gemv.c` also holds single-query attention
+over a KV cache, for the engine's lean Llama step (`_fast_decode.py`).
 
-The kernel is compiled at first use with the system C compiler (`$CC`, else cc/gcc/clang; `-O3
+The kernels are compiled at first use with the system C compiler (`$CC`, else cc/gcc/clang; `-O3
 -march=native`) into llmopt's cache, keyed by the source, the compiler and the CPU's flags, checked against
-`F.linear` on a random matrix, and loaded with ctypes (which releases the GIL during the call). Only
-single-row fp32 inputs without autograd use it; every other input, and every machine where it cannot be
-built, keeps torch's kernel.
+`F.linear` and SDPA on random inputs, and loaded with ctypes (which releases the GIL during the call). Only
+single-row fp32 inputs without autograd use them; every other input, and every machine where they cannot
+be built, keeps torch's kernels. The switched layers' weights move onto 2 MiB pages (`huge_page_empty`).
 """
 
 from __future__ import annotations
