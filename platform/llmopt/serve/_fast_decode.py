@@ -6,8 +6,9 @@ per token, builds masks and position embeddings, and calls each projection throu
 torch's SDPA alone took 60-90 us per layer inside the loop (17 us on warm data). This step computes the
 same thing for one token of one unpadded sequence with the same weights and cache: the same operations in
 the same order (RMSNorm, rotary embedding, SiLU MLP), attention in the native single-query kernel. Logits
-match transformers' to 1e-5 (tests/unit/test_fast_decode.py). Measured in the engine: the ~100M preset
-35 -> 42 tokens/s, tiny-llama 410 -> 656 (`python -m jobs.benchmark serve`'s precision table).
+match transformers' to 1e-5 (tests/unit/test_fast_decode.py). In the engine (`python -m jobs.benchmark
+serve`'s precision table, three runs): tiny-llama 259-409 -> 656-792 tokens/s; the ~100M preset 35-39 ->
+38-42, within the machine's noise (in one process, 4.2-5 -> 2.4-2.8 ms of Python per token).
 
 It serves only what it reproduces exactly: `LlamaForCausalLM` with default RoPE whose projections all run
 the native kernel; the engine uses it when one request is running and no adapter is loaded, and
