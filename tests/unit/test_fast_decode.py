@@ -110,3 +110,19 @@ def test_lean_step_serves_only_what_it_reproduces(native, tok):
     lean = engine.generate([request])[request.request_id]
     _, plain = _run(model, tok, [request], lean=False)
     _assert_same(lean, plain[request.request_id])
+
+
+def test_attention_kernel_and_its_fallback_agree_with_grouped_heads(native):
+    """The native single-query attention on a cache buffer, and SDPA on a layout the kernel does not take."""
+    step = LlamaDecodeStep(native)
+    attn = native.model.layers[0].self_attn
+    gen = torch.Generator().manual_seed(0)
+    heads, kv_heads, length, dim = 4, 2, 37, attn.head_dim
+    q = torch.randn(heads, dim, generator=gen)
+    buffer = torch.randn(2, 1, kv_heads, length + 11, dim, generator=gen)  # room to grow, like the engine's
+    keys, values = buffer[0, :, :, :length], buffer[1, :, :, :length]
+    scores = (q.view(kv_heads, 2, dim) @ keys[0].transpose(-1, -2)) * attn.scaling
+    want = (scores.softmax(-1) @ values[0]).reshape(-1)
+    torch.testing.assert_close(step._attention(q, keys, values, attn), want, atol=1e-5, rtol=1e-4)
+    strided = keys.transpose(2, 3).contiguous().transpose(2, 3)  # same values, position stride != dim
+    torch.testing.assert_close(step._attention(q, strided, values, attn), want, atol=1e-5, rtol=1e-4)

@@ -77,8 +77,10 @@ class LlamaDecodeStep:
         kv_heads, length = keys.shape[1], keys.shape[2]
         stride = keys.stride(1)
         if keys.stride()[2:] != (dim, 1) or values.stride()[1:] != (stride, dim, 1):
+            group = heads // kv_heads  # repeat_interleave, not enable_gqa (torch >= 2.5 only)
+            keys, values = (t.repeat_interleave(group, dim=1) for t in (keys, values))
             return F.scaled_dot_product_attention(
-                q.view(1, heads, 1, dim), keys, values, scale=attn.scaling, enable_gqa=heads != kv_heads
+                q.view(1, heads, 1, dim), keys, values, scale=attn.scaling
             ).view(-1)
         out, scores = torch.empty(heads * dim), torch.empty(length)
         self._attend(

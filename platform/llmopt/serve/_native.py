@@ -145,8 +145,9 @@ def _self_check(gemv, attend) -> str | None:
     out, scores = torch.empty(heads, dim), torch.empty(length)
     args = (q, k, v, out, heads, kv_heads, length, dim, capacity * dim, dim**-0.5, scores)
     attend(*(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args))
+    group = heads // kv_heads  # repeat_interleave, not enable_gqa (torch >= 2.5 only)
     want = torch.nn.functional.scaled_dot_product_attention(
-        q, k[:, :, :length], v[:, :, :length], enable_gqa=True
+        q, *(t[:, :, :length].repeat_interleave(group, dim=1) for t in (k, v))
     )
     if not torch.allclose(out, want.view(heads, dim), atol=1e-5, rtol=1e-4):
         return "scaled_dot_product_attention"
