@@ -40,7 +40,7 @@ def measure_bandwidth(threads: int, megabytes: int, repeats: int = 5) -> dict[st
 
     import torch
 
-    from llmopt.serve._native import huge_page_empty, load_gemv, transparent_huge_pages
+    from llmopt.serve._native import huge_page_empty, huge_pages_available, load_gemv, transparent_huge_pages
 
     torch.set_num_threads(threads)
     n = megabytes * 2**20 // 4
@@ -73,7 +73,7 @@ def measure_bandwidth(threads: int, megabytes: int, repeats: int = 5) -> dict[st
     copy_rate = 2 * nbytes / best(functools.partial(dst.copy_, src))
     del dst
     result = {"threads": threads, "buffer_bytes": nbytes, "copy_bytes_per_s": copy_rate, **rates(src, "")}
-    if transparent_huge_pages() in ("always", "madvise"):
+    if huge_pages_available():
         on_huge_pages = huge_page_empty(src.numel()).view_as(src).copy_(src)
         del src
         result.update(rates(on_huge_pages, "_huge_pages"))

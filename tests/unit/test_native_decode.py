@@ -16,9 +16,9 @@ from llmopt.serve._native import (
     DecodeLinear,
     _compiler,
     huge_page_empty,
+    huge_pages_available,
     load_gemv,
     load_kernels,
-    transparent_huge_pages,
     use_native_decode,
 )
 from llmopt.serve._precision import ServingPrecisionError
@@ -174,7 +174,7 @@ def _vm_flags(address: int) -> list[str]:
     return []
 
 
-THP = transparent_huge_pages() in ("always", "madvise")
+THP = huge_pages_available()
 
 
 @pytest.mark.skipif(not THP, reason="transparent huge pages are off on this machine")

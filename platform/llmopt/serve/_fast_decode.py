@@ -10,8 +10,8 @@ match transformers' to 1e-5 (tests/unit/test_fast_decode.py). In the engine (`py
 serve`'s precision table, three runs): tiny-llama 259-409 -> 656-792 tokens/s; the ~100M preset 35-39 ->
 38-42, within the machine's noise (in one process, 4.2-5 -> 2.4-2.8 ms of Python per token).
 
-It serves only what it reproduces exactly: `LlamaForCausalLM` with default RoPE whose projections all run
-the native kernel; the engine uses it when one request is running and no adapter is loaded, and
+It serves only models whose maths it reproduces: `LlamaForCausalLM` with default RoPE whose projections
+all run the native kernel; the engine uses it when one request is running and no adapter is loaded, and
 transformers' forward for everything else (prefill, batches, adapters, other architectures). We write this
 step by hand because transformers has no lean single-token path and torch.compile saved only 1-2 ms here
 after a ~50 s warm-up per replica.

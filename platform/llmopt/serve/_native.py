@@ -218,7 +218,7 @@ def use_native_decode(
         if w is not None and w.dtype is torch.float32 and w.device.type == "cpu" and w.is_contiguous():
             module.__class__ = DecodeLinear
             switched.append(module)
-    if huge_pages and transparent_huge_pages() in ("always", "madvise"):
+    if huge_pages and huge_pages_available():
         moved = _move_to_huge_pages(switched)
         description += f", {moved / 2**20:.0f} MiB of weights on 2 MiB pages"
     return len(switched), description
@@ -238,6 +238,11 @@ def transparent_huge_pages() -> str:
     return found.group(1) if found else ""
 
 
+def huge_pages_available() -> bool:
+    """Whether a process may ask for transparent huge pages here (mode `always` or `madvise`)."""
+    return transparent_huge_pages() in ("always", "madvise")
+
+
 def huge_page_empty(numel: int) -> torch.Tensor:
     """An uninitialised 1-D fp32 tensor whose memory the kernel is asked to back with 2 MiB pages.
 
@@ -250,7 +255,7 @@ def huge_page_empty(numel: int) -> torch.Tensor:
     raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)  # untouched: mapped on first write
     start = -raw.data_ptr() % HUGE_PAGE
     region = raw[start : start + nbytes]
-    if nbytes >= HUGE_PAGE and transparent_huge_pages() in ("always", "madvise"):
+    if nbytes >= HUGE_PAGE and huge_pages_available():
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise(ctypes.c_void_p(region.data_ptr()), ctypes.c_size_t(nbytes), _MADV_HUGEPAGE)
     return region.view(torch.float32)
@@ -264,10 +269,13 @@ def _move_to_huge_pages(modules: list[torch.nn.Module], chunk_bytes: int = 64 <<
     """
     params = list({id(m.weight): m.weight for m in modules}.values())  # tied weights move once
     groups: list[list[torch.nn.Parameter]] = [[]]
+    size = 0
     for p in params:
-        if groups[-1] and sum(q.numel() for q in groups[-1]) * 4 + p.numel() * 4 > chunk_bytes:
+        if groups[-1] and size + p.numel() * 4 > chunk_bytes:
             groups.append([])
+            size = 0
         groups[-1].append(p)
+        size += p.numel() * 4
     moved = 0
     with torch.no_grad():
         for group in groups:
