@@ -267,6 +267,8 @@ class LLMServer:
                 "kv_cache": self.config.serving.kv_cache.enabled,
                 "running": self.engine.num_running,
                 "waiting": self.engine.num_waiting,
+                "decode_kernel": getattr(self.model, "decode_kernel", "torch"),
+                "decode_path": self.engine.decode_path,
             },
             "batch_size": {
                 "steps": self._steps,

@@ -311,6 +311,11 @@ def test_batch_generate_and_batching_under_concurrency(server, reference):
     assert [r["text"] for r in results] == [reference(p, 8)[0] for p in PROMPTS[:4]]
     stats = httpx.get(f"{server}/api/v1/stats", headers=AUTH, timeout=30).json()
     assert stats["engine"]["max_batch_size"] == 4 and stats["engine"]["mode"] == "continuous"
+    engine = stats["engine"]
+    native = engine["decode_kernel"].startswith("native")  # else torch's: no C compiler on this machine
+    assert native or engine["decode_kernel"] == "torch"
+    # This app loads a LoRA adapter, so its replicas decode through peft's model, not the lean Llama step.
+    assert engine["decode_path"] == "transformers (PeftModel is not LlamaForCausalLM)"
     assert stats["batch_size"]["max"] > 1  # requests really were decoded together
     assert stats["kv_cache"]["hits"] >= 1
 
