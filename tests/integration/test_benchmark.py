@@ -98,7 +98,7 @@ def test_quick_serve_benchmark(ray_cluster, tmp_path):
     assert kernels[2] == kernels[4] == "torch"  # serving.decode_kernel=torch, and bf16 (native is fp32 only)
     paths = [row["decode_path"] for row in precision]
     native = kernels[0].startswith("native")  # no C compiler here: torch's kernel, and no lean step
-    assert paths[0] == ("lean Llama step at batch 1" if native else "transformers (not every projection runs "
+    assert paths[0] == ("lean Llama step" if native else "transformers (not every projection runs "
                         "the native decode kernel)")  # fmt: skip
     assert paths[1] == "transformers (turned off)" and paths[2].startswith("transformers (not every")
     for row in precision:

@@ -360,13 +360,45 @@ def test_running_cache_appends_in_place_and_matches_a_plain_cache(model, tok):
     engine.add(request)
     outs = engine.step()
     layer = engine._cache.layers[0]
-    assert type(layer).__name__ == "_GrowingLayer"
+    assert type(layer).__name__ == "_BatchLayer"
     storages = []
     while engine.has_work():
         outs += engine.step()
         if engine._cache is not None:
             storages.append(engine._cache.layers[0].keys.untyped_storage().data_ptr())
-    # the first decode step moves the prefill's keys into a buffer with room; later steps append to it
+    # the prefill's keys moved into a buffer with room; every decode step appends to it
     assert len(storages) == 10 and len(set(storages)) == 1
     plain = model(torch.tensor([request.prompt_ids + [o.token_id for o in outs[:-1]]])).logits[0, -1]
     torch.testing.assert_close(outs[-1].logits, plain, **TOL)
+
+
+def test_churn_of_joins_and_leaves_equals_each_alone(model, tok):
+    """Requests of many lengths join while others leave from the middle of the batch (their slot takes the
+    last row), newcomers longer than the batch widen it on the left, and the buffers outgrow their room:
+    every request still matches its run alone, on logits."""
+    words = TEXTS[3].split()
+    jobs = [(f"j{i}", " ".join(words[: 1 + (7 * i) % len(words)]), 2 + (5 * i) % 9) for i in range(14)]
+    requests = {rid: _req(tok, rid, text, max_tokens=n, ignore_eos=True) for rid, text, n in jobs}
+    engine = _engine(model, tok, max_batch_size=5)
+    got: dict[str, list] = {rid: [] for rid in requests}
+    arrivals = iter(requests.values())
+    engine.add(next(arrivals))
+    moved = widened = 0
+    while engine.has_work():
+        order = [s.request.request_id for s in engine._running]
+        width = engine._mask.shape[1] if engine._mask is not None else 0
+        for _ in range(2):  # two arrivals per step: the queue builds up, so rows leave and join each step
+            if (request := next(arrivals, None)) is not None:
+                engine.add(request)
+        for out in engine.step():
+            got[out.request_id].append(out)
+        now = [s.request.request_id for s in engine._running]
+        kept = [rid for rid in order if rid in now]
+        moved += kept != now[: len(kept)]
+        widened += engine._mask is not None and engine._mask.shape[1] > width + 1
+        if engine._cache is not None:
+            layer = engine._cache.layers[0]
+            assert layer.keys.shape[:3] == (len(now), 2, engine._mask.shape[1])
+    assert moved and widened  # both a middle-row exit and a left-widening join happened
+    for rid, request in requests.items():
+        _assert_same(got[rid], _alone(model, tok, request))

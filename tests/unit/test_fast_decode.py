@@ -1,4 +1,5 @@
-"""The lean batch-1 Llama decode step: transformers' logits, and used only where it applies."""
+"""The lean Llama decode step (one row, or a left-padded batch): transformers' logits, used only where it
+applies."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def test_lean_step_gives_transformers_logits_alone(native, tok, monkeypatch):
     monkeypatch.setattr(LlamaDecodeStep, "__call__", lambda *a: calls.append(a[2]) or step(*a))
     for request in _requests(tok):
         engine, lean = _run(native, tok, [request], lean=True)
-        assert engine.decode_path == "lean Llama step at batch 1"
+        assert engine.decode_path == "lean Llama step"
         _, plain = _run(native, tok, [request], lean=False)
         _assert_same(lean[request.request_id], plain[request.request_id])
     assert len(calls) == (9 - 1) + (7 - 1) + (2 - 1)  # every decode step after the prefill
@@ -105,7 +106,7 @@ def test_lean_step_serves_only_what_it_reproduces(native, tok):
     model = load_serving_model(load_config(None, []))
     request = _requests(tok)[0]
     engine = GenerationEngine(model, tok, keep_logits=True)
-    assert engine.decode_path == "lean Llama step at batch 1"
+    assert engine.decode_path == "lean Llama step"
     inject_adapter_in_model(LoraConfig(r=4, target_modules=["v_proj"], init_lora_weights=False), model)
     lean = engine.generate([request])[request.request_id]
     _, plain = _run(model, tok, [request], lean=False)
@@ -126,3 +127,72 @@ def test_attention_kernel_and_its_fallback_agree_with_grouped_heads(native):
     torch.testing.assert_close(step._attention(q, keys, values, attn), want, atol=1e-5, rtol=1e-4)
     strided = keys.transpose(2, 3).contiguous().transpose(2, 3)  # same values, position stride != dim
     torch.testing.assert_close(step._attention(q, strided, values, attn), want, atol=1e-5, rtol=1e-4)
+
+
+def test_batched_lean_step_gives_transformers_logits_as_rows_join_and_leave(native, tok, monkeypatch):
+    """Rows of many lengths (greedy and sampled) join and leave a running batch decoded by the lean step;
+    each matches its run alone through transformers' forward, on logits."""
+    batches = []
+    step = LlamaDecodeStep.decode_batch
+    monkeypatch.setattr(LlamaDecodeStep, "decode_batch", lambda *a: batches.append(len(a[1])) or step(*a))
+    words = [
+        "Ray",
+        "Serve",
+        "batches",
+        "requests",
+        "dynamically",
+        "and",
+        "keeps",
+        "a",
+        "KV",
+        "cache",
+        "for",
+        "every",
+        "session",
+    ]
+    requests = [
+        GenerationRequest(
+            f"r{i}",
+            tok(" ".join(words[: 1 + (5 * i) % len(words)])).input_ids,
+            SamplingParams(max_tokens=2 + (3 * i) % 7, temperature=0.8 * (i % 2), seed=i),
+        )
+        for i in range(9)
+    ]
+    engine = GenerationEngine(native, tok, max_batch_size=4, keep_logits=True)
+    got = {r.request_id: [] for r in requests}
+    for i, request in enumerate(requests):
+        engine.add(request)
+        if i % 2:
+            for out in engine.step():
+                got[out.request_id].append(out)
+    while engine.has_work():
+        for out in engine.step():
+            got[out.request_id].append(out)
+    assert max(batches) == 4 and len(set(batches)) > 1, batches
+    for request in requests:
+        _, alone = _run(native, tok, [request], lean=False)
+        _assert_same(got[request.request_id], alone[request.request_id])
+
+
+def test_batched_attention_kernel_and_its_fallback_agree(native):
+    """Each row of a left-padded batch attends from its own first real position."""
+    step = LlamaDecodeStep(native)
+    attn = native.model.layers[0].self_attn
+    gen = torch.Generator().manual_seed(1)
+    batch, heads, kv_heads, width, dim = 3, 4, 2, 29, attn.head_dim
+    q = torch.randn(batch, heads, dim, generator=gen)
+    buffer = torch.randn(2, batch + 2, kv_heads, width + 9, dim, generator=gen)
+    keys, values = buffer[0, :batch, :, :width], buffer[1, :batch, :, :width]
+    starts = torch.tensor([0, 11, 28])
+    want = []
+    for b in range(batch):
+        k, v = keys[b, :, starts[b] :], values[b, :, starts[b] :]
+        scores = (q[b].view(kv_heads, 2, dim) @ k.transpose(-1, -2)) * attn.scaling
+        want.append((scores.softmax(-1) @ v).reshape(-1))
+    want = torch.stack(want)
+    got = step._attention_rows(q, keys, values, starts, attn)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    strided = keys.transpose(2, 3).contiguous().transpose(2, 3)  # same values, position stride != dim
+    torch.testing.assert_close(
+        step._attention_rows(q, strided, values, starts, attn), want, atol=1e-5, rtol=1e-4
+    )

@@ -162,11 +162,11 @@ class GenerationEngine:
             {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(forward).parameters else {}
         )
         self.device = next(model.parameters()).device
-        # One running request on a Llama model with the native kernel decodes through the lean step (the
-        # same logits to 1e-5, about 2 ms less Python per token); everything else goes through transformers.
+        # Decode steps of a Llama model with the native kernel run the lean step (the same logits to 1e-5,
+        # without transformers' per-module Python); prefills and everything else go through transformers.
         reason = unsupported_reason(model) if lean_decode else "turned off"
         self._lean = LlamaDecodeStep(model) if reason is None and use_cache else None
-        self.decode_path = "lean Llama step at batch 1" if self._lean else f"transformers ({reason})"
+        self.decode_path = "lean Llama step" if self._lean else f"transformers ({reason})"
         generation_config = getattr(model, "generation_config", None)
         eos = {tokenizer.eos_token_id, *_as_list(getattr(generation_config, "eos_token_id", None))}
         self.eos_token_ids = {e for e in eos if e is not None}
@@ -266,13 +266,20 @@ class GenerationEngine:
             if self.use_cache:
                 ones = torch.ones(len(self._running), 1, dtype=self._mask.dtype, device=self.device)
                 mask = torch.cat([self._mask, ones], dim=1)
+                positions = self._mask.sum(dim=1)
+                # Every row's padding is a prefix of it (prefills are left-padded, decode steps append real
+                # tokens): the lean step attends from each row's first real position.
+                starts = mask.shape[1] - 1 - positions
                 if self._lean is not None and len(self._running) == 1:
                     # `_keep` drops leading padding, so a lone row's mask is all ones.
                     position = self._mask.shape[1]
                     logits = self._lean(self._running[0].token_ids[-1], position, self._cache).float()
+                elif self._lean is not None and torch.equal(mask.argmax(dim=1), starts):
+                    last = torch.tensor([s.token_ids[-1] for s in self._running], device=self.device)
+                    logits = self._lean.decode_batch(last, positions, starts, self._cache).float()
                 else:
                     last = torch.tensor([[s.token_ids[-1]] for s in self._running], device=self.device)
-                    position_ids = self._mask.sum(dim=1, keepdim=True)
+                    position_ids = positions.unsqueeze(1)
                     logits = self._forward(last, mask, position_ids, self._cache, self._running)
                 self._mask = mask
             else:
@@ -385,35 +392,50 @@ class GenerationEngine:
 
     def _merge(self, newcomers: list[_Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
         """Append the newcomers' rows (cache + mask) to the running batch, left-padding the shorter side."""
+        _check_layers(cache)
         if not self._running:
-            for layer in cache.layers:  # the running batch's cache appends in place from now on
-                if type(layer) is DynamicLayer:
-                    layer.__class__ = _GrowingLayer
+            for layer in cache.layers:  # the running batch's cache: in buffers with room from now on
+                keys, values = layer.keys, layer.values
+                layer.__class__ = _BatchLayer
+                layer.adopt(keys, values, self.max_batch_size)
             self._running, self._cache, self._mask = list(newcomers), cache, mask
             return
         _check_layers(self._cache)
-        _check_layers(cache)
-        old_len, new_len = self._mask.shape[1], mask.shape[1]
-        for old, new in zip(self._cache.layers, cache.layers, strict=True):
-            old.keys = torch.cat([_left_pad(old.keys, new_len, 2), _left_pad(new.keys, old_len, 2)])
-            old.values = torch.cat([_left_pad(old.values, new_len, 2), _left_pad(new.values, old_len, 2)])
-        self._mask = torch.cat([_left_pad(self._mask, new_len, 1), _left_pad(mask, old_len, 1)])
+        width, length = self._mask.shape[1], mask.shape[1]
+        if length > width:
+            for layer in self._cache.layers:
+                layer.extend_left(length - width)
+            self._mask, width = _left_pad(self._mask, length, 1), length
+        for layer, new in zip(self._cache.layers, cache.layers, strict=True):
+            layer.append_rows(new.keys, new.values)
+        self._mask = torch.cat([self._mask, _left_pad(mask, width, 1)])
         self._running += newcomers
 
     def _keep(self, rows: list[int]) -> None:
-        """Keep only ``rows`` of the batch, then drop leading columns that are padding in every kept row."""
-        self._running = [self._running[i] for i in rows]
+        """Keep only ``rows`` of the batch, then drop leading positions that are padding in every kept row.
+
+        Each dropped slot below ``len(rows)`` takes a kept row from the end, so only moved rows are copied
+        (the order of the running rows changes; outputs carry their request id).
+        """
         if not rows or not self.use_cache:
+            self._running = [self._running[i] for i in rows]
             self._cache = self._mask = None
             return
-        index = torch.tensor(rows, dtype=torch.long, device=self.device)
-        mask = self._mask.index_select(0, index)
-        skip = int((mask.sum(dim=0) > 0).long().argmax())  # first column holding a real token
+        count, kept = len(rows), set(rows)
+        holes = [i for i in range(count) if i not in kept]
+        movers = [i for i in rows if i >= count]
+        for target, source in zip(holes, movers, strict=True):
+            for layer in self._cache.layers:
+                layer.move_row(source, target)
+            self._running[target] = self._running[source]
+        if holes:
+            self._mask[holes] = self._mask[movers]
+        self._running = self._running[:count]
+        mask = self._mask[:count]
+        skip = int((mask.sum(dim=0) > 0).long().argmax())  # first position holding a real token
         self._mask = mask[:, skip:]
-        _check_layers(self._cache)
         for layer in self._cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, skip:]
-            layer.values = layer.values.index_select(0, index)[:, :, skip:]
+            layer.truncate(count, skip)
 
     def _advance(self, seq: _Sequence, logits: torch.Tensor) -> StepOutput:
         """Sample the next token of ``seq`` from its logits row, update its text, decide if it stops."""
@@ -484,54 +506,89 @@ def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
-class _GrowingLayer(DynamicLayer):
-    """A `DynamicLayer` that appends into spare capacity instead of concatenating.
+class _BatchLayer(DynamicLayer):
+    """The running batch's cache layer: its rows and positions live in buffers with room to grow.
 
-    `DynamicLayer.update` copies the whole cache on every decode step (`torch.cat`), so a step's copy grows
-    with the context: O(n^2) bytes over a generation (batch-1 decode of the ~100M preset at a 1.5k-token
-    context took 39.6 ms per token with it and 34-36 ms with this layer). This layer keeps `keys`/`values`
-    as views of the first `length` positions of a buffer with room to grow (1.5x plus 64 positions) and
-    writes new positions in place; when the engine replaces `keys`/`values` (merging or dropping rows),
-    the next update moves them into a fresh buffer.
-    The running batch's cache uses it; caches handed to callers (sessions) are plain `DynamicLayer`s.
+    `keys`/`values` are the views ``buffer[:rows, :, start:end]`` of zero-initialised buffers
+    ``[row capacity, kv heads, position capacity, head dim]``, and every change copies only what changes:
+
+    - a decode step writes its position in place (`DynamicLayer.update` concatenates, copying the whole
+      cache every step: O(n^2) bytes over a generation; batch-1 decode of the ~100M preset at a 1.5k-token
+      context took 39.6 ms per token with it and 34-36 ms in place);
+    - newcomers' rows are written right-aligned after the running rows (`append_rows`);
+    - a finished row's slot takes the last row (`move_row`, then `truncate`);
+    - positions that became padding in every row are dropped by moving `start` (`trim`).
+
+    With 32 staggered requests on the tiny preset, merging and dropping rows by concatenation and
+    `index_select` (then copying the result into a buffer with room) took about a fifth of the engine's
+    time. Only a buffer that runs out of room is copied, into one 1.5x larger. Positions a row does not use
+    hold zeros or another row's earlier keys (finite either way, and masked).
     """
 
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, max_rows: int) -> None:
+        """Start from a prefill's keys and values ``[rows, kv heads, positions, head dim]``."""
+        self._max_rows = max_rows
+        self._buffers = tuple(t.new_zeros((0, t.shape[1], 0, t.shape[3])) for t in (keys, values))
+        self._rows, self._start, self._end = 0, 0, 0
+        self._reserve(keys.shape[0], keys.shape[2])
+        self._end = keys.shape[2]
+        self.append_rows(keys, values)
+
+    def _view(self) -> None:
+        self.keys, self.values = (b[: self._rows, :, self._start : self._end] for b in self._buffers)
+
+    def _reserve(self, rows: int, width: int, left: int = 0) -> None:
+        """Room for ``rows`` rows and ``width`` positions, ``left`` of them before the current ones."""
+        buf = self._buffers[0]
+        if rows <= buf.shape[0] and left <= self._start and self._start - left + width <= buf.shape[2]:
+            return
+        row_capacity = max(rows, min(2 * buf.shape[0], self._max_rows))
+        capacity = width + max(64, width // 2)
+        length = self._end - self._start
+        fresh = tuple(b.new_zeros((row_capacity, b.shape[1], capacity, b.shape[3])) for b in self._buffers)
+        for new, old in zip(fresh, self._buffers, strict=True):
+            new[: self._rows, :, left : left + length] = old[: self._rows, :, self._start : self._end]
+        self._buffers, self._start, self._end = fresh, left, left + length
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized or self.keys.numel() == 0:
-            return super().update(key_states, value_states, *args, **kwargs)
-        length, new = self.keys.shape[-2], key_states.shape[-2]
-        buffers = getattr(self, "_kv_buffers", None)
-        if buffers is None or not all(
-            _is_prefix(t, b, length + new) for t, b in zip((self.keys, self.values), buffers, strict=True)
-        ):
-            capacity = length + new + max(64, (length + new) // 2)
-            buffers = tuple(_with_capacity(t, capacity) for t in (self.keys, self.values))
-            self._kv_buffers = buffers
-        buffers[0][:, :, length : length + new] = key_states
-        buffers[1][:, :, length : length + new] = value_states
-        self.keys, self.values = buffers[0][:, :, : length + new], buffers[1][:, :, : length + new]
+        new = key_states.shape[2]
+        self._reserve(self._rows, self._end - self._start + new)
+        for buf, states in zip(self._buffers, (key_states, value_states), strict=True):
+            buf[: self._rows, :, self._end : self._end + new] = states
+        self._end += new
+        self._view()
         return self.keys, self.values
 
+    def extend_left(self, positions: int) -> None:
+        """Add ``positions`` padding positions (zeros) before the current ones, in every row."""
+        self._reserve(self._rows, self._end - self._start + positions, left=positions)
+        self._start -= positions
+        for buf in self._buffers:
+            buf[: self._rows, :, self._start : self._start + positions] = 0
+        self._view()
 
-def _is_prefix(view: torch.Tensor, buffer: torch.Tensor, needed: int) -> bool:
-    """Whether `view` is `buffer[:, :, :len]` and the buffer holds `needed` positions."""
-    return (
-        view.data_ptr() == buffer.data_ptr()
-        and view.shape[:2] == buffer.shape[:2]
-        and view.stride() == buffer.stride()
-        and buffer.shape[2] >= needed
-    )
+    def append_rows(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Add rows after the running ones, their positions right-aligned (at most the current width)."""
+        rows, length = keys.shape[0], keys.shape[2]
+        self._reserve(self._rows + rows, self._end - self._start)
+        for buf, states in zip(self._buffers, (keys, values), strict=True):
+            buf[self._rows : self._rows + rows, :, self._end - length : self._end] = states
+        self._rows += rows
+        self._view()
 
+    def move_row(self, source: int, target: int) -> None:
+        for buf in self._buffers:
+            buf[target, :, self._start : self._end] = buf[source, :, self._start : self._end]
 
-def _with_capacity(t: torch.Tensor, capacity: int) -> torch.Tensor:
-    buffer = t.new_empty((*t.shape[:2], capacity, t.shape[3]))
-    buffer[:, :, : t.shape[2]] = t
-    return buffer
+    def truncate(self, rows: int, skip: int) -> None:
+        """Keep the first ``rows`` rows and drop the first ``skip`` positions."""
+        self._rows, self._start = rows, self._start + skip
+        self._view()
 
 
 def _check_layers(cache: DynamicCache) -> None:
     for layer in cache.layers:
-        if type(layer) not in (DynamicLayer, _GrowingLayer) or not layer.is_initialized:
+        if type(layer) not in (DynamicLayer, _BatchLayer) or not layer.is_initialized:
             raise NotImplementedError(
                 "GenerationEngine supports full-attention DynamicLayer caches only, got "
                 f"{type(layer).__name__} (initialized={layer.is_initialized}); sliding-window or "

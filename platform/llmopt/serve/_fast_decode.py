@@ -1,20 +1,24 @@
-"""A lean batch-1 decode step for Llama-architecture models on the native kernels.
+"""A lean decode step for Llama-architecture models on the native kernels, for one row or a padded batch.
 
 With the native GEMV (`serving.decode_kernel`), batch-1 decoding of the ~100M preset spent about 18-21 ms
 per token streaming weights and 4-5 ms in the Python around them: transformers' forward walks ~100 modules
 per token, builds masks and position embeddings, and calls each projection through `nn.Module.__call__`;
 torch's SDPA alone took 60-90 us per layer inside the loop (17 us on warm data). This step computes the
-same thing for one token of one unpadded sequence with the same weights and cache: the same operations in
-the same order (RMSNorm, rotary embedding, SiLU MLP), attention in the native single-query kernel. Logits
-match transformers' to 1e-5 (tests/unit/test_fast_decode.py). In the engine (`python -m jobs.benchmark
-serve`'s precision table, three runs): tiny-llama 259-409 -> 656-792 tokens/s; the ~100M preset 35-39 ->
-38-42, within the machine's noise (in one process, 4.2-5 -> 2.4-2.8 ms of Python per token).
+same thing with the same weights and cache: the same operations in the same order (RMSNorm, rotary
+embedding, SiLU MLP), attention in the native single-query kernel. Logits match transformers' to 1e-5
+(tests/unit/test_fast_decode.py). In the engine (`python -m jobs.benchmark serve`'s precision table, three
+runs): tiny-llama 259-409 -> 656-792 tokens/s at batch 1; the ~100M preset 35-39 -> 38-42, within the
+machine's noise (in one process, 4.2-5 -> 2.4-2.8 ms of Python per token).
+
+`decode_batch` does the same for a left-padded batch (torch's matrix products, and attention from each
+row's first real position): with 32 staggered requests on the tiny preset, the engine decoded about 2,050
+tokens/s through transformers' forward and 2,550 through this step.
 
 It serves only models whose maths it reproduces: `LlamaForCausalLM` with default RoPE whose projections
-all run the native kernel; the engine uses it when one request is running and no adapter is loaded, and
-transformers' forward for everything else (prefill, batches, adapters, other architectures). We write this
-step by hand because transformers has no lean single-token path and torch.compile saved only 1-2 ms here
-after a ~50 s warm-up per replica.
+all run the native kernel, and no adapter; the engine uses it for decode steps, and transformers' forward
+for everything else (prefill, adapters, other architectures). We write this step by hand because
+transformers has no lean single-token path and torch.compile saved only 1-2 ms here after a ~50 s warm-up
+per replica.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, LlamaForCausalLM
 
-from llmopt.serve._native import DecodeLinear
+from llmopt.serve._native import DecodeLinear, load_kernels
 
 
 def unsupported_reason(model) -> str | None:
@@ -46,7 +50,8 @@ def unsupported_reason(model) -> str | None:
 
 
 class LlamaDecodeStep:
-    """Next-token logits of a single unpadded sequence whose KV cache covers every earlier position.
+    """Next-token logits of one unpadded sequence (`__call__`) or of a left-padded batch (`decode_batch`)
+    whose KV cache covers every earlier position.
 
     Example::
 
@@ -58,7 +63,8 @@ class LlamaDecodeStep:
         if reason := unsupported_reason(model):
             raise ValueError(f"the lean decode step cannot run this model: {reason}")
         self.model = model
-        self._gemv, self._attend = DecodeLinear._gemv, DecodeLinear._attend
+        kernels, _ = load_kernels()  # loaded: every projection is a DecodeLinear
+        self._gemv, self._attend, self._attend_rows = kernels.gemv, kernels.attend, kernels.attend_rows
 
     def _linear(
         self, module: torch.nn.Linear, x: torch.Tensor, out: torch.Tensor | None = None
@@ -120,6 +126,70 @@ class LlamaDecodeStep:
             x = x + self._linear(proj["down_proj"], gated)
         x = F.rms_norm(x, (hidden,), inner.norm.weight, inner.norm.variance_epsilon)
         return self._linear(self.model.lm_head, x).view(1, -1)
+
+    def _rows(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """A projection of a batch of rows on torch's kernel (what `DecodeLinear` runs for several rows)."""
+        if type(module) is not DecodeLinear:  # wrapped since (e.g. a LoRA layer injected): its own forward
+            return module(x)
+        return F.linear(x, module.weight, module.bias)
+
+    def _attention_rows(self, q, keys, values, starts: torch.Tensor, attn) -> torch.Tensor:
+        """Single-query attention of each row over its cache positions ``starts[b]`` onwards."""
+        batch, heads, dim = q.shape
+        kv_heads, width = keys.shape[1], keys.shape[2]
+        if keys.stride()[2:] != (dim, 1) or values.stride() != keys.stride():
+            mask = (torch.arange(width) >= starts[:, None]).view(batch, 1, 1, width)
+            group = heads // kv_heads
+            keys, values = (t.repeat_interleave(group, dim=1) for t in (keys, values))
+            out = F.scaled_dot_product_attention(
+                q.view(batch, heads, 1, dim), keys, values, attn_mask=mask, scale=attn.scaling
+            )
+            return out.view(batch, heads * dim)
+        out, scores = torch.empty(batch, heads * dim), torch.empty(width)
+        self._attend_rows(
+            q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), batch, heads, kv_heads, width,
+            dim, keys.stride(1), keys.stride(0), starts.data_ptr(), attn.scaling, scores.data_ptr(),
+        )  # fmt: skip
+        return out
+
+    @torch.no_grad()
+    def decode_batch(
+        self, token_ids: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor:
+        """Next-token logits ``[batch, vocab]`` of a left-padded batch.
+
+        Args:
+            token_ids: Each row's new token, ``[batch]``.
+            positions: Each row's new token's position (its count of earlier real tokens), ``[batch]``.
+            starts: Each row's first real cache position, ``[batch]`` int64: row b's real tokens are cache
+                positions ``starts[b]`` onwards (left padding is a prefix of every row).
+            cache: The batch's cache; it grows by one position.
+        """
+        inner = self.model.model
+        rotary = inner.rotary_emb
+        # LlamaRotaryEmbedding.forward per row, the same operations on the same dtypes.
+        freqs = positions.float()[:, None] * rotary.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * rotary.attention_scaling)[:, None, :]
+        sin = (emb.sin() * rotary.attention_scaling)[:, None, :]
+        x = inner.embed_tokens.weight[token_ids]
+        batch, hidden = x.shape
+        starts = starts.to(torch.int64).contiguous()
+        for index, layer in enumerate(inner.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            proj, norm, dim = attn._modules, layer.input_layernorm, attn.head_dim
+            h = F.rms_norm(x, (hidden,), norm.weight, norm.variance_epsilon)
+            q = _rotary(self._rows(proj["q_proj"], h).view(batch, -1, dim), cos, sin)
+            k = _rotary(self._rows(proj["k_proj"], h).view(batch, -1, dim), cos, sin)
+            v = self._rows(proj["v_proj"], h).view(batch, -1, 1, dim)
+            keys, values = cache.update(k.unsqueeze(2), v, index)
+            x = x + self._rows(proj["o_proj"], self._attention_rows(q, keys, values, starts, attn))
+            proj, norm = mlp._modules, layer.post_attention_layernorm
+            h = F.rms_norm(x, (hidden,), norm.weight, norm.variance_epsilon)
+            gated = mlp.act_fn(self._rows(proj["gate_proj"], h)) * self._rows(proj["up_proj"], h)
+            x = x + self._rows(proj["down_proj"], gated)
+        x = F.rms_norm(x, (hidden,), inner.norm.weight, inner.norm.variance_epsilon)
+        return self._rows(self.model.lm_head, x)
 
 
 def _rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

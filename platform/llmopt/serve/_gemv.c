@@ -93,3 +93,17 @@ void llmopt_attend(const float *restrict q, const float *restrict k, const float
         }
     }
 }
+
+/* llmopt_attend for each row of a batch whose cache is left-padded: row b attends to positions
+ * [starts[b], width) of its own keys and values (row b starts `row_stride` floats after row b - 1); q and
+ * out are [batch, heads, dim]. The engine's lean step decodes a batch with it in one call per layer.
+ */
+void llmopt_attend_rows(const float *q, const float *k, const float *v, float *out, long batch, long heads,
+                        long kv_heads, long width, long dim, long head_stride, long row_stride,
+                        const long *starts, float scale, float *scores) {
+    for (long b = 0; b < batch; b++) {
+        long offset = b * row_stride + starts[b] * dim;
+        llmopt_attend(q + b * heads * dim, k + offset, v + offset, out + b * heads * dim, heads, kv_heads,
+                      width - starts[b], dim, head_stride, scale, scores);
+    }
+}

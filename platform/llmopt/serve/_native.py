@@ -81,11 +81,15 @@ class NativeKernels:
         gemv: `gemv(W_ptr, x_ptr, bias_ptr_or_None, y_ptr, m, n)`: y = W x (+ bias).
         attend: `attend(q_ptr, k_ptr, v_ptr, out_ptr, heads, kv_heads, len, dim, head_stride, scale,
             scores_ptr)`: single-query attention over a KV cache (`scores` holds `len` floats of scratch).
+        attend_rows: `attend_rows(q_ptr, k_ptr, v_ptr, out_ptr, batch, heads, kv_heads, width, dim,
+            head_stride, row_stride, starts_ptr, scale, scores_ptr)`: `attend` for each row of a left-padded
+            batch, row b over positions `starts[b]` (int64) to `width`.
         description: Which build this is, for logs and reports.
     """
 
     gemv: Callable[..., None]
     attend: Callable[..., None]
+    attend_rows: Callable[..., None]
     description: str
 
 
@@ -125,13 +129,24 @@ def load_kernels() -> tuple[NativeKernels | None, str]:
     gemv.restype = None
     attend.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 5 + [ctypes.c_float, ctypes.c_void_p]
     attend.restype = None
-    if failed := _self_check(gemv, attend):
+    attend_rows = lib.llmopt_attend_rows
+    attend_rows.argtypes = (
+        [ctypes.c_void_p] * 4
+        + [ctypes.c_long] * 7
+        + [
+            ctypes.c_void_p,
+            ctypes.c_float,
+            ctypes.c_void_p,
+        ]
+    )
+    attend_rows.restype = None
+    if failed := _self_check(gemv, attend, attend_rows):
         return None, f"the native decode kernel {path} failed its self-check against {failed}"
     description = f"native AVX-{isa} GEMV ({path.name})"
-    return NativeKernels(gemv, attend, description), description
+    return NativeKernels(gemv, attend, attend_rows, description), description
 
 
-def _self_check(gemv, attend) -> str | None:
+def _self_check(gemv, attend, attend_rows) -> str | None:
     """Odd sizes exercise every tail path; a wrong result disables the kernels rather than serve garbage."""
     gen = torch.Generator().manual_seed(0)
     w, x, b = (torch.randn(*s, generator=gen) for s in ((37, 203), (203,), (37,)))
@@ -151,6 +166,19 @@ def _self_check(gemv, attend) -> str | None:
     )
     if not torch.allclose(out, want.view(heads, dim), atol=1e-5, rtol=1e-4):
         return "scaled_dot_product_attention"
+    batch, starts = 3, torch.tensor([0, 7, 44])  # a left-padded batch: row b attends from starts[b]
+    q = torch.randn(batch, heads, 1, dim, generator=gen)
+    k, v = (torch.randn(batch + 1, kv_heads, capacity, dim, generator=gen) for _ in range(2))
+    out = torch.empty(batch, heads, dim)
+    args = (q, k, v, out, batch, heads, kv_heads, length, dim, capacity * dim, kv_heads * capacity * dim)
+    attend_rows(*(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args), starts.data_ptr(),
+                dim**-0.5, scores.data_ptr())  # fmt: skip
+    mask = (torch.arange(length) >= starts[:, None]).view(batch, 1, 1, length)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, *(t[:batch, :, :length].repeat_interleave(group, dim=1) for t in (k, v)), attn_mask=mask
+    )
+    if not torch.allclose(out, want.view(batch, heads, dim), atol=1e-5, rtol=1e-4):
+        return "scaled_dot_product_attention over a padded batch"
     return None
 
 
@@ -169,7 +197,6 @@ class DecodeLinear(torch.nn.Linear):
 
     # Set once per process by use_native_decode (a ctypes function never binds as a method).
     _gemv: Callable[..., None]
-    _attend: Callable[..., None]  # not used here: the engine's lean decode step takes it from this class
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -211,7 +238,7 @@ def use_native_decode(
         if required:
             raise RuntimeError(description)
         return 0, description
-    DecodeLinear._gemv, DecodeLinear._attend = kernels.gemv, kernels.attend
+    DecodeLinear._gemv = kernels.gemv
     switched = []
     for module in model.modules():
         w = module.weight if type(module) is torch.nn.Linear else None
