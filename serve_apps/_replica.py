@@ -1,10 +1,11 @@
 """The model deployment: one continuous-batching engine per replica, fed through ``@serve.batch``.
 
 Concurrently arriving requests are grouped by ``@serve.batch`` and handed to the engine together (so they
-prefill together); one background task steps the engine and routes every step's output to its request's
-queue, so a request that finishes returns at once and a request arriving mid-decode joins the running batch
-at the next step (iteration-level batching). ``serving.batching.mode`` selects ``continuous`` (that),
-``static`` (a batch runs to completion before the next is admitted) or ``none`` (one request at a time).
+prefill together); one engine thread steps the engine back to back and hands every step's outputs to the
+event loop, which routes each to its request's queue, so a request that finishes returns at once and a
+request arriving mid-decode joins the running batch at the next step (iteration-level batching).
+``serving.batching.mode`` selects ``continuous`` (that), ``static`` (a batch runs to completion before the
+next is admitted) or ``none`` (one request at a time).
 
 Sessions: a request with a session looks up its owner's cached KV prefix in this replica's
 :class:`SessionCacheManager` and stores the grown cache back when it finishes. The ingress routes a session
@@ -13,7 +14,10 @@ back to a full prefill with the same output.
 """
 
 import asyncio
+import logging
 import os
+import queue
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -29,6 +33,8 @@ from llmopt.serve import (
     stream_interval,
 )
 from serve_apps._metrics import ReplicaMetrics
+
+logger = logging.getLogger("ray.serve")
 
 
 def _load_adapters(model, adapters: dict[str, str]):
@@ -81,11 +87,12 @@ class LLMServer:
         self.metrics = ReplicaMetrics()
         self.replica_id = f"{os.getpid()}"
         self._queues: dict[str, asyncio.Queue] = {}
-        # Requests and cancellations reach the engine only between steps, from the event loop: engine.step
-        # runs in a worker thread and the engine is not thread-safe.
-        self._pending: list[GenerationRequest] = []
-        self._cancelled: set[str] = set()
-        self._loop_task: asyncio.Task | None = None
+        # The engine is not thread-safe: only the engine thread touches it (requests and cancellations
+        # reach it through this inbox, between steps). It steps back to back while there is work: stepping
+        # from the event loop (asyncio.to_thread per step) waited for the loop between steps, which at 32
+        # streams left the replica's CPU a quarter idle.
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._engine_thread: threading.Thread | None = None
         self._steps = 0
         self._rows = 0
         self._max_rows = 0
@@ -144,54 +151,75 @@ class LLMServer:
         """Queue a batch of concurrently arriving requests for the engine; one output queue each."""
         queues = []
         for request in requests:
-            queue: asyncio.Queue = asyncio.Queue()
-            self._queues[request.request_id] = queue
-            self._pending.append(request)
-            queues.append(queue)
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+            queue_: asyncio.Queue = asyncio.Queue()
+            self._queues[request.request_id] = queue_
+            queues.append(queue_)
+        self._inbox.put(("add", requests))
+        if self._engine_thread is None or not self._engine_thread.is_alive():
+            loop = asyncio.get_running_loop()
+            self._engine_thread = threading.Thread(
+                target=self._engine_loop, args=(loop,), name="llmopt-engine", daemon=True
+            )
+            self._engine_thread.start()
         return queues
 
-    async def _run(self) -> None:
-        """Step the engine while it has work and route each output to its request's queue."""
-        while self._pending or self.engine.has_work():
-            pending, self._pending = self._pending, []
-            for request in pending:
-                try:
-                    self.engine.add(request)
-                except ValueError as exc:
-                    self._fail(request.request_id, exc)
-            for request_id in self._cancelled:
-                self.engine.cancel(request_id)
-                self._queues.pop(request_id, None)
-            self._cancelled.clear()
-            if not self.engine.has_work():
-                continue
+    def _engine_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The engine thread: apply queued requests and cancellations, step, hand the outputs to the loop."""
+        while True:
             try:
-                outputs = await asyncio.to_thread(self.engine.step)
-            except Exception as exc:  # a broken step fails its requests, never the replica
-                for request_id in list(self._queues):
-                    self._fail(request_id, exc)
-                self._new_engine()
-                continue
-            self._record(len(outputs))
-            for out in outputs:
-                queue = self._queues.get(out.request_id)
-                if queue is not None:
-                    queue.put_nowait(out)
-                if out.finished:
-                    self._queues.pop(out.request_id, None)
+                commands = [] if self.engine.has_work() else [self._inbox.get()]
+                while True:
+                    try:
+                        commands.append(self._inbox.get_nowait())
+                    except queue.Empty:
+                        break
+                for kind, value in commands:
+                    if kind == "cancel":
+                        self.engine.cancel(value)
+                        continue
+                    for request in value:
+                        try:
+                            self.engine.add(request)
+                        except ValueError as exc:
+                            loop.call_soon_threadsafe(self._fail, request.request_id, exc)
+                if not self.engine.has_work():
+                    continue
+                try:
+                    outputs = self.engine.step()
+                except Exception as exc:  # a broken step fails the live requests, never the replica
+                    self._new_engine()
+                    loop.call_soon_threadsafe(self._fail_all, exc)
+                    continue
+                counts = (self.engine.num_waiting, self.engine.num_running)
+                loop.call_soon_threadsafe(self._deliver, outputs, *counts)
+            except Exception:  # never let the thread die with requests waiting on it
+                logger.exception("llmopt engine thread: unexpected error")
+                time.sleep(0.1)
 
-    def _record(self, rows: int) -> None:
+    def _deliver(self, outputs: list, waiting: int, running: int) -> None:
+        """On the event loop: record a step and route each output to its request's queue."""
         self._steps += 1
-        self._rows += rows
-        self._max_rows = max(self._max_rows, rows)
-        self.metrics.step(rows, self.engine.num_waiting + len(self._pending), self.engine.num_running)
+        self._rows += len(outputs)
+        self._max_rows = max(self._max_rows, len(outputs))
+        self.metrics.step(len(outputs), waiting, running)
+        for out in outputs:
+            queue_ = self._queues.get(out.request_id)
+            if queue_ is not None:
+                queue_.put_nowait(out)
+            elif not out.finished:  # its caller left between the step and now
+                self._inbox.put(("cancel", out.request_id))
+            if out.finished:
+                self._queues.pop(out.request_id, None)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """Fail every live request (a request still in the inbox runs, but its outputs are dropped)."""
+        for request_id in list(self._queues):
+            self._fail(request_id, exc)
 
     def _fail(self, request_id: str, exc: BaseException) -> None:
-        queue = self._queues.pop(request_id, None)
-        if queue is not None:
-            queue.put_nowait(exc)
+        queue_ = self._queues.pop(request_id, None)
+        if queue_ is not None:
+            queue_.put_nowait(exc)
 
     async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Generate one request; yields a ``start`` record, then one record per generated token.
@@ -214,12 +242,12 @@ class LLMServer:
             entry = self.sessions.lookup(session["owner"], session["id"], request.prompt_ids)
             request.prefix_cache = entry.cache if entry is not None else None
             request.keep_cache = True
-        queue = await self._admit(request)
+        queue_ = await self._admit(request)
         serving = self.config.serving
         finished, first, last_sent = False, True, 0.0
         try:
             while not finished:
-                items = [await queue.get()]
+                items = [await queue_.get()]
                 # Coalesce: one message per interval instead of one per token (each streamed message costs a
                 # Ray object transfer in this replica, the ingress and the proxy); with many streams the
                 # interval grows so that the replica sends at most serving.stream_events_per_s in all.
@@ -228,8 +256,8 @@ class LLMServer:
                 )
                 if not first and interval and not _done(items[-1]):
                     await asyncio.sleep(max(0.0, last_sent + interval - time.monotonic()))
-                while not _done(items[-1]) and not queue.empty():
-                    items.append(queue.get_nowait())
+                while not _done(items[-1]) and not queue_.empty():
+                    items.append(queue_.get_nowait())
                 for item in items:
                     if isinstance(item, BaseException):
                         raise item
@@ -252,7 +280,8 @@ class LLMServer:
                 }
         finally:
             if not finished:  # the caller went away (or failed): free its batch slot at the next step
-                self._cancelled.add(request.request_id)
+                self._queues.pop(request.request_id, None)
+                self._inbox.put(("cancel", request.request_id))
 
     async def stats(self) -> dict[str, Any]:
         """This replica's engine settings, batch sizes so far and session-cache counters."""
