@@ -1,0 +1,99 @@
+"""The replica's engine thread, through a deployment handle: outputs reach their streams, a caller that
+leaves frees its batch slot, and a step that raises fails the live requests while the replica keeps serving.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+
+import pytest
+from ray import serve
+
+from serve_apps._replica import LLMServer
+
+pytestmark = [pytest.mark.integration]
+
+
+@serve.deployment
+class ProbedServer(LLMServer.func_or_class):
+    """LLMServer plus two test probes: break the current engine's next step, and report the engine."""
+
+    def break_next_step(self) -> int:
+        def fail():
+            raise RuntimeError("injected step failure")
+
+        self.engine.step = fail
+        return id(self.engine)
+
+    def engine_state(self) -> dict:
+        return {"engine": id(self.engine), "has_work": self.engine.has_work()}
+
+
+@pytest.fixture(scope="module")
+def handle(ray_cluster, repo):
+    from llmopt.config import load_config
+
+    if str(repo) not in sys.path:
+        sys.path.insert(0, str(repo))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = load_config(None, ["model.max_seq_len=128", "resources.cpus_per_worker=1"])
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        options = {"max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 1}}
+        yield serve.run(ProbedServer.options(**options).bind(config.model_dump(mode="json")), name="probe")
+    finally:
+        serve.shutdown()
+
+
+def _payload(rid: str, prompt_ids: list[int], max_tokens: int) -> dict:
+    params = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+    return {"request_id": rid, "prompt_ids": prompt_ids, "params": params, "adapter": None, "session": None}
+
+
+def _tokens(handle, payload) -> list[int]:
+    return [t for item in handle.options(stream=True).generate.remote(payload) for t in item["token_ids"]]
+
+
+def _reference(prompt_ids: list[int], max_tokens: int) -> list[int]:
+    from llmopt.config import load_config
+    from llmopt.models import load_tokenizer
+    from llmopt.serve import GenerationEngine, GenerationRequest, SamplingParams, load_serving_model
+
+    config = load_config(None, ["model.max_seq_len=128"])
+    engine = GenerationEngine(load_serving_model(config), load_tokenizer(config.model))
+    request = GenerationRequest("ref", prompt_ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    return [o.token_id for o in engine.generate([request])["ref"]]
+
+
+def _idle(handle) -> bool:
+    for _ in range(300):
+        if not handle.engine_state.remote().result()["has_work"]:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_engine_thread_streams_frees_slots_and_survives_a_broken_step(handle):
+    prompts = [[1, 5, 9, 13], [1, 7, 7, 7, 7, 7, 2, 8], [1, 300, 20]]
+    streams = [
+        handle.options(stream=True).generate.remote(_payload(f"a{i}", p, 6)) for i, p in enumerate(prompts)
+    ]
+    got = [[t for item in stream for t in item["token_ids"]] for stream in streams]
+    assert got == [_reference(p, 6) for p in prompts]
+
+    # A caller that leaves after its first chunk frees its batch slot at the engine's next step.
+    stream = handle.options(stream=True).generate.remote(_payload("gone", prompts[0], 120))
+    next(stream)
+    stream.cancel()
+    assert _idle(handle)
+
+    # A step that raises fails the live request with its error; a fresh engine serves the next one.
+    broken = handle.break_next_step.remote().result()
+    with pytest.raises(Exception, match="injected step failure"):
+        _tokens(handle, _payload("doomed", prompts[1], 4))
+    assert handle.engine_state.remote().result()["engine"] != broken
+    assert _tokens(handle, _payload("after", prompts[2], 5)) == _reference(prompts[2], 5)
