@@ -340,10 +340,10 @@ class ServingConfig(StrictModel):
     )
     decode_kernel: Literal["auto", "native", "torch"] = Field(
         "auto",
-        description="Batch-1 decoding of fp32 models on CPU: `native` builds C kernels (GEMV, attention) "
-        "with the system compiler, moves the weights onto 2 MiB pages and, for Llama models, decodes a "
-        "lone sequence in a lean step (~2x faster than torch's kernels); `torch` keeps F.linear and "
-        "transformers' forward; `auto` uses native where it builds and torch elsewhere.",
+        description="Decoding of fp32 models on CPU: `native` builds C kernels (GEMV, attention) with the "
+        "system compiler, moves the weights onto 2 MiB pages and, for Llama models, runs decode steps (one "
+        "sequence or a batch) in a lean step (batch 1 ~2x faster than torch's kernels); `torch` keeps "
+        "F.linear and transformers' forward; `auto` uses native where it builds and torch elsewhere.",
     )
     batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Dynamic batching.")
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig, description="KV caches.")
