@@ -64,7 +64,8 @@ class LlamaDecodeStep:
             raise ValueError(f"the lean decode step cannot run this model: {reason}")
         self.model = model
         kernels, _ = load_kernels()  # loaded: every projection is a DecodeLinear
-        self._gemv, self._attend, self._attend_rows = kernels.gemv, kernels.attend, kernels.attend_rows
+        self._gemv, self._attend_rows = kernels.gemv, kernels.attend_rows
+        self._no_padding = torch.zeros(1, dtype=torch.int64)  # a lone row attends from position 0
 
     def _linear(
         self, module: torch.nn.Linear, x: torch.Tensor, out: torch.Tensor | None = None
@@ -78,22 +79,9 @@ class LlamaDecodeStep:
         return y
 
     def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attn) -> torch.Tensor:
-        """softmax(q K^T * scale) V for one query position: the native kernel on the cache's own layout."""
+        """softmax(q K^T * scale) V for one query position of one unpadded row (`_attention_rows`)."""
         heads, dim = q.shape
-        kv_heads, length = keys.shape[1], keys.shape[2]
-        stride = keys.stride(1)
-        if keys.stride()[2:] != (dim, 1) or values.stride()[1:] != (stride, dim, 1):
-            group = heads // kv_heads  # repeat_interleave, not enable_gqa (torch >= 2.5 only)
-            keys, values = (t.repeat_interleave(group, dim=1) for t in (keys, values))
-            return F.scaled_dot_product_attention(
-                q.view(1, heads, 1, dim), keys, values, scale=attn.scaling
-            ).view(-1)
-        out, scores = torch.empty(heads * dim), torch.empty(length)
-        self._attend(
-            q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(),
-            heads, kv_heads, length, dim, stride, attn.scaling, scores.data_ptr(),
-        )  # fmt: skip
-        return out
+        return self._attention_rows(q.view(1, heads, dim), keys, values, self._no_padding, attn).view(-1)
 
     @torch.no_grad()
     def __call__(self, token_id: int, position: int, cache: DynamicCache) -> torch.Tensor:

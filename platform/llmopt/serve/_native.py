@@ -79,16 +79,14 @@ class NativeKernels:
 
     Attributes:
         gemv: `gemv(W_ptr, x_ptr, bias_ptr_or_None, y_ptr, m, n)`: y = W x (+ bias).
-        attend: `attend(q_ptr, k_ptr, v_ptr, out_ptr, heads, kv_heads, len, dim, head_stride, scale,
-            scores_ptr)`: single-query attention over a KV cache (`scores` holds `len` floats of scratch).
         attend_rows: `attend_rows(q_ptr, k_ptr, v_ptr, out_ptr, batch, heads, kv_heads, width, dim,
-            head_stride, row_stride, starts_ptr, scale, scores_ptr)`: `attend` for each row of a left-padded
-            batch, row b over positions `starts[b]` (int64) to `width`.
+            head_stride, row_stride, starts_ptr, scale, scores_ptr)`: single-query attention over a KV cache
+            for each row of a left-padded batch, row b over positions `starts[b]` (int64) to `width`
+            (`scores` holds `width` floats of scratch).
         description: Which build this is, for logs and reports.
     """
 
     gemv: Callable[..., None]
-    attend: Callable[..., None]
     attend_rows: Callable[..., None]
     description: str
 
@@ -124,12 +122,9 @@ def load_kernels() -> tuple[NativeKernels | None, str]:
     isa = lib.llmopt_gemv_isa()
     if isa == 0:
         return None, "the compiler targets neither AVX2+FMA nor AVX-512 on this CPU"
-    gemv, attend = lib.llmopt_gemv, lib.llmopt_attend
+    gemv, attend_rows = lib.llmopt_gemv, lib.llmopt_attend_rows
     gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 2
     gemv.restype = None
-    attend.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 5 + [ctypes.c_float, ctypes.c_void_p]
-    attend.restype = None
-    attend_rows = lib.llmopt_attend_rows
     attend_rows.argtypes = (
         [ctypes.c_void_p] * 4
         + [ctypes.c_long] * 7
@@ -140,13 +135,13 @@ def load_kernels() -> tuple[NativeKernels | None, str]:
         ]
     )
     attend_rows.restype = None
-    if failed := _self_check(gemv, attend, attend_rows):
+    if failed := _self_check(gemv, attend_rows):
         return None, f"the native decode kernel {path} failed its self-check against {failed}"
     description = f"native AVX-{isa} GEMV ({path.name})"
-    return NativeKernels(gemv, attend, attend_rows, description), description
+    return NativeKernels(gemv, attend_rows, description), description
 
 
-def _self_check(gemv, attend, attend_rows) -> str | None:
+def _self_check(gemv, attend_rows) -> str | None:
     """Odd sizes exercise every tail path; a wrong result disables the kernels rather than serve garbage."""
     gen = torch.Generator().manual_seed(0)
     w, x, b = (torch.randn(*s, generator=gen) for s in ((37, 203), (203,), (37,)))
@@ -155,17 +150,8 @@ def _self_check(gemv, attend, attend_rows) -> str | None:
     if not torch.allclose(y, torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-4):
         return "F.linear"
     heads, kv_heads, length, dim, capacity = 6, 2, 45, 24, 50
-    q = torch.randn(1, heads, 1, dim, generator=gen)
-    k, v = (torch.randn(1, kv_heads, capacity, dim, generator=gen) for _ in range(2))
-    out, scores = torch.empty(heads, dim), torch.empty(length)
-    args = (q, k, v, out, heads, kv_heads, length, dim, capacity * dim, dim**-0.5, scores)
-    attend(*(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args))
     group = heads // kv_heads  # repeat_interleave, not enable_gqa (torch >= 2.5 only)
-    want = torch.nn.functional.scaled_dot_product_attention(
-        q, *(t[:, :, :length].repeat_interleave(group, dim=1) for t in (k, v))
-    )
-    if not torch.allclose(out, want.view(heads, dim), atol=1e-5, rtol=1e-4):
-        return "scaled_dot_product_attention"
+    scores = torch.empty(length)
     batch, starts = 3, torch.tensor([0, 7, 44])  # a left-padded batch: row b attends from starts[b]
     q = torch.randn(batch, heads, 1, dim, generator=gen)
     k, v = (torch.randn(batch + 1, kv_heads, capacity, dim, generator=gen) for _ in range(2))
@@ -178,7 +164,7 @@ def _self_check(gemv, attend, attend_rows) -> str | None:
         q, *(t[:batch, :, :length].repeat_interleave(group, dim=1) for t in (k, v)), attn_mask=mask
     )
     if not torch.allclose(out, want.view(batch, heads, dim), atol=1e-5, rtol=1e-4):
-        return "scaled_dot_product_attention over a padded batch"
+        return "scaled_dot_product_attention"
     return None
 
 
