@@ -181,7 +181,7 @@ def precision_cases(presets: list[str], quick: bool) -> list[dict[str, Any]]:
     results = []
     for preset in presets:
         # (label, precision, quantization, decode kernel, lean step): fp32 three times, to show the gains of
-        # serving.decode_kernel and of the engine's lean batch-1 Llama step.
+        # serving.decode_kernel and of the engine's lean Llama decode step.
         formats = [
             ("fp32", "fp32", "none", "auto", True),
             ("fp32, transformers forward", "fp32", "none", "auto", False),

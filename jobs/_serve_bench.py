@@ -39,17 +39,18 @@ TARGETS = {"batching_speedup": 6.0, "bandwidth_fraction": 0.7, "session_ttft_spe
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _bandwidth_text(bw: dict[str, Any]) -> str:
-    gb = {k: (bw.get(f"{k}_bytes_per_s") or 0) / 1e9 for k in ("copy", "sum", "gemv", "native_gemv")}
+def _read_rates_text(bw: dict[str, Any], pages: str) -> str:
+    """sum, torch gemv and native gemv read rates (``pages``: "" or "_huge_pages"), in GB/s."""
+    gb = {k: (bw.get(f"{k}{pages}_bytes_per_s") or 0) / 1e9 for k in ("sum", "gemv", "native_gemv")}
     native = f", native gemv {gb['native_gemv']:.1f}" if gb["native_gemv"] else ""
-    text = (
-        f"copy {gb['copy']:.1f} GB/s (read + write), sum {gb['sum']:.1f}, torch gemv {gb['gemv']:.1f}"
-        f"{native} GB/s (read)"
-    )
-    huge = {k: (bw.get(f"{k}_huge_pages_bytes_per_s") or 0) / 1e9 for k in ("sum", "gemv", "native_gemv")}
-    if huge["sum"]:
-        native = f", native gemv {huge['native_gemv']:.1f}" if huge["native_gemv"] else ""
-        text += f"; on 2 MiB pages: sum {huge['sum']:.1f}, torch gemv {huge['gemv']:.1f}{native} GB/s"
+    return f"sum {gb['sum']:.1f}, torch gemv {gb['gemv']:.1f}{native} GB/s"
+
+
+def _bandwidth_text(bw: dict[str, Any]) -> str:
+    copy = (bw.get("copy_bytes_per_s") or 0) / 1e9
+    text = f"copy {copy:.1f} GB/s (read + write), {_read_rates_text(bw, '')} (read)"
+    if bw.get("sum_huge_pages_bytes_per_s"):
+        text += f"; on 2 MiB pages: {_read_rates_text(bw, '_huge_pages')}"
     return text
 
 

@@ -16,10 +16,10 @@ back to a full prefill with the same output.
 import asyncio
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import AsyncIterator
+from queue import Empty, SimpleQueue
 from typing import Any
 
 from ray import serve
@@ -91,7 +91,7 @@ class LLMServer:
         # reach it through this inbox, between steps). It steps back to back while there is work: stepping
         # from the event loop (asyncio.to_thread per step) waited for the loop between steps, which at 32
         # streams left the replica's CPU a quarter idle.
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox: SimpleQueue = SimpleQueue()
         self._engine_thread: threading.Thread | None = None
         self._steps = 0
         self._rows = 0
@@ -151,9 +151,9 @@ class LLMServer:
         """Queue a batch of concurrently arriving requests for the engine; one output queue each."""
         queues = []
         for request in requests:
-            queue_: asyncio.Queue = asyncio.Queue()
-            self._queues[request.request_id] = queue_
-            queues.append(queue_)
+            queue: asyncio.Queue = asyncio.Queue()
+            self._queues[request.request_id] = queue
+            queues.append(queue)
         self._inbox.put(("add", requests))
         if self._engine_thread is None or not self._engine_thread.is_alive():
             loop = asyncio.get_running_loop()
@@ -171,7 +171,7 @@ class LLMServer:
                 while True:
                     try:
                         commands.append(self._inbox.get_nowait())
-                    except queue.Empty:
+                    except Empty:
                         break
                 for kind, value in commands:
                     if kind == "cancel":
@@ -203,9 +203,9 @@ class LLMServer:
         self._max_rows = max(self._max_rows, len(outputs))
         self.metrics.step(len(outputs), waiting, running)
         for out in outputs:
-            queue_ = self._queues.get(out.request_id)
-            if queue_ is not None:
-                queue_.put_nowait(out)
+            queue = self._queues.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
             elif not out.finished:  # its caller left between the step and now
                 self._inbox.put(("cancel", out.request_id))
             if out.finished:
@@ -217,9 +217,9 @@ class LLMServer:
             self._fail(request_id, exc)
 
     def _fail(self, request_id: str, exc: BaseException) -> None:
-        queue_ = self._queues.pop(request_id, None)
-        if queue_ is not None:
-            queue_.put_nowait(exc)
+        queue = self._queues.pop(request_id, None)
+        if queue is not None:
+            queue.put_nowait(exc)
 
     async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Generate one request; yields a ``start`` record, then one record per generated token.
@@ -242,12 +242,12 @@ class LLMServer:
             entry = self.sessions.lookup(session["owner"], session["id"], request.prompt_ids)
             request.prefix_cache = entry.cache if entry is not None else None
             request.keep_cache = True
-        queue_ = await self._admit(request)
+        queue = await self._admit(request)
         serving = self.config.serving
         finished, first, last_sent = False, True, 0.0
         try:
             while not finished:
-                items = [await queue_.get()]
+                items = [await queue.get()]
                 # Coalesce: one message per interval instead of one per token (each streamed message costs a
                 # Ray object transfer in this replica, the ingress and the proxy); with many streams the
                 # interval grows so that the replica sends at most serving.stream_events_per_s in all.
@@ -256,8 +256,8 @@ class LLMServer:
                 )
                 if not first and interval and not _done(items[-1]):
                     await asyncio.sleep(max(0.0, last_sent + interval - time.monotonic()))
-                while not _done(items[-1]) and not queue_.empty():
-                    items.append(queue_.get_nowait())
+                while not _done(items[-1]) and not queue.empty():
+                    items.append(queue.get_nowait())
                 for item in items:
                     if isinstance(item, BaseException):
                         raise item

@@ -517,7 +517,7 @@ class _BatchLayer(DynamicLayer):
       context took 39.6 ms per token with it and 34-36 ms in place);
     - newcomers' rows are written right-aligned after the running rows (`append_rows`);
     - a finished row's slot takes the last row (`move_row`, then `truncate`);
-    - positions that became padding in every row are dropped by moving `start` (`trim`).
+    - positions that became padding in every row are dropped by moving `start` (`truncate`).
 
     With 32 staggered requests on the tiny preset, merging and dropping rows by concatenation and
     `index_select` (then copying the result into a buffer with room) took about a fifth of the engine's
