@@ -229,7 +229,8 @@ def plot_serve(report: dict[str, Any], path: Path) -> None:
     settings = report["settings"]
     fig.suptitle(
         f"llmopt serve benchmark (fp32 CPU, {settings['replica_cpus']} CPU per replica, "
-        f"prompt {settings['prompt_tokens']} / output {settings['output_tokens']} tokens)"
+        f"prompt {settings['prompt_tokens']} / output {settings['output_tokens']} tokens)\n"
+        f"HTTP path: {report['transport']}"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -245,6 +246,32 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+SERVE_PROXY = "Serve's Python proxy -> ingress -> LLM replica"
+SERVE_HAPROXY = "HAProxy -> ingress (direct ingress, gRPC to the LLM replica): Serve's high-throughput mode"
+
+
+def _serve_transport(throughput_optimized: bool) -> str:
+    """The HTTP path the benchmark measures; with ``throughput_optimized``, turn Serve's mode on first.
+
+    Raises:
+        ValueError: ``throughput_optimized`` on a cluster that is joined (its mode was set when it started).
+    """
+    import ray
+
+    from llmopt.cluster import SERVE_THROUGHPUT_ENV, use_serve_throughput_mode
+
+    if not throughput_optimized:
+        return SERVE_HAPROXY if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else SERVE_PROXY
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        settings = " ".join(f"{k}={v}" for k, v in SERVE_THROUGHPUT_ENV.items())
+        raise ValueError(
+            "--throughput-optimized applies to the local cluster the benchmark starts; start the cluster "
+            f"it joins with {settings} in its environment instead"
+        )
+    use_serve_throughput_mode()
+    return SERVE_HAPROXY
 
 
 def _start_ray() -> bool:
@@ -293,6 +320,7 @@ def run_serve(args: argparse.Namespace) -> dict[str, Any]:
     import json
     import platform
 
+    transport = _serve_transport(args.throughput_optimized)  # before ray.serve's import reads the mode
     import ray
     from ray import serve
     from rich.console import Console
@@ -363,6 +391,7 @@ def run_serve(args: argparse.Namespace) -> dict[str, Any]:
             "processor": platform.processor(),
         },
         "settings": asdict(plan),
+        "transport": transport,
         "bandwidth": bandwidth,
         "weights": weights,
         "cases": results,
@@ -386,6 +415,7 @@ def print_report(report: dict[str, Any], console) -> None:
 
     from jobs._precision_bench import precision_table
 
+    console.print(f"HTTP path: {report['transport']}", highlight=False)
     table = Table(
         "preset", "case", "C", "n", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "lat p50", "lat p99",
         "decode tok/s/req", "batch mean", "load 1m",
@@ -451,4 +481,9 @@ def add_serve_parser(sub) -> None:
     )
     serve.add_argument("--no-base", action="store_true", help="Skip the ~100M preset (load and precision).")
     serve.add_argument("--port", type=int, default=0, help="HTTP port on 127.0.0.1 (default: a free one).")
+    serve.add_argument(
+        "--throughput-optimized",
+        action="store_true",
+        help="Start the local cluster in Ray Serve's high-throughput mode (HAProxy, direct ingress, gRPC).",
+    )
     serve.add_argument("--out", default="outputs/benchmark", help="Output directory.")

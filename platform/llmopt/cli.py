@@ -601,8 +601,8 @@ def _stop_serve(name: str, joined: bool, serve_ran: bool) -> None:
         serve.shutdown()
 
 
-def _check_port_free(host: str, port: int) -> None:
-    """Fail fast, before a local cluster starts, when the proxy could not listen on host:port."""
+def _check_port_free(host: str, port: int, fix: str = "pass a free --port") -> None:
+    """Fail fast, before a local cluster starts, when Serve could not listen on host:port."""
     import socket
 
     with socket.socket() as sock:
@@ -610,7 +610,7 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             sock.bind((host, port))
         except OSError as exc:
-            raise _fail(f"cannot listen on {host}:{port} ({exc.strerror}); pass a free --port", 2) from None
+            raise _fail(f"cannot listen on {host}:{port} ({exc.strerror}); {fix}", 2) from None
 
 
 @app.command("serve")
@@ -637,16 +637,38 @@ def serve_command(
     dashboard: Annotated[
         bool, typer.Option(help="Start the Ray dashboard with a local cluster (`serve status` needs it).")
     ] = True,
+    throughput_optimized: Annotated[
+        bool,
+        typer.Option(
+            help="Start the local cluster in Ray Serve's high-throughput mode: HAProxy instead of the "
+            "Python proxy, ingress replicas listening directly, gRPC between deployments "
+            "(RAY_SERVE_THROUGHPUT_OPTIMIZED=1, RAY_SERVE_ENABLE_HA_PROXY=1). A joined cluster keeps the "
+            "mode it was started with."
+        ),
+    ] = False,
 ) -> None:
     """Serve the config's model over HTTP on Ray Serve until Ctrl-C (the embedded cluster, or --address)."""
     import signal
     import time
 
-    # Every check that can fail runs before Ray starts: config, port, import path, application builder.
+    from llmopt.cluster import SERVE_THROUGHPUT_ENV, use_serve_throughput_mode
+
+    # Every check that can fail runs before Ray starts: config, ports, import path, application builder.
     config = _load(config_file, overrides)
     joined = bool(address or os.environ.get("RAY_ADDRESS"))
+    if throughput_optimized and joined:
+        settings = " ".join(f"{k}={v}" for k, v in SERVE_THROUGHPUT_ENV.items())
+        raise _fail(
+            "--throughput-optimized applies to the local cluster `llmopt serve` starts; start the cluster "
+            f"you join with {settings} in its environment instead",
+            2,
+        )
     if not joined:
         _check_port_free(host, port)
+    if throughput_optimized:
+        # Before the app's import below: the driver reads Serve's settings when it imports ray.serve.
+        for variable, side_port in use_serve_throughput_mode().items():
+            _check_port_free("0.0.0.0", side_port, f"set {variable} to a free port")
     target = _import_app(app_path, app_dir)
     args = {"config": str(config_file.resolve()) if config_file else None, "overrides": list(overrides or [])}
     application = _build_app(target, args)

@@ -235,7 +235,13 @@ def _no_ray_address_env() -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_llmopt_serve_embedded_until_ctrl_c(free_port, tmp_path):
+@pytest.mark.parametrize("throughput_optimized", [False, True], ids=["python-proxy", "haproxy"])
+def test_llmopt_serve_embedded_until_ctrl_c(free_port, tmp_path, throughput_optimized):
+    """`llmopt serve` on a cluster of its own, answering until Ctrl-C; then nothing of it is left.
+
+    With --throughput-optimized, Serve's HAProxy (a process of the cluster) takes the port instead of the
+    Python proxy and the ingress replica answers it directly: the same API, streams and errors.
+    """
     port = free_port()
     log = tmp_path / "llmopt-serve.log"
     cmd = [
@@ -246,10 +252,17 @@ def test_llmopt_serve_embedded_until_ctrl_c(free_port, tmp_path):
         "--port",
         str(port),
         "--no-dashboard",
+        *(["--throughput-optimized"] if throughput_optimized else []),
         "serving.batching.max_batch_size=2",
     ]
+    env = _no_ray_address_env()
+    if throughput_optimized:  # HAProxy's stats and metrics listeners: free ports, not Ray's fixed defaults
+        env |= {
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        }
     url = f"http://127.0.0.1:{port}"
-    proc = _start(cmd, _no_ray_address_env(), log)
+    proc = _start(cmd, env, log)
     cluster: list[psutil.Process] = []
     try:
         _wait_serving(url, proc, log, "Press Ctrl-C to stop.")
@@ -257,6 +270,16 @@ def test_llmopt_serve_embedded_until_ctrl_c(free_port, tmp_path):
         # The embedded cluster (GCS, raylet, workers, Serve's actors) is this process's tree.
         cluster = psutil.Process(proc.pid).children(recursive=True)
         assert any("raylet" in " ".join(p.cmdline()) for p in cluster)
+        listener = next(c.pid for c in psutil.net_connections("tcp") if c.laddr.port == port and not c.raddr)
+        assert ("haproxy" in psutil.Process(listener).name()) == throughput_optimized
+        if throughput_optimized:
+            cluster = psutil.Process(proc.pid).children(recursive=True)  # HAProxy included
+            with httpx.stream("POST", f"{url}/v1/completions", json={**BODY, "stream": True}) as events:
+                assert events.headers["content-type"].startswith("text/event-stream")
+                lines = [line for line in events.iter_lines() if line.startswith("data: ")]
+            assert lines[-1] == "data: [DONE]" and len(lines) >= 2
+            missing = httpx.post(f"{url}/v1/completions", json={**BODY, "model": "nope"}, timeout=60)
+            assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0, log.read_text()[-4000:]
         _, alive = psutil.wait_procs(cluster, timeout=30)
@@ -271,6 +294,13 @@ def test_llmopt_serve_embedded_until_ctrl_c(free_port, tmp_path):
     assert f"served at {url}/" in output
     assert f"POST   {url}/v1/completions" in output
     assert "stopped." in output
+
+
+def test_llmopt_serve_throughput_optimized_needs_its_own_cluster(no_ray, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    result = CliRunner().invoke(cli_app, ["serve", "--throughput-optimized", "--app-dir", str(REPO)])
+    assert result.exit_code == 2, result.output
+    assert "RAY_SERVE_THROUGHPUT_OPTIMIZED=1" in result.output
 
 
 @pytest.fixture

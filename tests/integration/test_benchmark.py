@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from jobs._serve_bench import SERVE_PROXY
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
@@ -36,6 +38,7 @@ def test_quick_serve_benchmark(ray_cluster, tmp_path):
     saved = json.loads((tmp_path / "serve.json").read_text())
     assert (tmp_path / "serve.png").read_bytes()[:4] == b"\x89PNG"
     assert saved["benchmark"] == "serve" and saved["quick"] is True
+    assert saved["transport"] == SERVE_PROXY  # the session cluster runs Serve's default HTTP path
     assert saved["figures"].keys() == report["figures"].keys()
     settings = saved["settings"]
     for key in ("copy_bytes_per_s", "sum_bytes_per_s", "gemv_bytes_per_s"):
@@ -111,3 +114,12 @@ def test_quick_serve_benchmark(ray_cluster, tmp_path):
     for figure in saved["figures"].values():
         # Quick-run conditions differ from the targets' (tiny preset, concurrency 4): no verdict.
         assert figure["value"] > 0 and figure["passed"] is None
+
+
+def test_serve_benchmark_refuses_the_throughput_mode_on_a_joined_cluster(ray_cluster, tmp_path):
+    """Serve's mode is fixed when a cluster starts: asked of a joined one, the benchmark says how instead."""
+    from jobs.benchmark import main
+
+    with pytest.raises(ValueError, match="RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1"):
+        main(["serve", "--quick", "--throughput-optimized", "--out", str(tmp_path)])
+    assert not (tmp_path / "serve.json").exists()

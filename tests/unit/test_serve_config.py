@@ -4,6 +4,8 @@ Ray's ServeDeploySchema ignores unknown keys, so a misspelt option would be drop
 every key is also checked against the schema's fields. No Ray cluster is needed.
 """
 
+import inspect
+import os
 from pathlib import Path
 
 import pytest
@@ -91,3 +93,24 @@ def test_autoscaling_serve_options_fixed_or_bounded():
     options = bounded.serving.autoscaling.serve_options()["autoscaling_config"]
     assert options["max_replicas"] == 3 and options["target_ongoing_requests"] == 4
     AutoscalingConfig(**options)  # Ray's own schema accepts every key
+
+
+def test_throughput_mode_sets_rays_variables_and_keeps_the_users(monkeypatch):
+    """`--throughput-optimized` sets Ray Serve's own variables (names Ray still reads), never overriding one
+    the user set, and reports HAProxy's stats and metrics ports."""
+    from ray.serve._private import constants
+
+    from llmopt.cluster import HAPROXY_PORT_ENV, SERVE_THROUGHPUT_ENV, use_serve_throughput_mode
+
+    read_by_ray = inspect.getsource(constants)
+    names = [*SERVE_THROUGHPUT_ENV, *HAPROXY_PORT_ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]
+    for name in names:
+        assert f'"{name}"' in read_by_ray, name
+        monkeypatch.setenv(name, "")  # recorded, so that the test's end restores this process's environment
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")
+    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "7")
+    ports = use_serve_throughput_mode()
+    assert ports == {"RAY_SERVE_HAPROXY_STATS_PORT": 18404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
+    assert {k: os.environ[k] for k in SERVE_THROUGHPUT_ENV} == SERVE_THROUGHPUT_ENV
+    assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "7"
