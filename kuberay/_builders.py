@@ -29,6 +29,7 @@ from kuberay._options import (
     KubeRayOptions,
     resource_name,
 )
+from llmopt.cluster import SERVE_THROUGHPUT_ENV
 from llmopt.config import RunConfig
 
 
@@ -317,6 +318,8 @@ def build_rayservice(
             args["overrides"] = [*args.get("overrides", []), f"serving.api_keys_env={env_name}"]
         secret = options.api_keys_secret or f"{name}-api-keys"
         env.append(_pods.secret_env(env_name, secret, API_KEYS_SECRET_KEY))
+    if options.throughput_optimized:  # read by Serve's processes when they start: on every pod
+        env += [{"name": key, "value": value} for key, value in SERVE_THROUGHPUT_ENV.items()]
 
     serving, res = config.serving, config.resources
     server = _deployment(app, "LLMServer")

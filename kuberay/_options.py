@@ -65,6 +65,11 @@ class KubeRayOptions(BaseModel):
     api_keys_secret: str | None = Field(
         None, description="Secret holding the key `api-keys`; default: <name>-api-keys."
     )
+    throughput_optimized: bool = Field(
+        False,
+        description="RayService: Ray Serve's high-throughput mode on every pod (Ray 2.55+): HAProxy instead "
+        "of the Python proxy, ingress replicas listening directly, gRPC between deployments.",
+    )
     upgrade_strategy: Literal["NewCluster", "None"] = Field(
         "NewCluster", description="RayService upgrades: blue/green on a new cluster, or in place."
     )

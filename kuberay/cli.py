@@ -82,6 +82,10 @@ def render(
     api_keys_secret: Annotated[
         str | None, typer.Option(help="RayService: Secret with key `api-keys` (default NAME-api-keys).")
     ] = None,
+    throughput_optimized: Annotated[
+        bool,
+        typer.Option(help="RayService: Ray Serve's high-throughput mode (HAProxy, direct ingress, gRPC)."),
+    ] = False,
     min_workers: Annotated[int | None, typer.Option(help="RayCluster: fewest worker pods.")] = None,
     max_workers: Annotated[int | None, typer.Option(help="RayCluster: most worker pods.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the YAML here.")] = None,
@@ -96,6 +100,7 @@ def render(
             runs_claim=runs_claim,
             auth=auth,
             api_keys_secret=api_keys_secret,
+            throughput_optimized=throughput_optimized,
             min_workers=min_workers,
             max_workers=max_workers,
         )

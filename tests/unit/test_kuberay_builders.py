@@ -216,6 +216,18 @@ def test_rayservice_from_a_run_config_and_its_serving_section():
         build_rayservice(load_config(TINY), {"name": "x", "import_path": "other:app", "args": {}})
 
 
+def test_rayservice_in_serves_throughput_mode_sets_it_on_every_pod():
+    options = KubeRayOptions(auth=False, throughput_optimized=True)
+    spec = build_rayservice(load_config(TINY), llm_application(IN_IMAGE), options)["spec"]["rayClusterConfig"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    wanted = [
+        {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"},
+        {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"},
+    ]
+    for group in groups:
+        assert group["template"]["spec"]["containers"][0]["env"] == wanted
+
+
 def test_serve_config_v2_passes_rays_own_schema_and_the_builder_args():
     from ray.serve.schema import DeploymentSchema, ServeDeploySchema
 
