@@ -6,9 +6,11 @@ per token, builds masks and position embeddings, and calls each projection throu
 torch's SDPA alone took 60-90 us per layer inside the loop (17 us on warm data). This step computes the
 same thing with the same weights and cache: the same operations in the same order (RMSNorm, rotary
 embedding, SiLU MLP), attention in the native single-query kernel. Logits match transformers' to 1e-5
-(tests/unit/test_fast_decode.py). In the engine (`python -m jobs.benchmark serve`'s precision table, three
-runs): tiny-llama 259-409 -> 656-792 tokens/s at batch 1; the ~100M preset 35-39 -> 38-42, within the
-machine's noise (in one process, 4.2-5 -> 2.4-2.8 ms of Python per token).
+(tests/unit/test_fast_decode.py). A lone row runs each layer as two native calls around the cache update
+and the attention kernel (`llmopt_layer_qkv`, `llmopt_layer_out` in `_gemv.c`): written as ~25 torch
+operations per layer, its Python had still taken 2.4-2.8 ms per token on the ~100M preset. Measured in one
+process, alternating (engine, 1 thread): tiny-llama 485-671 -> 757-970 tokens/s, the ~100M preset 33-41 ->
+42-43, with logits within 1e-6 of the earlier step.
 
 `decode_batch` does the same for a left-padded batch (torch's matrix products, and attention from each
 row's first real position): with 32 staggered requests on the tiny preset, the engine decoded about 2,050
@@ -65,55 +67,51 @@ class LlamaDecodeStep:
         self.model = model
         kernels, _ = load_kernels()  # loaded: every projection is a DecodeLinear
         self._gemv, self._attend_rows = kernels.gemv, kernels.attend_rows
+        self._layer_qkv, self._layer_out = kernels.layer_qkv, kernels.layer_out
         self._no_padding = torch.zeros(1, dtype=torch.int64)  # a lone row attends from position 0
-
-    def _linear(
-        self, module: torch.nn.Linear, x: torch.Tensor, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if type(module) is not DecodeLinear:  # wrapped since (e.g. a LoRA layer injected): its own forward
-            y = module(x)
-            return y if out is None else out.copy_(y)
-        y = torch.empty(module.out_features) if out is None else out
-        bias = module.bias.data_ptr() if module.bias is not None else None
-        self._gemv(module.weight.data_ptr(), x.data_ptr(), bias, y.data_ptr(), module.out_features, x.numel())
-        return y
-
-    def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attn) -> torch.Tensor:
-        """softmax(q K^T * scale) V for one query position of one unpadded row (`_attention_rows`)."""
-        heads, dim = q.shape
-        return self._attention_rows(q.view(1, heads, dim), keys, values, self._no_padding, attn).view(-1)
 
     @torch.no_grad()
     def __call__(self, token_id: int, position: int, cache: DynamicCache) -> torch.Tensor:
         inner = self.model.model
+        layers = [_native_args(layer) for layer in inner.layers]
+        if (
+            None in layers
+        ):  # a projection was wrapped since (e.g. a LoRA layer injected): the batch step runs it
+            ids, positions = torch.tensor([token_id]), torch.tensor([position])
+            return self.decode_batch(ids, positions, self._no_padding, cache)
         rotary = inner.rotary_emb
         # LlamaRotaryEmbedding.forward for one position, the same operations on the same dtypes.
         freqs = torch.tensor([float(position)]) * rotary.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos() * rotary.attention_scaling, emb.sin() * rotary.attention_scaling
-        x = inner.embed_tokens.weight[token_id]
+        x = inner.embed_tokens.weight[token_id].clone()  # the residual stream, updated in place
         hidden = x.numel()
-        for index, layer in enumerate(inner.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            # Modules by dict lookup: nn.Module.__getattr__ cost ~0.25 ms per token over ~350 lookups.
-            proj, norm = attn._modules, layer.input_layernorm
-            h = F.rms_norm(x, (hidden,), norm.weight, norm.variance_epsilon)
-            q_out, k_out = proj["q_proj"].out_features, proj["k_proj"].out_features
-            qk = torch.empty(q_out + k_out)  # one rotary pass for the query and the key
-            self._linear(proj["q_proj"], h, qk[:q_out])
-            self._linear(proj["k_proj"], h, qk[q_out:])
-            qk = _rotary(qk.view(-1, attn.head_dim), cos, sin)
-            heads = q_out // attn.head_dim
-            k = qk[heads:].view(1, -1, 1, attn.head_dim)
-            v = self._linear(proj["v_proj"], h).view(1, -1, 1, attn.head_dim)
-            keys, values = cache.update(k, v, index)
-            x = x + self._linear(proj["o_proj"], self._attention(qk[:heads], keys, values, attn))
-            proj, norm = mlp._modules, layer.post_attention_layernorm
-            h = F.rms_norm(x, (hidden,), norm.weight, norm.variance_epsilon)
-            gated = mlp.act_fn(self._linear(proj["gate_proj"], h)) * self._linear(proj["up_proj"], h)
-            x = x + self._linear(proj["down_proj"], gated)
+        attn = inner.layers[0].self_attn
+        dim = attn.head_dim
+        heads, kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
+        inter = inner.layers[0].mlp.intermediate_size
+        q, scratch = torch.empty(1, heads, dim), torch.empty(hidden + 2 * inter)
+        pointers = (x.data_ptr(), hidden)
+        for index, (layer, (qkv_args, out_args)) in enumerate(zip(inner.layers, layers, strict=True)):
+            # Per layer, two native calls and the cache update between them (each row of `kv` is kept by the
+            # cache, which may store it as it is: fresh memory each layer).
+            kv = torch.empty(2, 1, kv_heads, 1, dim)
+            self._layer_qkv(*pointers, *qkv_args, heads, kv_heads, dim, cos.data_ptr(), sin.data_ptr(),
+                            q.data_ptr(), kv[0].data_ptr(), kv[1].data_ptr(), scratch.data_ptr())  # fmt: skip
+            keys, values = cache.update(kv[0], kv[1], index)
+            a = self._attention_rows(q, keys, values, self._no_padding, layer.self_attn)
+            self._layer_out(*pointers, a.data_ptr(), a.numel(), *out_args, inter, scratch.data_ptr())
         x = F.rms_norm(x, (hidden,), inner.norm.weight, inner.norm.variance_epsilon)
-        return self._linear(self.model.lm_head, x).view(1, -1)
+        logits = torch.empty(1, self.model.lm_head.out_features)
+        self._gemv(
+            self.model.lm_head.weight.data_ptr(),
+            x.data_ptr(),
+            None,
+            logits.data_ptr(),
+            logits.shape[1],
+            hidden,
+        )
+        return logits
 
     def _rows(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """A projection of a batch of rows on torch's kernel (what `DecodeLinear` runs for several rows)."""
@@ -178,6 +176,26 @@ class LlamaDecodeStep:
             x = x + self._rows(proj["down_proj"], gated)
         x = F.rms_norm(x, (hidden,), inner.norm.weight, inner.norm.variance_epsilon)
         return self._rows(self.model.lm_head, x)
+
+
+def _native_args(layer) -> tuple[tuple, tuple] | None:
+    """A decoder layer's weights as the native layer kernels take them (pointers; None for a missing bias),
+    read afresh each token so that weights moved or replaced since are never stale; None when a projection
+    is not a DecodeLinear."""
+    attn, mlp = layer.self_attn._modules, layer.mlp._modules
+    names = (attn, "q_proj"), (attn, "k_proj"), (attn, "v_proj"), (attn, "o_proj")
+    names += (mlp, "gate_proj"), (mlp, "up_proj"), (mlp, "down_proj")
+    pointers = []
+    for modules, name in names:
+        module = modules[name]
+        if type(module) is not DecodeLinear:
+            return None
+        weight, bias = module._parameters["weight"], module._parameters["bias"]
+        pointers += [weight.data_ptr(), None if bias is None else bias.data_ptr()]
+    norm, post = layer.input_layernorm, layer.post_attention_layernorm
+    qkv = (norm.weight.data_ptr(), norm.variance_epsilon, *pointers[:6])
+    out = (*pointers[6:8], post.weight.data_ptr(), post.variance_epsilon, *pointers[8:])
+    return qkv, out
 
 
 def _rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

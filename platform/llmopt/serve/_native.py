@@ -83,11 +83,19 @@ class NativeKernels:
             head_stride, row_stride, starts_ptr, scale, scores_ptr)`: single-query attention over a KV cache
             for each row of a left-padded batch, row b over positions `starts[b]` (int64) to `width`
             (`scores` holds `width` floats of scratch).
+        layer_qkv: `layer_qkv(x, hidden, norm, eps, wq, bq, wk, bk, wv, bv, heads, kv_heads, dim, cos, sin,
+            q, k, v, h)` (pointers, sizes, floats; a bias may be None): a Llama layer's RMSNorm, q/k/v
+            projections and RoPE for one token (`h`: `hidden` floats of scratch).
+        layer_out: `layer_out(x, hidden, a, attn_width, wo, bo, norm, eps, wg, bg, wu, bu, wd, bd, inter,
+            scratch)`: the rest of the layer after attention output `a`, adding both residuals to `x` in
+            place (`scratch`: hidden + 2 * inter floats).
         description: Which build this is, for logs and reports.
     """
 
     gemv: Callable[..., None]
     attend_rows: Callable[..., None]
+    layer_qkv: Callable[..., None]
+    layer_out: Callable[..., None]
     description: str
 
 
@@ -135,14 +143,21 @@ def load_kernels() -> tuple[NativeKernels | None, str]:
         ]
     )
     attend_rows.restype = None
-    if failed := _self_check(gemv, attend_rows):
-        return None, f"the native decode kernel {path} failed its self-check against {failed}"
+    ptr, size, real = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
+    layer_qkv, layer_out = lib.llmopt_layer_qkv, lib.llmopt_layer_out
+    layer_qkv.argtypes = [ptr, size, ptr, real, *[ptr] * 6, size, size, size, *[ptr] * 6]
+    layer_out.argtypes = [ptr, size, ptr, size, ptr, ptr, ptr, real, *[ptr] * 6, size, ptr]
+    layer_qkv.restype = layer_out.restype = None
     description = f"native AVX-{isa} GEMV ({path.name})"
-    return NativeKernels(gemv, attend_rows, description), description
+    kernels = NativeKernels(gemv, attend_rows, layer_qkv, layer_out, description)
+    if failed := _self_check(kernels):
+        return None, f"the native decode kernel {path} failed its self-check against {failed}"
+    return kernels, description
 
 
-def _self_check(gemv, attend_rows) -> str | None:
+def _self_check(kernels: NativeKernels) -> str | None:
     """Odd sizes exercise every tail path; a wrong result disables the kernels rather than serve garbage."""
+    gemv, attend_rows = kernels.gemv, kernels.attend_rows
     gen = torch.Generator().manual_seed(0)
     w, x, b = (torch.randn(*s, generator=gen) for s in ((37, 203), (203,), (37,)))
     y = torch.empty(37)
@@ -165,6 +180,46 @@ def _self_check(gemv, attend_rows) -> str | None:
     )
     if not torch.allclose(out, want.view(batch, heads, dim), atol=1e-5, rtol=1e-4):
         return "scaled_dot_product_attention"
+    return _check_layer(kernels, gen)
+
+
+def _check_layer(kernels: NativeKernels, gen: torch.Generator) -> str | None:
+    """The fused layer halves against torch's RMSNorm, rotate-half RoPE and SiLU MLP (odd sizes, biases)."""
+    F = torch.nn.functional
+    hidden, heads, kv_heads, dim, inter, eps = 37, 3, 1, 10, 53, 1e-5
+    x, norm, norm2, cos, sin = (torch.randn(n, generator=gen) for n in (hidden, hidden, hidden, dim, dim))
+    wq, wk, wv = (torch.randn(n * dim, hidden, generator=gen) for n in (heads, kv_heads, kv_heads))
+    bq, bk, bv = (torch.randn(n * dim, generator=gen) for n in (heads, kv_heads, kv_heads))
+    wo, wg, wu = (
+        torch.randn(*s, generator=gen) for s in ((hidden, heads * dim), (inter, hidden), (inter, hidden))
+    )
+    wd, bo = torch.randn(hidden, inter, generator=gen), torch.randn(hidden, generator=gen)
+    q, k, v, h = (
+        torch.empty(heads, dim),
+        torch.empty(kv_heads, dim),
+        torch.empty(kv_heads, dim),
+        torch.empty(hidden),
+    )
+    ptrs = lambda *ts: [t.data_ptr() if t is not None else None for t in ts]  # noqa: E731
+    kernels.layer_qkv(x.data_ptr(), hidden, norm.data_ptr(), eps, *ptrs(wq, bq, wk, bk, wv, bv),
+                      heads, kv_heads, dim, *ptrs(cos, sin, q, k, v, h))  # fmt: skip
+    n = F.rms_norm(x, (hidden,), norm, eps)
+
+    def rope(t):
+        half = dim // 2
+        return t * cos + torch.cat((-t[..., half:], t[..., :half]), dim=-1) * sin
+
+    want = (rope(F.linear(n, wq, bq).view(heads, dim)), rope(F.linear(n, wk, bk).view(kv_heads, dim)))
+    if not all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip((q, k), want, strict=True)):
+        return "RMSNorm, projections and RoPE"
+    a, after, scratch = torch.randn(heads * dim, generator=gen), x.clone(), torch.empty(hidden + 2 * inter)
+    kernels.layer_out(after.data_ptr(), hidden, a.data_ptr(), heads * dim, *ptrs(wo, bo, norm2), eps,
+                      *ptrs(wg, None, wu, None, wd, None), inter, scratch.data_ptr())  # fmt: skip
+    mid = x + F.linear(a, wo, bo)
+    n = F.rms_norm(mid, (hidden,), norm2, eps)
+    want = mid + F.linear(F.silu(F.linear(n, wg)) * F.linear(n, wu), wd)
+    if not torch.allclose(after, want, atol=1e-3, rtol=1e-4):
+        return "the attention output projection and SiLU MLP"
     return None
 
 
