@@ -102,15 +102,17 @@ def test_lean_step_serves_only_what_it_reproduces(native, tok):
     adapted = get_peft_model(load_serving_model(load_config(None, [])), LoraConfig(r=4))
     assert GenerationEngine(adapted, tok).decode_path.startswith("transformers")
 
-    # A LoRA layer injected after the engine was built runs its own forward inside the lean step.
-    model = load_serving_model(load_config(None, []))
+    # A LoRA layer injected after the engine was built (in a layer, or the output head) runs its own forward
+    # inside the lean step.
     request = _requests(tok)[0]
-    engine = GenerationEngine(model, tok, keep_logits=True)
-    assert engine.decode_path == "lean Llama step"
-    inject_adapter_in_model(LoraConfig(r=4, target_modules=["v_proj"], init_lora_weights=False), model)
-    lean = engine.generate([request])[request.request_id]
-    _, plain = _run(model, tok, [request], lean=False)
-    _assert_same(lean, plain[request.request_id])
+    for target in ("v_proj", "lm_head"):
+        model = load_serving_model(load_config(None, []))
+        engine = GenerationEngine(model, tok, keep_logits=True)
+        assert engine.decode_path == "lean Llama step"
+        inject_adapter_in_model(LoraConfig(r=4, target_modules=[target], init_lora_weights=False), model)
+        lean = engine.generate([request])[request.request_id]
+        _, plain = _run(model, tok, [request], lean=False)
+        _assert_same(lean, plain[request.request_id])
 
 
 def test_attention_kernel_and_its_fallback_agree_with_grouped_heads(native):

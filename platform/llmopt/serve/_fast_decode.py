@@ -74,9 +74,9 @@ class LlamaDecodeStep:
     def __call__(self, token_id: int, position: int, cache: DynamicCache) -> torch.Tensor:
         inner = self.model.model
         layers = [_native_args(layer) for layer in inner.layers]
-        if (
-            None in layers
-        ):  # a projection was wrapped since (e.g. a LoRA layer injected): the batch step runs it
+        head = self.model.lm_head
+        if None in layers or type(head) is not DecodeLinear:
+            # A projection was wrapped since (e.g. a LoRA layer injected): the batched step runs its forward.
             ids, positions = torch.tensor([token_id]), torch.tensor([position])
             return self.decode_batch(ids, positions, self._no_padding, cache)
         rotary = inner.rotary_emb
@@ -102,15 +102,9 @@ class LlamaDecodeStep:
             a = self._attention_rows(q, keys, values, self._no_padding, layer.self_attn)
             self._layer_out(*pointers, a.data_ptr(), a.numel(), *out_args, inter, scratch.data_ptr())
         x = F.rms_norm(x, (hidden,), inner.norm.weight, inner.norm.variance_epsilon)
-        logits = torch.empty(1, self.model.lm_head.out_features)
-        self._gemv(
-            self.model.lm_head.weight.data_ptr(),
-            x.data_ptr(),
-            None,
-            logits.data_ptr(),
-            logits.shape[1],
-            hidden,
-        )
+        logits = torch.empty(1, head.out_features)
+        bias = None if head.bias is None else head.bias.data_ptr()
+        self._gemv(head.weight.data_ptr(), x.data_ptr(), bias, logits.data_ptr(), head.out_features, hidden)
         return logits
 
     def _rows(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -194,12 +194,7 @@ def _check_layer(kernels: NativeKernels, gen: torch.Generator) -> str | None:
         torch.randn(*s, generator=gen) for s in ((hidden, heads * dim), (inter, hidden), (inter, hidden))
     )
     wd, bo = torch.randn(hidden, inter, generator=gen), torch.randn(hidden, generator=gen)
-    q, k, v, h = (
-        torch.empty(heads, dim),
-        torch.empty(kv_heads, dim),
-        torch.empty(kv_heads, dim),
-        torch.empty(hidden),
-    )
+    q, k, v, h = (torch.empty(n) for n in (heads * dim, kv_heads * dim, kv_heads * dim, hidden))
     ptrs = lambda *ts: [t.data_ptr() if t is not None else None for t in ts]  # noqa: E731
     kernels.layer_qkv(x.data_ptr(), hidden, norm.data_ptr(), eps, *ptrs(wq, bq, wk, bk, wv, bv),
                       heads, kv_heads, dim, *ptrs(cos, sin, q, k, v, h))  # fmt: skip
@@ -210,7 +205,8 @@ def _check_layer(kernels: NativeKernels, gen: torch.Generator) -> str | None:
         return t * cos + torch.cat((-t[..., half:], t[..., :half]), dim=-1) * sin
 
     want = (rope(F.linear(n, wq, bq).view(heads, dim)), rope(F.linear(n, wk, bk).view(kv_heads, dim)))
-    if not all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip((q, k), want, strict=True)):
+    want = (*(t.view(-1) for t in want), F.linear(n, wv, bv))
+    if not all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip((q, k, v), want, strict=True)):
         return "RMSNorm, projections and RoPE"
     a, after, scratch = torch.randn(heads * dim, generator=gen), x.clone(), torch.empty(hidden + 2 * inter)
     kernels.layer_out(after.data_ptr(), hidden, a.data_ptr(), heads * dim, *ptrs(wo, bo, norm2), eps,
