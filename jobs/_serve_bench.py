@@ -260,17 +260,11 @@ def _serve_transport(throughput_optimized: bool) -> str:
     """
     import ray
 
-    from llmopt.cluster import SERVE_THROUGHPUT_ENV, use_serve_throughput_mode
+    from llmopt.cluster import use_serve_throughput_mode
 
     if not throughput_optimized:
         return SERVE_HAPROXY if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else SERVE_PROXY
-    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
-        settings = " ".join(f"{k}={v}" for k, v in SERVE_THROUGHPUT_ENV.items())
-        raise ValueError(
-            "--throughput-optimized applies to the local cluster the benchmark starts; start the cluster "
-            f"it joins with {settings} in its environment instead"
-        )
-    use_serve_throughput_mode()
+    use_serve_throughput_mode(joined=ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS")))
     return SERVE_HAPROXY
 
 

@@ -651,24 +651,22 @@ def serve_command(
     import signal
     import time
 
-    from llmopt.cluster import SERVE_THROUGHPUT_ENV, use_serve_throughput_mode
+    from llmopt.cluster import use_serve_throughput_mode
 
     # Every check that can fail runs before Ray starts: config, ports, import path, application builder.
     config = _load(config_file, overrides)
     joined = bool(address or os.environ.get("RAY_ADDRESS"))
-    if throughput_optimized and joined:
-        settings = " ".join(f"{k}={v}" for k, v in SERVE_THROUGHPUT_ENV.items())
-        raise _fail(
-            "--throughput-optimized applies to the local cluster `llmopt serve` starts; start the cluster "
-            f"you join with {settings} in its environment instead",
-            2,
-        )
-    if not joined:
-        _check_port_free(host, port)
+    side_ports: dict[str, int] = {}
     if throughput_optimized:
         # Before the app's import below: the driver reads Serve's settings when it imports ray.serve.
-        for variable, side_port in use_serve_throughput_mode().items():
-            _check_port_free("0.0.0.0", side_port, f"set {variable} to a free port")
+        try:
+            side_ports = use_serve_throughput_mode(joined)
+        except ValueError as exc:
+            raise _fail(str(exc), 2) from None
+    if not joined:
+        _check_port_free(host, port)
+    for variable, side_port in side_ports.items():
+        _check_port_free("0.0.0.0", side_port, f"set {variable} to a free port")
     target = _import_app(app_path, app_dir)
     args = {"config": str(config_file.resolve()) if config_file else None, "overrides": list(overrides or [])}
     application = _build_app(target, args)

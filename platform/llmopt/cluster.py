@@ -36,7 +36,7 @@ def init_ray(address: str | None = None, **kwargs: Any):
     return ray.init(address=address, **kwargs)
 
 
-def use_serve_throughput_mode() -> dict[str, int]:
+def use_serve_throughput_mode(joined: bool = False) -> dict[str, int]:
     """Turn Serve's high-throughput mode on for a local cluster this process starts next.
 
     Serve's processes read the settings when they start, and a local cluster's processes inherit this
@@ -44,9 +44,21 @@ def use_serve_throughput_mode() -> dict[str, int]:
     the driver's own reading of them). A cluster that is joined keeps the mode it was started with: set
     `SERVE_THROUGHPUT_ENV` in its environment (`ray start`, the KubeRay container's `env`).
 
+    Args:
+        joined: Whether this process joins a running cluster instead (then nothing is set).
+
     Returns:
         HAProxy's extra ports (stats, metrics) by variable name, from the environment or Ray's defaults.
+
+    Raises:
+        ValueError: ``joined``; the message names the variables to set on that cluster.
     """
+    if joined:
+        settings = " ".join(f"{k}={v}" for k, v in SERVE_THROUGHPUT_ENV.items())
+        raise ValueError(
+            "--throughput-optimized applies to a local cluster this process starts; start the cluster it "
+            f"joins with {settings} in its environment instead"
+        )
     for name, value in SERVE_THROUGHPUT_ENV.items():
         os.environ.setdefault(name, value)
     # An ingress replica that stops keeps answering for this long so that load balancers in front can take it

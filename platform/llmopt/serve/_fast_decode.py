@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, LlamaForCausalLM
 
-from llmopt.serve._native import DecodeLinear, load_kernels
+from llmopt.serve._native import DecodeLinear, apply_rope, load_kernels
 
 
 def unsupported_reason(model) -> str | None:
@@ -159,8 +159,8 @@ class LlamaDecodeStep:
             attn, mlp = layer.self_attn, layer.mlp
             proj, norm, dim = attn._modules, layer.input_layernorm, attn.head_dim
             h = F.rms_norm(x, (hidden,), norm.weight, norm.variance_epsilon)
-            q = _rotary(self._rows(proj["q_proj"], h).view(batch, -1, dim), cos, sin)
-            k = _rotary(self._rows(proj["k_proj"], h).view(batch, -1, dim), cos, sin)
+            q = apply_rope(self._rows(proj["q_proj"], h).view(batch, -1, dim), cos, sin)
+            k = apply_rope(self._rows(proj["k_proj"], h).view(batch, -1, dim), cos, sin)
             v = self._rows(proj["v_proj"], h).view(batch, -1, 1, dim)
             keys, values = cache.update(k.unsqueeze(2), v, index)
             x = x + self._rows(proj["o_proj"], self._attention_rows(q, keys, values, starts, attn))
@@ -190,9 +190,3 @@ def _native_args(layer) -> tuple[tuple, tuple] | None:
     qkv = (norm.weight.data_ptr(), norm.variance_epsilon, *pointers[:6])
     out = (*pointers[6:8], post.weight.data_ptr(), post.variance_epsilon, *pointers[8:])
     return qkv, out
-
-
-def _rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """transformers' `apply_rotary_pos_emb` for one tensor: t * cos + rotate_half(t) * sin."""
-    half = t.shape[-1] // 2
-    return t * cos + torch.cat((-t[..., half:], t[..., :half]), dim=-1) * sin

@@ -130,29 +130,26 @@ def load_kernels() -> tuple[NativeKernels | None, str]:
     isa = lib.llmopt_gemv_isa()
     if isa == 0:
         return None, "the compiler targets neither AVX2+FMA nor AVX-512 on this CPU"
-    gemv, attend_rows = lib.llmopt_gemv, lib.llmopt_attend_rows
-    gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 2
-    gemv.restype = None
-    attend_rows.argtypes = (
-        [ctypes.c_void_p] * 4
-        + [ctypes.c_long] * 7
-        + [
-            ctypes.c_void_p,
-            ctypes.c_float,
-            ctypes.c_void_p,
-        ]
-    )
-    attend_rows.restype = None
     ptr, size, real = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
+    gemv, attend_rows = lib.llmopt_gemv, lib.llmopt_attend_rows
     layer_qkv, layer_out = lib.llmopt_layer_qkv, lib.llmopt_layer_out
+    gemv.argtypes = [*[ptr] * 4, size, size]
+    attend_rows.argtypes = [*[ptr] * 4, *[size] * 7, ptr, real, ptr]
     layer_qkv.argtypes = [ptr, size, ptr, real, *[ptr] * 6, size, size, size, *[ptr] * 6]
     layer_out.argtypes = [ptr, size, ptr, size, ptr, ptr, ptr, real, *[ptr] * 6, size, ptr]
-    layer_qkv.restype = layer_out.restype = None
+    gemv.restype = attend_rows.restype = layer_qkv.restype = layer_out.restype = None
     description = f"native AVX-{isa} GEMV ({path.name})"
     kernels = NativeKernels(gemv, attend_rows, layer_qkv, layer_out, description)
     if failed := _self_check(kernels):
         return None, f"the native decode kernel {path} failed its self-check against {failed}"
     return kernels, description
+
+
+def apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' `apply_rotary_pos_emb` for one tensor: t * cos + rotate_half(t) * sin (what the layer
+    kernel computes, and the lean step's batched path runs)."""
+    half = t.shape[-1] // 2
+    return t * cos + torch.cat((-t[..., half:], t[..., :half]), dim=-1) * sin
 
 
 def _self_check(kernels: NativeKernels) -> str | None:
@@ -199,13 +196,8 @@ def _check_layer(kernels: NativeKernels, gen: torch.Generator) -> str | None:
     kernels.layer_qkv(x.data_ptr(), hidden, norm.data_ptr(), eps, *ptrs(wq, bq, wk, bk, wv, bv),
                       heads, kv_heads, dim, *ptrs(cos, sin, q, k, v, h))  # fmt: skip
     n = F.rms_norm(x, (hidden,), norm, eps)
-
-    def rope(t):
-        half = dim // 2
-        return t * cos + torch.cat((-t[..., half:], t[..., :half]), dim=-1) * sin
-
-    want = (rope(F.linear(n, wq, bq).view(heads, dim)), rope(F.linear(n, wk, bk).view(kv_heads, dim)))
-    want = (*(t.view(-1) for t in want), F.linear(n, wv, bv))
+    roped = (apply_rope(F.linear(n, w, b).view(-1, dim), cos, sin).view(-1) for w, b in ((wq, bq), (wk, bk)))
+    want = (*roped, F.linear(n, wv, bv))
     if not all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip((q, k, v), want, strict=True)):
         return "RMSNorm, projections and RoPE"
     a, after, scratch = torch.randn(heads * dim, generator=gen), x.clone(), torch.empty(hidden + 2 * inter)
