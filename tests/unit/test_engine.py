@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tokenizers.decoders import DecodeStream
 
 from llmopt.models import load_model, load_tokenizer
-from llmopt.serve._engine import GenerationEngine, GenerationRequest, SamplingParams
+from llmopt.serve._engine import GenerationEngine, GenerationRequest, SamplingParams, _Sequence
 
 TEXTS = [
     "Hello",
@@ -146,6 +147,54 @@ def test_stop_string_truncates(model, tok):
     assert "".join(o.text for o in outs) == full[:at]
     assert outs[-1].finished and outs[-1].finish_reason == "stop"
     assert stop not in "".join(o.text for o in outs)
+
+
+@pytest.mark.parametrize("clean_up", [False, True])
+def test_streamed_text_is_the_decoded_text(model, tok, clean_up):
+    # Sampled at a high temperature, a random model emits byte-fallback pieces that split characters across
+    # tokens: at every step the text so far is the decode of the tokens so far (an incomplete character held
+    # back), and the whole is exactly `decode` of them. With transformers' space clean-up on, the engine
+    # decodes the whole output each step instead of streaming it through tokenizers' DecodeStream.
+    tokenizer = load_tokenizer("tiny-llama")
+    tokenizer.clean_up_tokenization_spaces = clean_up
+    engine = _engine(model, tokenizer)
+    assert (engine._backend is None) == clean_up
+    params = {"max_tokens": 48, "temperature": 3.0}
+    requests = [_req(tokenizer, f"s{i}", TEXTS[i % 4], seed=i, **params) for i in range(6)]
+    for r in requests:
+        engine.add(r)
+    texts, tokens = {r.request_id: "" for r in requests}, {r.request_id: [] for r in requests}
+    split = False
+    while engine.has_work():
+        for out in engine.step():
+            texts[out.request_id] += out.text
+            tokens[out.request_id].append(out.token_id)
+            decoded = tokenizer.decode(tokens[out.request_id], skip_special_tokens=True)
+            split |= decoded.endswith("\ufffd") and not out.finished
+            assert decoded.startswith(texts[out.request_id]), (decoded, texts[out.request_id])
+            if out.finished:
+                assert texts[out.request_id] == decoded
+            else:
+                assert texts[out.request_id] == decoded.rstrip("\ufffd")
+    assert split  # some step did end inside a character
+
+
+def test_incremental_decode_joins_split_characters(model, tok):
+    # The tiny tokenizer spells these characters in byte pieces, several tokens each: every step's text is
+    # the decode of the tokens so far with the incomplete character held back, never a replacement mark.
+    engine = _engine(model, tok)
+    text = "naïve café, 日本語のテキスト, ёлка, emoji 🚀🎉 and plain ASCII."
+    ids = tok(text, add_special_tokens=False).input_ids
+    seq = _Sequence(GenerationRequest("x", [1]), None, stream=DecodeStream(skip_special_tokens=True))
+    held = 0
+    for token in ids:
+        seq.token_ids.append(token)
+        got = engine._decode(seq, None)
+        decoded = tok.decode(seq.token_ids, skip_special_tokens=True)
+        assert "\ufffd" not in got and got == decoded.rstrip("\ufffd")
+        held += decoded.endswith("\ufffd")
+    assert held > 5 and got == tok.decode(ids) == text
+    assert engine._decode(seq, "length") == text
 
 
 def test_sampling_with_seed(model, tok):
