@@ -83,6 +83,66 @@ def measure_bandwidth(threads: int, megabytes: int, repeats: int = 5) -> dict[st
     return result
 
 
+def measure_matmul_ceiling(
+    preset: str, threads: int, batch: int, prompt_tokens: int, output_tokens: int, repeats: int = 30
+) -> dict[str, Any]:
+    """Output tokens/s of `batch` concurrent requests if a replica ran nothing but the matrix products.
+
+    Times, with `threads` torch threads and warm weights (best of `repeats`), every `nn.Linear` of the preset
+    on `batch` rows (one decode step of a full batch) and on `prompt_tokens` rows (one request's prefill;
+    the output head on its last row only, as the engine computes it). A request costs its prefill and
+    `output_tokens - 1` rows of decode steps, so the ceiling is ``output_tokens / (prefill + (output_tokens
+    - 1) * step / batch)``: what continuous batching could reach with no attention, norms, sampling, Python
+    or HTTP at all (the bound of figure (a), as the bandwidth ceiling is (b)'s).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from llmopt.models import load_model
+
+    torch.set_num_threads(threads)
+    model = load_model(preset).eval()
+    head = model.get_output_embeddings()
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    gen = torch.Generator().manual_seed(0)
+
+    def products(rows: int, head_rows: int):
+        inputs = [torch.randn(rows, m.in_features, generator=gen) for m in layers]
+        last = torch.randn(head_rows, head.in_features, generator=gen)
+
+        def run() -> None:
+            for m, x in zip(layers, inputs, strict=True):
+                F.linear(x, m.weight, m.bias)
+            F.linear(last, head.weight, head.bias)
+
+        return run
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    with torch.no_grad():
+        step_s = best(products(batch, batch))
+        prefill_s = best(products(prompt_tokens, 1))
+    params = sum(m.weight.numel() for m in layers)
+    flops = 2 * (batch * (params + head.weight.numel()) + prompt_tokens * params + head.weight.numel())
+    per_request_s = prefill_s + (output_tokens - 1) * step_s / batch
+    return {
+        "preset": preset,
+        "threads": threads,
+        "batch": batch,
+        "decode_step_s": step_s,
+        "prefill_s": prefill_s,
+        "flops_per_s": flops / (step_s + prefill_s),
+        "ceiling_tokens_per_s": output_tokens / per_request_s,
+    }
+
+
 def weight_bytes_per_token(preset: str) -> dict[str, Any]:
     """fp32 weight bytes one batch-1 decode step reads: every parameter except the input embedding
     table (a lookup reads one row), unless it is tied to the output head (which reads all of it)."""

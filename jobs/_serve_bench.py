@@ -8,8 +8,9 @@ output tokens/s over the point's wall time, TTFT and latency p50/p99, each reque
 replica's mean batch size (``/api/v1/stats``).
 
 Outside the server (in Ray tasks, ``jobs/_precision_bench.py``): the machine's memory bandwidth with the
-replica's thread count (the ceiling of batch-1 decoding, which reads every weight once per token) and the
-serving precisions (fp32 / int8 / bf16: engine decode tokens/s at batch 1 and 8, held-out loss).
+replica's thread count (the ceiling of batch-1 decoding, which reads every weight once per token), the
+time of the tiny preset's matrix products alone at the top concurrency (the ceiling of batched throughput)
+and the serving precisions (fp32 / int8 / bf16: engine decode tokens/s at batch 1 and 8, held-out loss).
 
 Any failed case, request or precision run fails the benchmark (after serve.json and serve.png are written).
 """
@@ -66,6 +67,16 @@ def read_bandwidth(bw: dict[str, Any]) -> float:
     return max(bw.get(k) or 0.0 for k in rates)
 
 
+def _matmul_text(m: dict[str, Any]) -> str:
+    step, prefill = m["decode_step_s"] * 1e3, m["prefill_s"] * 1e3
+    ceiling = m["ceiling_tokens_per_s"]
+    return (
+        f"{m['preset']}, {m['threads']} thread(s): decode step of {m['batch']} rows {step:.2f} ms, "
+        f"prefill {prefill:.2f} ms, {m['flops_per_s'] / 1e9:.0f} GFLOP/s; "
+        f"ceiling {ceiling:.0f} output tokens/s at concurrency {m['batch']}"
+    )
+
+
 def _session_text(s: dict[str, Any]) -> str:
     return (
         f"follow-up TTFT p50 {fmt_ms(s['turn2_ttft_p50_s'])}, prompt/cached tokens "
@@ -93,12 +104,14 @@ def _figure(value, target, applies, **detail) -> dict[str, Any]:
     return {"value": value, "target": target, "target_applies": applies, "passed": passed, **detail}
 
 
-def serve_figures(results, bandwidth, weights, plan: Plan) -> dict[str, Any]:
+def serve_figures(results, bandwidth, weights, plan: Plan, matmul=None) -> dict[str, Any]:
     """The issue's three figures, each with its target and whether the run met it.
 
     (a) compares batched output tokens/s with two unbatched baselines: batching off at concurrency 1 (the
     sequential baseline the target refers to, ``ratio``: pass/fail) and batching off at the same
-    concurrency (server-side sequential, saturated: ``ratio_vs_saturated_unbatched``).
+    concurrency (server-side sequential, saturated: ``ratio_vs_saturated_unbatched``). With ``matmul``
+    (:func:`measure_matmul_ceiling` at that concurrency) it also gives the matrix products' ceiling, the
+    share of it reached and the ratio the ceiling itself would give (``matmul_ceiling_ratio``).
     """
     figures: dict[str, Any] = {}
     base = _point(results, "batching", "none", 1)
@@ -110,6 +123,7 @@ def serve_figures(results, bandwidth, weights, plan: Plan) -> dict[str, Any]:
         saturated = _point(results, "batching", "none", c) if c > 1 else None
         saturated_tokens_per_s = saturated["output_tokens_per_s"] if saturated else None
         ratio = tokens_per_s / base["output_tokens_per_s"]
+        ceiling = matmul["ceiling_tokens_per_s"] if matmul and matmul["batch"] == c else None
         figures["batching_speedup" if label == "continuous" else "static_batching_speedup"] = _figure(
             ratio,
             TARGETS["batching_speedup"],
@@ -123,6 +137,9 @@ def serve_figures(results, bandwidth, weights, plan: Plan) -> dict[str, Any]:
             ratio_vs_saturated_unbatched=saturated_tokens_per_s and tokens_per_s / saturated_tokens_per_s,
             saturated_baseline=f"batching off, concurrency {c}",
             saturated_baseline_tokens_per_s=saturated_tokens_per_s,
+            matmul_ceiling_tokens_per_s=ceiling,
+            fraction_of_matmul_ceiling=ceiling and tokens_per_s / ceiling,
+            matmul_ceiling_ratio=ceiling and ceiling / base["output_tokens_per_s"],
         )
     group = "base-100m" if plan.include_base else "batching"
     batch1 = _point(results, group, "continuous", 1) or _point(results, group, "none", 1)
@@ -189,6 +206,12 @@ def plot_serve(report: dict[str, Any], path: Path) -> None:
             for r in (r for r in loads if r["preset"] == preset):
                 pts = [p for p in r["points"] if p.get(key) is not None]
                 ax.plot([p["concurrency"] for p in pts], [p[key] for p in pts], "o-", label=r["label"])
+            fig_a = report["figures"].get("batching_speedup")
+            if row == 0 and col == 0 and fig_a and fig_a.get("matmul_ceiling_tokens_per_s"):
+                ax.axhline(fig_a["matmul_ceiling_tokens_per_s"], color="gray", ls="--", lw=1,
+                           label=f"matrix products alone, C={fig_a['concurrency']}")  # fmt: skip
+                ax.axhline(fig_a["target"] * fig_a["baseline_tokens_per_s"], color="tab:red", ls=":",
+                           lw=1, label=f"{fig_a['target']:g}x batching off at C=1")  # fmt: skip
             ax.set_xscale("log", base=2)
             ticks = sorted(
                 {p["concurrency"] for r in loads if r["preset"] == preset for p in r["points"]}
@@ -319,7 +342,12 @@ def run_serve(args: argparse.Namespace) -> dict[str, Any]:
     from ray import serve
     from rich.console import Console
 
-    from jobs._precision_bench import measure_bandwidth, precision_cases, weight_bytes_per_token
+    from jobs._precision_bench import (
+        measure_bandwidth,
+        measure_matmul_ceiling,
+        precision_cases,
+        weight_bytes_per_token,
+    )
     from llmopt.config import load_config
     from llmopt.models import build_preset, load_tokenizer
 
@@ -343,6 +371,11 @@ def run_serve(args: argparse.Namespace) -> dict[str, Any]:
         task = ray.remote(num_cpus=plan.replica_cpus, max_calls=1)(measure_bandwidth)
         bandwidth = ray.get(task.remote(threads, plan.bandwidth_mb))
         log("  " + _bandwidth_text(bandwidth))
+        top = max(plan.tiny_concurrency)
+        log(f"matrix products alone: {TINY}, batch {top}, {threads} thread(s) ...")
+        task = ray.remote(num_cpus=plan.replica_cpus, max_calls=1)(measure_matmul_ceiling)
+        matmul = ray.get(task.remote(TINY, threads, top, plan.prompt_tokens, plan.output_tokens))
+        log("  " + _matmul_text(matmul))
         # Around the batch-1 point, while the replica holds its CPU but idles: a zero-CPU task.
         adjacent_task = ray.remote(num_cpus=0, max_calls=1)(measure_bandwidth)
 
@@ -387,11 +420,12 @@ def run_serve(args: argparse.Namespace) -> dict[str, Any]:
         "settings": asdict(plan),
         "transport": transport,
         "bandwidth": bandwidth,
+        "matmul_ceiling": matmul,
         "weights": weights,
         "cases": results,
         "precision": precision,
         "precision_error": precision_error,
-        "figures": serve_figures(results, bandwidth, weights, plan),
+        "figures": serve_figures(results, bandwidth, weights, plan, matmul),
     }
     (out / "serve.json").write_text(json.dumps(report, indent=2))
     plot_serve(report, out / "serve.png")
@@ -434,6 +468,8 @@ def print_report(report: dict[str, Any], console) -> None:
         console.print(f"session, {r['label']}: {text}", highlight=False)
     bw = report["bandwidth"]
     console.print(f"memory bandwidth ({bw['threads']} thread(s)): {_bandwidth_text(bw)}", highlight=False)
+    if report.get("matmul_ceiling"):
+        console.print(f"matrix products alone: {_matmul_text(report['matmul_ceiling'])}", highlight=False)
     if report["precision"]:
         console.print(precision_table(report["precision"]))
     names = {
@@ -454,6 +490,12 @@ def print_report(report: dict[str, Any], console) -> None:
             line += (
                 f"\n    vs batching off at C={f['concurrency']} (server-side sequential, saturated): "
                 f"{f['ratio_vs_saturated_unbatched']:.3f} x"
+            )
+        if f.get("matmul_ceiling_tokens_per_s"):
+            line += (
+                f"\n    matrix products alone at C={f['concurrency']}: "
+                f"{f['matmul_ceiling_tokens_per_s']:.0f} tokens/s, {f['fraction_of_matmul_ceiling']:.0%} "
+                f"of it reached; that ceiling is {f['matmul_ceiling_ratio']:.2f} x the baseline"
             )
         console.print(f"{line}\n    {detail}", highlight=False)
     for failure in _failures(report):

@@ -55,6 +55,12 @@ def test_quick_serve_benchmark(ray_cluster, tmp_path):
     assert len(adjacent) == 2 and all(b["sum_bytes_per_s"] > 0 for b in adjacent)
     assert "bandwidth_adjacent" not in loads[1]["points"][1]
     assert "before and after" in saved["figures"]["bandwidth_fraction"]["bandwidth_used"]
+    # (a)'s ceiling: the tiny preset's matrix products alone at the top concurrency.
+    matmul = saved["matmul_ceiling"]
+    assert matmul["batch"] == 4 and matmul["decode_step_s"] > 0 and matmul["prefill_s"] > 0
+    speedup = saved["figures"]["batching_speedup"]
+    assert speedup["matmul_ceiling_tokens_per_s"] == matmul["ceiling_tokens_per_s"] > 0
+    assert speedup["fraction_of_matmul_ceiling"] > 0
     for case in loads:
         assert "error" not in case
         for point in case["points"]:
