@@ -13,6 +13,7 @@ its own.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -27,6 +28,17 @@ HUGE_PAGE_RATES = (
 )
 
 
+def _best_time(fn, repeats: int) -> float:
+    """The fastest of `repeats` timed calls of `fn`, after one warm-up call, in seconds."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def measure_bandwidth(threads: int, megabytes: int, repeats: int = 5) -> dict[str, Any]:
     """Memory bandwidth with `threads` torch threads, best of `repeats`, in bytes/s.
 
@@ -36,8 +48,6 @@ def measure_bandwidth(threads: int, megabytes: int, repeats: int = 5) -> dict[st
     The `*_huge_pages_*` rates read the same bytes from a buffer on 2 MiB pages (where the served weights
     are with the native kernel; None where transparent huge pages are off); the ceiling takes the highest.
     """
-    import functools
-
     import torch
 
     from llmopt.serve._native import huge_page_empty, huge_pages_available, load_gemv, transparent_huge_pages
@@ -50,14 +60,7 @@ def measure_bandwidth(threads: int, megabytes: int, repeats: int = 5) -> dict[st
     vec = torch.rand(cols)
     nbytes = src.numel() * 4
 
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
+    best = functools.partial(_best_time, repeats=repeats)
 
     gemv, _ = load_gemv()
     out = torch.empty(src.shape[0])
@@ -117,14 +120,7 @@ def measure_matmul_ceiling(
 
         return run
 
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
+    best = functools.partial(_best_time, repeats=repeats)
 
     with torch.no_grad():
         step_s = best(products(batch, batch))
@@ -180,8 +176,6 @@ def _decode_tokens_per_s(engine_cls, model, tokenizer, batch: int, prompt_len: i
 
 @ray.remote(num_cpus=1)
 def _precision_case(overrides: list[str], rows: int, new_tokens: int, lean: bool = True) -> dict[str, Any]:
-    import functools
-
     import torch
 
     from llmopt.data import load_rows, response_loss
