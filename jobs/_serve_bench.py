@@ -198,6 +198,7 @@ def plot_serve(report: dict[str, Any], path: Path) -> None:
         ("ttft_p50_s", "TTFT p50, s"),
         ("latency_p99_s", "latency p99, s"),
     ]
+    fig_a = report["figures"].get("batching_speedup")
     for col, (key, title) in enumerate(panels):
         for row, preset in enumerate((TINY, BASE)):
             if row == 1 and col > 0:
@@ -206,7 +207,6 @@ def plot_serve(report: dict[str, Any], path: Path) -> None:
             for r in (r for r in loads if r["preset"] == preset):
                 pts = [p for p in r["points"] if p.get(key) is not None]
                 ax.plot([p["concurrency"] for p in pts], [p[key] for p in pts], "o-", label=r["label"])
-            fig_a = report["figures"].get("batching_speedup")
             if row == 0 and col == 0 and fig_a and fig_a.get("matmul_ceiling_tokens_per_s"):
                 ax.axhline(fig_a["matmul_ceiling_tokens_per_s"], color="gray", ls="--", lw=1,
                            label=f"matrix products alone, C={fig_a['concurrency']}")  # fmt: skip

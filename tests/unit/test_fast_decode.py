@@ -126,11 +126,11 @@ def test_attention_kernel_and_its_fallback_agree_with_grouped_heads(native):
     keys, values = buffer[0, :, :, :length], buffer[1, :, :, :length]
     scores = (q.view(kv_heads, 2, dim) @ keys[0].transpose(-1, -2)) * attn.scaling
     want = (scores.softmax(-1) @ values[0]).reshape(-1)
-    one_row = q.view(1, heads, dim), step._no_padding  # the single-row step's call: one row from position 0
-    got = step._attention_rows(one_row[0], keys, values, one_row[1], attn).view(-1)
+    row = q.view(1, heads, dim)  # the single-row step's call: one row, attending from position 0
+    got = step._attention_rows(row, keys, values, step._no_padding, attn).view(-1)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     strided = keys.transpose(2, 3).contiguous().transpose(2, 3)  # same values, position stride != dim
-    got = step._attention_rows(one_row[0], strided, values, one_row[1], attn).view(-1)
+    got = step._attention_rows(row, strided, values, step._no_padding, attn).view(-1)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
