@@ -10,6 +10,7 @@ from llmopt.config import load_config
 from llmopt.models import load_tokenizer
 from llmopt.serve import GenerationEngine, GenerationRequest, SamplingParams, load_serving_model
 from llmopt.serve._fast_decode import LlamaDecodeStep
+from llmopt.serve._native import GEMM_ROWS
 from tests.unit.test_native_decode import needs_kernel
 
 pytestmark = needs_kernel
@@ -176,6 +177,49 @@ def test_batched_lean_step_gives_transformers_logits_as_rows_join_and_leave(nati
     assert max(batches) == 4 and len(set(batches)) > 1, batches
     for request in requests:
         _, alone = _run(native, tok, [request], lean=False)
+        _assert_same(got[request.request_id], alone[request.request_id])
+
+
+def test_a_full_batch_on_fused_native_products_gives_transformers_logits(native, tok, monkeypatch):
+    """A batch wide enough for the native product (GEMM_ROWS) runs the fused layer: each row, greedy or
+    sampled, matches its run alone through transformers' forward, on logits."""
+    fused_rows = []
+    fused = LlamaDecodeStep._fused_layer
+    monkeypatch.setattr(LlamaDecodeStep, "_fused_layer", lambda *a: fused_rows.append(len(a[1])) or fused(*a))
+    count = GEMM_ROWS[0] + 4
+    requests = [
+        GenerationRequest(
+            f"r{i}",
+            [10 + (7 * i + j) % 900 for j in range(3 + (5 * i) % 17)],
+            SamplingParams(max_tokens=2 + i % 5, temperature=0.7 * (i % 3 == 0), seed=i),
+        )
+        for i in range(count)
+    ]
+    _, got = _run(native, tok, requests, lean=True, max_batch_size=count)
+    assert max(fused_rows) == count and min(fused_rows) < GEMM_ROWS[0], sorted(set(fused_rows))
+    for request in requests:
+        _, alone = _run(native, tok, [request], lean=False)
+        _assert_same(got[request.request_id], alone[request.request_id])
+
+
+def test_fused_weights_are_views_and_a_replaced_weight_is_never_stale(tok):
+    """q|k|v and gate|up are fused without copying; a projection weight replaced after the engine was built
+    makes its layer fall back to the separate products, with transformers' logits."""
+    model = load_serving_model(load_config(None, ["model.max_seq_len=128"]))
+    engine = GenerationEngine(model, tok, max_batch_size=4, keep_logits=True)
+    layer = model.model.layers[1]
+    fused = engine._lean._fused[1]
+    attn = layer.self_attn
+    assert fused.qkv.untyped_storage().data_ptr() == attn.q_proj.weight.untyped_storage().data_ptr()
+    assert torch.equal(fused.qkv, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+    assert fused.intact()
+    with torch.no_grad():
+        attn.k_proj.weight = torch.nn.Parameter(attn.k_proj.weight * 1.5)
+    assert not fused.intact() and engine._lean._fused[0].intact()
+    requests = _requests(tok)
+    got = engine.generate(requests)
+    for request in requests:
+        _, alone = _run(model, tok, [request], lean=False)
         _assert_same(got[request.request_id], alone[request.request_id])
 
 

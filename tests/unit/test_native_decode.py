@@ -12,6 +12,7 @@ from llmopt.config import load_config
 from llmopt.models import load_model, load_tokenizer
 from llmopt.serve import GenerationEngine, GenerationRequest, SamplingParams, load_serving_model
 from llmopt.serve._native import (
+    GEMM_ROWS,
     HUGE_PAGE,
     DecodeLinear,
     _compiler,
@@ -84,6 +85,29 @@ def test_only_single_row_inference_uses_the_kernel(monkeypatch):
     out = layer(x.requires_grad_())  # autograd keeps torch's kernel, and gradients flow
     out.sum().backward()
     assert len(calls) == 2 and layer.weight.grad is not None
+
+
+@needs_kernel
+def test_a_few_rows_use_the_native_product_where_it_builds(monkeypatch):
+    """Prefill-sized inputs (GEMM_ROWS) run the native product and match F.linear; more rows keep torch's."""
+    kernels, _ = load_kernels()
+    if not kernels.has_gemm:
+        pytest.skip("this build has no AVX-512 product")
+    gen = torch.Generator().manual_seed(3)
+    layer = torch.nn.Linear(100, 45)
+    torch.nn.init.normal_(layer.weight, generator=gen)
+    use_native_decode(layer)
+    calls = []
+    gemm = DecodeLinear._gemm
+    monkeypatch.setattr(DecodeLinear, "_gemm", staticmethod(lambda *a: calls.append(a[4]) or gemm(*a)))
+    low, high = GEMM_ROWS
+    with torch.no_grad():
+        for shape in ((low - 1, 100), (1, low, 100), (2, 33, 100), (high, 100), (high + 1, 100)):
+            x = torch.randn(*shape, generator=gen)
+            torch.testing.assert_close(
+                layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), **TOL
+            )
+    assert calls == [low, 66, high]
 
 
 @needs_kernel

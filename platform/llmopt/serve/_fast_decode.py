@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, LlamaForCausalLM
 
-from llmopt.serve._native import DecodeLinear, apply_rope, load_kernels
+from llmopt.serve._native import GEMM_ROWS, DecodeLinear, apply_rope, huge_page_empty, load_kernels
 
 
 def unsupported_reason(model) -> str | None:
@@ -68,7 +68,10 @@ class LlamaDecodeStep:
         kernels, _ = load_kernels()  # loaded: every projection is a DecodeLinear
         self._gemv, self._attend_rows = kernels.gemv, kernels.attend_rows
         self._layer_qkv, self._layer_out = kernels.layer_qkv, kernels.layer_out
+        self._kernels = kernels
         self._no_padding = torch.zeros(1, dtype=torch.int64)  # a lone row attends from position 0
+        self._fused = [_FusedLayer.of(layer) for layer in model.model.layers]
+        self._scratch = torch.empty(0)
 
     @torch.no_grad()
     def __call__(self, token_id: int, position: int, cache: DynamicCache) -> torch.Tensor:
@@ -156,6 +159,10 @@ class LlamaDecodeStep:
         batch, hidden = x.shape
         starts = starts.to(torch.int64).contiguous()
         for index, layer in enumerate(inner.layers):
+            fused, layer_cache = self._fused[index], cache.layers[index]
+            if fused is not None and fused.intact() and hasattr(layer_cache, "grow"):
+                self._fused_layer(x, layer, fused, layer_cache, cos, sin, starts)
+                continue
             attn, mlp = layer.self_attn, layer.mlp
             proj, norm, dim = attn._modules, layer.input_layernorm, attn.head_dim
             h = F.rms_norm(x, (hidden,), norm.weight, norm.variance_epsilon)
@@ -169,7 +176,125 @@ class LlamaDecodeStep:
             gated = mlp.act_fn(self._rows(proj["gate_proj"], h)) * self._rows(proj["up_proj"], h)
             x = x + self._rows(proj["down_proj"], gated)
         x = F.rms_norm(x, (hidden,), inner.norm.weight, inner.norm.variance_epsilon)
-        return self._rows(self.model.lm_head, x)
+        head = self.model.lm_head
+        if type(head) is DecodeLinear:
+            return self._linear(x, head.weight, head.bias)
+        return self._rows(head, x)
+
+    def _linear(self, x, weight, bias, out=None) -> torch.Tensor:
+        """x W^T (+ bias) for a batch of rows, added into `out` when given: the native product on the rows
+        where it beats torch's (`GEMM_ROWS`), torch's otherwise."""
+        rows, (n, k) = x.shape[0], weight.shape
+        if self._kernels.has_gemm and GEMM_ROWS[0] <= rows <= GEMM_ROWS[1]:
+            if self._scratch.numel() < 32 * (k + n) + 16:
+                self._scratch = torch.empty(32 * (k + n) + 16)
+            target = x.new_empty(rows, n) if out is None else out
+            bias_ptr = None if bias is None else bias.data_ptr()
+            self._kernels.gemm(x.data_ptr(), weight.data_ptr(), bias_ptr, target.data_ptr(), rows, n, k,
+                               out is not None, self._scratch.data_ptr())  # fmt: skip
+            return target
+        if out is None:
+            return F.linear(x, weight, bias)
+        out.addmm_(x, weight.t())
+        return out if bias is None else out.add_(bias)
+
+    def _fused_layer(self, x, layer, fused: _FusedLayer, layer_cache, cos, sin, starts) -> None:
+        """One decoder layer for a batch, `x` [batch, hidden] updated in place: five native calls around
+        three products on fused weights (q|k|v, o, gate|up, down), the new position written straight into
+        the running batch's cache buffers."""
+        attn, mlp = layer.self_attn, layer.mlp
+        batch, hidden = x.shape
+        heads, kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
+        dim, inter = attn.head_dim, mlp.intermediate_size
+        kernels, h = self._kernels, torch.empty(batch, hidden)
+        norm = layer.input_layernorm
+        eps = norm.variance_epsilon
+        kernels.rms_norm_rows(x.data_ptr(), norm.weight.data_ptr(), eps, h.data_ptr(), batch, hidden)
+        qkv = self._linear(h, fused.qkv, fused.qkv_bias)
+        pos = layer_cache.grow()
+        keys, values = layer_cache.keys, layer_cache.values
+        a, scores = torch.empty(batch, heads * dim), torch.empty(pos + 1)
+        kernels.decode_attention(
+            qkv.data_ptr(), batch, heads, kv_heads, dim, cos.data_ptr(), sin.data_ptr(), keys.data_ptr(),
+            values.data_ptr(), keys.stride(1), keys.stride(0), pos, starts.data_ptr(), attn.scaling,
+            a.data_ptr(), scores.data_ptr(),
+        )  # fmt: skip
+        o_proj = attn.o_proj
+        self._linear(a, o_proj.weight, o_proj.bias, out=x)
+        norm = layer.post_attention_layernorm
+        eps = norm.variance_epsilon
+        kernels.rms_norm_rows(x.data_ptr(), norm.weight.data_ptr(), eps, h.data_ptr(), batch, hidden)
+        gate_up, gated = self._linear(h, fused.gate_up, fused.gate_up_bias), torch.empty(batch, inter)
+        kernels.silu_mul_rows(gate_up.data_ptr(), gated.data_ptr(), batch, inter)
+        down = mlp.down_proj
+        self._linear(gated, down.weight, down.bias, out=x)
+
+
+class _FusedLayer:
+    """A decoder layer's q|k|v and gate|up weights as single matrices whose rows the projections' own
+    weights are views of (no copy of the weights is kept): one product instead of three, or two, per batched
+    decode step. On the tiny preset's 32-row steps the fused products took 2.8-3.0 ms per step against 3.4-3.6
+    ms for the separate ones. A projection replaced or re-pointed since (a LoRA layer injected, a new
+    Parameter) makes the layer fall back to the separate products (`intact`).
+    """
+
+    _GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+    _OTHERS = (("self_attn", "o_proj"), ("mlp", "down_proj"))
+
+    def __init__(self, layer):
+        groups = [[getattr(getattr(layer, part), n) for n in names] for part, names in self._GROUPS]
+        (self.qkv, self.qkv_bias), (self.gate_up, self.gate_up_bias) = (_fuse(g) for g in groups)
+        # Looked up through their parents at each check: a projection replaced there (a LoRA layer
+        # injected) must be seen, not the object this layer kept.
+        names = [(part, n) for part, group in self._GROUPS for n in group] + list(self._OTHERS)
+        self._slots = [(getattr(layer, part)._modules, n) for part, n in names]
+        self._pointers = [slots[n].weight.data_ptr() for slots, n in self._slots]
+
+    @classmethod
+    def of(cls, layer) -> _FusedLayer | None:
+        groups = [[getattr(getattr(layer, part), n) for n in names] for part, names in cls._GROUPS]
+        modules = [m for g in groups for m in g] + [getattr(getattr(layer, p), n) for p, n in cls._OTHERS]
+        if any(type(m) is not DecodeLinear for m in modules):
+            return None
+        if any(len({m.bias is None for m in g}) > 1 for g in groups):  # some biased, some not
+            return None
+        return cls(layer)
+
+    def intact(self) -> bool:
+        """Whether every projection still is a native layer whose weight is the view this layer made."""
+        for (slots, name), pointer in zip(self._slots, self._pointers, strict=True):
+            module = slots[name]
+            if type(module) is not DecodeLinear or module.weight.data_ptr() != pointer:
+                return False
+        return True
+
+
+@torch.no_grad()
+def _fuse(modules: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The modules' weights stacked by rows (and biases), the modules' weights becoming views of it.
+
+    Weights already adjacent in one storage (`use_native_decode` lays a model's weights out in module order)
+    are viewed in place; others are copied into one new buffer first.
+    """
+    weights = [m.weight for m in modules]
+    rows, cols = sum(w.shape[0] for w in weights), weights[0].shape[1]
+    first = weights[0]
+    adjacent = all(w.is_contiguous() and w.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+                   for w in weights)  # fmt: skip
+    offset = first.storage_offset()
+    for w in weights:
+        adjacent = adjacent and w.storage_offset() == offset
+        offset += w.numel()
+    if adjacent:
+        fused = first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (rows, cols))
+    else:
+        fused, start = huge_page_empty(rows * cols).view(rows, cols), 0
+        for w in weights:
+            fused[start : start + w.shape[0]].copy_(w)
+            w.data = fused[start : start + w.shape[0]]
+            start += w.shape[0]
+    biases = [m.bias for m in modules]
+    return fused, None if biases[0] is None else torch.cat(biases)
 
 
 def _native_args(layer) -> tuple[tuple, tuple] | None:
