@@ -91,40 +91,67 @@ def measure_matmul_ceiling(
 ) -> dict[str, Any]:
     """Output tokens/s of `batch` concurrent requests if a replica ran nothing but the matrix products.
 
-    Times, with `threads` torch threads and warm weights (best of `repeats`), every `nn.Linear` of the preset
-    on `batch` rows (one decode step of a full batch) and on `prompt_tokens` rows (one request's prefill;
-    the output head on its last row only, as the engine computes it). A request costs its prefill and
-    `output_tokens - 1` rows of decode steps, so the ceiling is ``output_tokens / (prefill + (output_tokens
-    - 1) * step / batch)``: what continuous batching could reach with no attention, norms, sampling, Python
-    or HTTP at all (the bound of figure (a), as the bandwidth ceiling is (b)'s).
+    Times, with `threads` torch threads and warm weights (best of `repeats`), the preset's products as a
+    serving replica computes them (fp32, the native kernels where they build): one decode step of a full
+    batch on `batch` rows (the lean step's fused q|k|v and gate|up products, where it runs), and one request's
+    prefill on `prompt_tokens` rows (every projection; the output head on the last row only, as the engine
+    computes it). A request costs its prefill and `output_tokens - 1` rows of decode steps, so the ceiling is
+    ``output_tokens / (prefill + (output_tokens - 1) * step / batch)``: what continuous batching could reach
+    with no attention, norms, sampling, Python or HTTP at all (the bound of figure (a), as the bandwidth
+    ceiling is (b)'s).
     """
     import torch
-    import torch.nn.functional as F
 
     from llmopt.models import load_model
+    from llmopt.serve._fast_decode import LlamaDecodeStep, unsupported_reason
+    from llmopt.serve._native import use_native_decode
 
     torch.set_num_threads(threads)
     model = load_model(preset).eval()
+    _, kernel = use_native_decode(model)
     head = model.get_output_embeddings()
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
     gen = torch.Generator().manual_seed(0)
+    lean = LlamaDecodeStep(model) if unsupported_reason(model) is None else None
 
-    def products(rows: int, head_rows: int):
-        inputs = [torch.randn(rows, m.in_features, generator=gen) for m in layers]
-        last = torch.randn(head_rows, head.in_features, generator=gen)
+    def rows_of(weight: torch.Tensor, rows: int) -> torch.Tensor:
+        return torch.randn(rows, weight.shape[1], generator=gen)
+
+    def prefill():
+        inputs = [rows_of(m.weight, prompt_tokens) for m in layers]
+        last = rows_of(head.weight, 1)
 
         def run() -> None:
             for m, x in zip(layers, inputs, strict=True):
-                F.linear(x, m.weight, m.bias)
-            F.linear(last, head.weight, head.bias)
+                m(x)
+            head(last)
+
+        return run
+
+    def decode_step():
+        if lean is None:
+            products = [(m.weight, m.bias) for m in layers]
+        else:  # what the lean step multiplies: fused q|k|v, o, fused gate|up, down per layer
+            products = []
+            for fused, layer in zip(lean._fused, model.model.layers, strict=True):
+                attn, mlp = layer.self_attn, layer.mlp
+                products += [(fused.qkv, fused.qkv_bias), (attn.o_proj.weight, attn.o_proj.bias)]
+                products += [(fused.gate_up, fused.gate_up_bias), (mlp.down_proj.weight, mlp.down_proj.bias)]
+        products.append((head.weight, head.bias))
+        inputs = [rows_of(w, batch) for w, _ in products]
+        multiply = lean._linear if lean is not None else torch.nn.functional.linear
+
+        def run() -> None:
+            for (w, b), x in zip(products, inputs, strict=True):
+                multiply(x, w, b)
 
         return run
 
     best = functools.partial(_best_time, repeats=repeats)
 
     with torch.no_grad():
-        step_s = best(products(batch, batch))
-        prefill_s = best(products(prompt_tokens, 1))
+        step_s = best(decode_step())
+        prefill_s = best(prefill())
     params = sum(m.weight.numel() for m in layers)
     flops = 2 * (batch * (params + head.weight.numel()) + prompt_tokens * params + head.weight.numel())
     per_request_s = prefill_s + (output_tokens - 1) * step_s / batch
@@ -132,6 +159,7 @@ def measure_matmul_ceiling(
         "preset": preset,
         "threads": threads,
         "batch": batch,
+        "kernel": kernel if lean is not None else f"torch ({kernel})",
         "decode_step_s": step_s,
         "prefill_s": prefill_s,
         "flops_per_s": flops / (step_s + prefill_s),
