@@ -180,14 +180,9 @@ def test_batched_lean_step_gives_transformers_logits_as_rows_join_and_leave(nati
         _assert_same(got[request.request_id], alone[request.request_id])
 
 
-def test_a_full_batch_on_fused_native_products_gives_transformers_logits(native, tok, monkeypatch):
-    """A batch wide enough for the native product (GEMM_ROWS) runs the fused layer: each row, greedy or
-    sampled, matches its run alone through transformers' forward, on logits."""
-    fused_rows = []
-    fused = LlamaDecodeStep._fused_layer
-    monkeypatch.setattr(LlamaDecodeStep, "_fused_layer", lambda *a: fused_rows.append(len(a[1])) or fused(*a))
-    count = GEMM_ROWS[0] + 4
-    requests = [
+def _many_requests(count: int) -> list[GenerationRequest]:
+    """Prompts of 3-19 tokens, 2-6 output tokens, every third request sampled."""
+    return [
         GenerationRequest(
             f"r{i}",
             [10 + (7 * i + j) % 900 for j in range(3 + (5 * i) % 17)],
@@ -195,8 +190,28 @@ def test_a_full_batch_on_fused_native_products_gives_transformers_logits(native,
         )
         for i in range(count)
     ]
+
+
+def test_a_full_batch_on_fused_native_products_gives_transformers_logits(native, tok, monkeypatch):
+    """A batch wide enough for the native product (GEMM_ROWS) runs as one native step, a narrower one layer
+    by layer on fused products: each row, greedy or sampled, matches its run alone through transformers'
+    forward, on logits."""
+    native_rows, fused_rows = [], []
+    whole_step, fused = LlamaDecodeStep._native_step, LlamaDecodeStep._fused_layer
+
+    def count_native(self, x, *args):
+        logits = whole_step(self, x, *args)
+        if logits is not None:
+            native_rows.append(len(x))
+        return logits
+
+    monkeypatch.setattr(LlamaDecodeStep, "_native_step", count_native)
+    monkeypatch.setattr(LlamaDecodeStep, "_fused_layer", lambda *a: fused_rows.append(len(a[1])) or fused(*a))
+    count = GEMM_ROWS[0] + 4
+    requests = _many_requests(count)
     _, got = _run(native, tok, requests, lean=True, max_batch_size=count)
-    assert max(fused_rows) == count and min(fused_rows) < GEMM_ROWS[0], sorted(set(fused_rows))
+    assert max(native_rows) == count and min(native_rows) >= GEMM_ROWS[0], sorted(set(native_rows))
+    assert fused_rows and max(fused_rows) < GEMM_ROWS[0], sorted(set(fused_rows))
     for request in requests:
         _, alone = _run(native, tok, [request], lean=False)
         _assert_same(got[request.request_id], alone[request.request_id])
@@ -204,9 +219,10 @@ def test_a_full_batch_on_fused_native_products_gives_transformers_logits(native,
 
 def test_fused_weights_are_views_and_a_replaced_weight_is_never_stale(tok):
     """q|k|v and gate|up are fused without copying; a projection weight replaced after the engine was built
-    makes its layer fall back to the separate products, with transformers' logits."""
+    makes its layer fall back to the separate products (and a wide batch to the layer-by-layer step), with
+    transformers' logits."""
     model = load_serving_model(load_config(None, ["model.max_seq_len=128"]))
-    engine = GenerationEngine(model, tok, max_batch_size=4, keep_logits=True)
+    engine = GenerationEngine(model, tok, max_batch_size=GEMM_ROWS[0] + 2, keep_logits=True)
     layer = model.model.layers[1]
     fused = engine._lean._fused[1]
     attn = layer.self_attn
@@ -216,7 +232,7 @@ def test_fused_weights_are_views_and_a_replaced_weight_is_never_stale(tok):
     with torch.no_grad():
         attn.k_proj.weight = torch.nn.Parameter(attn.k_proj.weight * 1.5)
     assert not fused.intact() and engine._lean._fused[0].intact()
-    requests = _requests(tok)
+    requests = _requests(tok) + _many_requests(GEMM_ROWS[0])
     got = engine.generate(requests)
     for request in requests:
         _, alone = _run(model, tok, [request], lean=False)

@@ -25,6 +25,8 @@ per replica.
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, LlamaForCausalLM
@@ -158,6 +160,8 @@ class LlamaDecodeStep:
         x = inner.embed_tokens.weight[token_ids]
         batch, hidden = x.shape
         starts = starts.to(torch.int64).contiguous()
+        if (logits := self._native_step(x, starts, cos, sin, cache)) is not None:
+            return logits
         for index, layer in enumerate(inner.layers):
             fused, layer_cache = self._fused[index], cache.layers[index]
             if fused is not None and fused.intact() and hasattr(layer_cache, "grow"):
@@ -180,6 +184,57 @@ class LlamaDecodeStep:
         if type(head) is DecodeLinear:
             return self._linear(x, head.weight, head.bias)
         return self._rows(head, x)
+
+    def _native_step(self, x, starts, cos, sin, cache) -> torch.Tensor | None:
+        """The whole step in one native call (`llmopt_decode_step`, without the GIL), for a batch wide enough
+        for the native product whose layers are all fused and intact; None (nothing done) otherwise.
+
+        In a serving replica the engine thread shares the GIL with the event loop and Ray's threads, and a
+        step made of ~60 calls waited for it at each one: with 32 streams through Serve, the replica's
+        process used 93% of a core while the engine alone ran 25-35% faster.
+        """
+        kernels, batch = self._kernels, x.shape[0]
+        model, inner = self.model, self.model.model
+        head, layers = model.lm_head, inner.layers
+        if not (kernels.has_gemm and batch >= GEMM_ROWS[0] and type(head) is DecodeLinear):
+            return None
+        if not all(f is not None and f.intact() for f in self._fused):
+            return None
+        if not all(hasattr(layer, "grow") for layer in cache.layers):
+            return None
+        attn, mlp = layers[0].self_attn, layers[0].mlp
+        heads, kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
+        dim, inter, hidden, count = attn.head_dim, mlp.intermediate_size, x.shape[1], len(layers)
+        weights, eps, caches, strides = [], [], [], []
+        for layer, fused, layer_cache in zip(layers, self._fused, cache.layers, strict=True):
+            a, m = layer.self_attn, layer.mlp
+            norm, post = layer.input_layernorm, layer.post_attention_layernorm
+            for t in (norm.weight, fused.qkv, fused.qkv_bias, a.o_proj.weight, a.o_proj.bias, post.weight,
+                      fused.gate_up, fused.gate_up_bias, m.down_proj.weight, m.down_proj.bias):  # fmt: skip
+                weights.append(None if t is None else t.data_ptr())
+            eps += [norm.variance_epsilon, post.variance_epsilon]
+            position = layer_cache.grow()
+            keys, values = layer_cache.keys, layer_cache.values
+            caches += [keys.data_ptr(), values.data_ptr()]
+            strides += [keys.stride(1), keys.stride(0), position]
+        width = max(strides[2::3]) + 1
+        need = kernels.decode_step_scratch(
+            batch, hidden, heads, kv_heads, dim, inter, head.out_features, width
+        )
+        if self._scratch.numel() < need:
+            self._scratch = torch.empty(need)
+        logits = x.new_empty(batch, head.out_features)
+        bias = None if head.bias is None else head.bias.data_ptr()
+        final = inner.norm
+        kernels.decode_step(
+            x.data_ptr(), batch, hidden, heads, kv_heads, dim, inter, count,
+            (ctypes.c_void_p * len(weights))(*weights), (ctypes.c_float * len(eps))(*eps),
+            (ctypes.c_void_p * len(caches))(*caches), (ctypes.c_long * len(strides))(*strides),
+            starts.data_ptr(), cos.data_ptr(), sin.data_ptr(), attn.scaling, final.weight.data_ptr(),
+            final.variance_epsilon, head.weight.data_ptr(), bias, head.out_features, logits.data_ptr(),
+            self._scratch.data_ptr(),
+        )  # fmt: skip
+        return logits
 
     def _linear(self, x, weight, bias, out=None) -> torch.Tensor:
         """x W^T (+ bias) for a batch of rows, added into `out` when given: the native product on the rows

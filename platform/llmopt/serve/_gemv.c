@@ -351,3 +351,59 @@ void llmopt_silu_mul_rows(const float *gu, float *out, long rows, long inter) {
         for (long i = 0; i < inter; i++) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
     }
 }
+
+/* A whole batched decode step of a Llama model in one call, without the GIL: every layer (RMSNorm, fused
+ * q|k|v product, RoPE + cache write + attention, output product, RMSNorm, fused gate|up product, SiLU * up,
+ * down product, both residuals), then the final RMSNorm and the output head into logits [batch, vocab].
+ * Called through ctypes, which releases the GIL for the whole step: the engine thread no longer waits for
+ * the serving replica's event loop between ~60 torch and native calls per step.
+ *
+ * x [batch, hidden] holds the new tokens' embeddings and is overwritten. Per layer l, `weights[10 l ..]`
+ * are: input norm, W_qkv, b_qkv, W_o, b_o, post-attention norm, W_gate|up, b_gate|up, W_down, b_down (a
+ * bias may be NULL), `eps[2 l]`, `eps[2 l + 1]` the two norms' epsilons, and `caches[2 l]`, `caches[2 l +
+ * 1]` the keys and values at position 0 of row 0, with `strides[3 l ..]` = KV-head stride, row stride and
+ * the new position `pos`. `scratch` holds `llmopt_decode_step_scratch(...)` floats. Returns 0, doing nothing,
+ * on a build without the AVX-512 product. */
+long llmopt_decode_step_scratch(long batch, long hidden, long heads, long kv_heads, long dim, long inter,
+                                long vocab, long width) {
+    const long qkv = (heads + 2 * kv_heads) * dim;
+    long big = 2 * inter > vocab ? 2 * inter : vocab;
+    big = qkv > big ? qkv : big;
+    const long k_max = inter > hidden ? (inter > heads * dim ? inter : heads * dim) : (hidden > heads * dim ? hidden : heads * dim);
+    return batch * (hidden + qkv + heads * dim + 2 * inter + inter) + width + 32 * (k_max + big) + 64;
+}
+
+int llmopt_decode_step(float *x, long batch, long hidden, long heads, long kv_heads, long dim, long inter,
+                       long layers, const float *const *weights, const float *eps, float *const *caches,
+                       const long *strides, const long *starts, const float *cos, const float *sin,
+                       float scale, const float *final_norm, float final_eps, const float *head,
+                       const float *head_bias, long vocab, float *logits, float *scratch) {
+#if defined(__AVX512F__)
+    const long qkv_width = (heads + 2 * kv_heads) * dim;
+    float *h = scratch, *qkv = h + batch * hidden, *a = qkv + batch * qkv_width, *gu = a + batch * heads * dim;
+    float *g = gu + batch * 2 * inter, *scores = g + batch * inter;
+    long width = 0;
+    for (long l = 0; l < layers; l++) width = strides[3 * l + 2] + 1 > width ? strides[3 * l + 2] + 1 : width;
+    float *gemm_scratch = scores + width;
+    for (long l = 0; l < layers; l++) {
+        const float *const *w = weights + 10 * l;
+        llmopt_rms_norm_rows(x, w[0], eps[2 * l], h, batch, hidden);
+        llmopt_gemm(h, w[1], w[2], qkv, batch, qkv_width, hidden, 0, gemm_scratch);
+        llmopt_decode_attention(qkv, batch, heads, kv_heads, dim, cos, sin, caches[2 * l], caches[2 * l + 1],
+                                strides[3 * l], strides[3 * l + 1], strides[3 * l + 2], starts, scale, a, scores);
+        llmopt_gemm(a, w[3], w[4], x, batch, hidden, heads * dim, 1, gemm_scratch);
+        llmopt_rms_norm_rows(x, w[5], eps[2 * l + 1], h, batch, hidden);
+        llmopt_gemm(h, w[6], w[7], gu, batch, 2 * inter, hidden, 0, gemm_scratch);
+        llmopt_silu_mul_rows(gu, g, batch, inter);
+        llmopt_gemm(g, w[8], w[9], x, batch, hidden, inter, 1, gemm_scratch);
+    }
+    llmopt_rms_norm_rows(x, final_norm, final_eps, h, batch, hidden);
+    llmopt_gemm(h, head, head_bias, logits, batch, vocab, hidden, 0, gemm_scratch);
+    return 1;
+#else
+    (void)x, (void)batch, (void)hidden, (void)heads, (void)kv_heads, (void)dim, (void)inter, (void)layers;
+    (void)weights, (void)eps, (void)caches, (void)strides, (void)starts, (void)cos, (void)sin, (void)scale;
+    (void)final_norm, (void)final_eps, (void)head, (void)head_bias, (void)vocab, (void)logits, (void)scratch;
+    return 0;
+#endif
+}

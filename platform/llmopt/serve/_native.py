@@ -97,6 +97,11 @@ class NativeKernels:
             row_stride, pos, starts, scale, out, scores)`: a batched decode step's RoPE, cache write (at
             position `pos`) and attention from each row's `starts[b]`, on fused q|k|v rows.
         silu_mul_rows: `silu_mul_rows(gu, out, rows, inter)`: SiLU(gate) * up of fused gate|up rows.
+        decode_step: `decode_step(x, batch, hidden, heads, kv_heads, dim, inter, layers, weights, eps, caches,
+            strides, starts, cos, sin, scale, final_norm, final_eps, head, head_bias, vocab, logits, scratch)
+            -> int`: a whole batched decode step of a Llama model (see `_gemv.c`); 0 without AVX-512.
+        decode_step_scratch: `decode_step_scratch(batch, hidden, heads, kv_heads, dim, inter, vocab, width)`:
+            the floats of scratch `decode_step` needs.
         description: Which build this is, for logs and reports.
     """
 
@@ -108,6 +113,8 @@ class NativeKernels:
     rms_norm_rows: Callable[..., None]
     decode_attention: Callable[..., None]
     silu_mul_rows: Callable[..., None]
+    decode_step: Callable[..., int]
+    decode_step_scratch: Callable[..., int]
     description: str
 
     @property
@@ -163,9 +170,24 @@ def load_kernels() -> tuple[NativeKernels | None, str]:
     attention.argtypes = [ptr, *[size] * 4, *[ptr] * 4, size, size, size, ptr, real, ptr, ptr]
     silu_mul.argtypes = [ptr, ptr, size, size]
     norm_rows.restype = attention.restype = silu_mul.restype = None
+    step, step_scratch = lib.llmopt_decode_step, lib.llmopt_decode_step_scratch
+    step.argtypes = [ptr, *[size] * 7, *[ptr] * 7, real, ptr, real, ptr, ptr, size, ptr, ptr]
+    step.restype = ctypes.c_int
+    step_scratch.argtypes = [size] * 8
+    step_scratch.restype = size
     description = f"native AVX-{isa} GEMV ({path.name})"
     kernels = NativeKernels(
-        gemv, attend_rows, layer_qkv, layer_out, gemm, norm_rows, attention, silu_mul, description
+        gemv,
+        attend_rows,
+        layer_qkv,
+        layer_out,
+        gemm,
+        norm_rows,
+        attention,
+        silu_mul,
+        step,
+        step_scratch,
+        description,
     )
     if failed := _self_check(kernels):
         return None, f"the native decode kernel {path} failed its self-check against {failed}"
