@@ -369,7 +369,8 @@ long llmopt_decode_step_scratch(long batch, long hidden, long heads, long kv_hea
     const long qkv = (heads + 2 * kv_heads) * dim;
     long big = 2 * inter > vocab ? 2 * inter : vocab;
     big = qkv > big ? qkv : big;
-    const long k_max = inter > hidden ? (inter > heads * dim ? inter : heads * dim) : (hidden > heads * dim ? hidden : heads * dim);
+    long k_max = inter > hidden ? inter : hidden;
+    k_max = heads * dim > k_max ? heads * dim : k_max;
     return batch * (hidden + qkv + heads * dim + 2 * inter + inter) + width + 32 * (k_max + big) + 64;
 }
 
