@@ -217,6 +217,53 @@ def test_a_full_batch_on_fused_native_products_gives_transformers_logits(native,
         _assert_same(got[request.request_id], alone[request.request_id])
 
 
+def test_native_prefill_gives_transformers_logits_and_cache(native, tok, monkeypatch):
+    """A prompt of GEMM_ROWS tokens prefills in one native call: its last logits and every position's keys
+    and values match transformers' forward; a longer prompt is left to transformers. In the engine, requests
+    prefilled that way (greedy and sampled, decoded alone and batched) match runs through transformers."""
+    from transformers import DynamicCache
+
+    step = LlamaDecodeStep(native)
+    low, high = GEMM_ROWS
+    for rows in (low, 40, high):
+        ids = [10 + (11 * j) % 900 for j in range(rows)]
+        logits, cache = step.prefill(ids)
+        want_cache = DynamicCache()
+        with torch.no_grad():
+            want = native(input_ids=torch.tensor([ids]), past_key_values=want_cache, use_cache=True).logits
+        torch.testing.assert_close(logits, want[:, -1], **EXACT)
+        for got, expected in zip(cache.layers, want_cache.layers, strict=True):
+            torch.testing.assert_close(got.keys, expected.keys, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got.values, expected.values, atol=1e-5, rtol=1e-5)
+    assert step.prefill(list(range(10, 10 + high + 1))) is None
+    assert step.prefill(list(range(10, 10 + low - 1))) is None
+
+    prefilled = []
+    original = LlamaDecodeStep.prefill
+
+    def counted(self, ids):
+        done = original(self, ids)
+        if done is not None:
+            prefilled.append(len(ids))
+        return done
+
+    monkeypatch.setattr(LlamaDecodeStep, "prefill", counted)
+    requests = [
+        GenerationRequest(
+            f"p{i}",
+            [10 + (13 * i + 5 * j) % 900 for j in range(low + 9 * i)],
+            SamplingParams(max_tokens=3 + i, temperature=0.8 * (i % 2), seed=i),
+        )
+        for i in range(4)
+    ]
+    for batch in (1, 4):
+        _, got = _run(native, tok, requests, lean=True, max_batch_size=batch)
+        for request in requests:
+            _, alone = _run(native, tok, [request], lean=False)
+            _assert_same(got[request.request_id], alone[request.request_id])
+    assert sorted(prefilled) == sorted(2 * [len(r.prompt_ids) for r in requests])
+
+
 def test_fused_weights_are_views_and_a_replaced_weight_is_never_stale(tok):
     """q|k|v and gate|up are fused without copying; a projection weight replaced after the engine was built
     makes its layer fall back to the separate products (and a wide batch to the layer-by-layer step), with

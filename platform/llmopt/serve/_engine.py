@@ -306,6 +306,13 @@ class GenerationEngine:
             self._running += newcomers
         elif newcomers:
             fresh = [s for s in newcomers if s.request.prefix_cache is None]
+            for seq in list(fresh) if self._lean is not None else []:
+                # The lean step's native prefill, one prompt at a time, where it applies.
+                if (done := self._lean.prefill(seq.request.prompt_ids)) is not None:
+                    logits, cache = done
+                    outputs += self._advance_rows([seq], logits)
+                    self._merge([seq], cache, torch.ones(1, len(seq.request.prompt_ids), dtype=torch.long))
+                    fresh.remove(seq)
             if fresh:
                 ids, mask = self._left_padded([s.request.prompt_ids for s in fresh])
                 cache = DynamicCache()

@@ -408,3 +408,58 @@ int llmopt_decode_step(float *x, long batch, long hidden, long heads, long kv_he
     return 0;
 #endif
 }
+
+/* A prompt's prefill of a Llama model in one call, without the GIL (the decode step's counterpart, for one
+ * sequence without padding or cached prefix): every layer on the prompt's `rows` positions, with causal
+ * attention (position t attends to positions 0..t) and each layer's keys and values written to `caches[2 l]`
+ * and `caches[2 l + 1]` ([kv_heads, rows, dim] each, KV-head stride rows * dim); then the final RMSNorm and
+ * the output head on the last position only, into logits [vocab]. cos and sin are [rows, dim]; x [rows,
+ * hidden] holds the prompt's embeddings and is overwritten; weights and eps as in llmopt_decode_step.
+ * `scratch` holds `llmopt_prefill_scratch(...)` floats. Returns 0, doing nothing, without AVX-512. */
+long llmopt_prefill_scratch(long rows, long hidden, long heads, long kv_heads, long dim, long inter, long vocab) {
+    return llmopt_decode_step_scratch(rows, hidden, heads, kv_heads, dim, inter, vocab, rows);
+}
+
+int llmopt_prefill(float *x, long rows, long hidden, long heads, long kv_heads, long dim, long inter,
+                   long layers, const float *const *weights, const float *eps, float *const *caches,
+                   const float *cos, const float *sin, float scale, const float *final_norm, float final_eps,
+                   const float *head, const float *head_bias, long vocab, float *logits, float *scratch) {
+#if defined(__AVX512F__)
+    const long qkv_width = (heads + 2 * kv_heads) * dim, head_stride = rows * dim;
+    float *h = scratch, *qkv = h + rows * hidden, *a = qkv + rows * qkv_width, *gu = a + rows * heads * dim;
+    float *g = gu + rows * 2 * inter, *scores = g + rows * inter, *gemm_scratch = scores + rows;
+    for (long l = 0; l < layers; l++) {
+        const float *const *w = weights + 10 * l;
+        float *k = caches[2 * l], *v = caches[2 * l + 1];
+        llmopt_rms_norm_rows(x, w[0], eps[2 * l], h, rows, hidden);
+        llmopt_gemm(h, w[1], w[2], qkv, rows, qkv_width, hidden, 0, gemm_scratch);
+        for (long t = 0; t < rows; t++) {
+            float *q = qkv + t * qkv_width, *kn = q + heads * dim, *vn = kn + kv_heads * dim;
+            rotate_half(q, cos + t * dim, sin + t * dim, heads, dim);
+            rotate_half(kn, cos + t * dim, sin + t * dim, kv_heads, dim);
+            for (long hd = 0; hd < kv_heads; hd++)
+                for (long d = 0; d < dim; d++) {
+                    k[hd * head_stride + t * dim + d] = kn[hd * dim + d];
+                    v[hd * head_stride + t * dim + d] = vn[hd * dim + d];
+                }
+        }
+        for (long t = 0; t < rows; t++)
+            llmopt_attend(qkv + t * qkv_width, k, v, a + t * heads * dim, heads, kv_heads, t + 1, dim, head_stride,
+                          scale, scores);
+        llmopt_gemm(a, w[3], w[4], x, rows, hidden, heads * dim, 1, gemm_scratch);
+        llmopt_rms_norm_rows(x, w[5], eps[2 * l + 1], h, rows, hidden);
+        llmopt_gemm(h, w[6], w[7], gu, rows, 2 * inter, hidden, 0, gemm_scratch);
+        llmopt_silu_mul_rows(gu, g, rows, inter);
+        llmopt_gemm(g, w[8], w[9], x, rows, hidden, inter, 1, gemm_scratch);
+    }
+    const float *last = x + (rows - 1) * hidden;
+    llmopt_rms_norm_rows(last, final_norm, final_eps, h, 1, hidden);
+    llmopt_gemv(head, h, head_bias, logits, vocab, hidden);
+    return 1;
+#else
+    (void)x, (void)rows, (void)hidden, (void)heads, (void)kv_heads, (void)dim, (void)inter, (void)layers;
+    (void)weights, (void)eps, (void)caches, (void)cos, (void)sin, (void)scale, (void)final_norm;
+    (void)final_eps, (void)head, (void)head_bias, (void)vocab, (void)logits, (void)scratch;
+    return 0;
+#endif
+}

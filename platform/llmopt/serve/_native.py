@@ -102,6 +102,10 @@ class NativeKernels:
             -> int`: a whole batched decode step of a Llama model (see `_gemv.c`); 0 without AVX-512.
         decode_step_scratch: `decode_step_scratch(batch, hidden, heads, kv_heads, dim, inter, vocab, width)`:
             the floats of scratch `decode_step` needs.
+        prefill: `prefill(x, rows, hidden, heads, kv_heads, dim, inter, layers, weights, eps, caches, cos,
+            sin, scale, final_norm, final_eps, head, head_bias, vocab, logits, scratch) -> int`: one prompt's
+            prefill of a Llama model (see `_gemv.c`); 0 without AVX-512.
+        prefill_scratch: `prefill_scratch(rows, hidden, heads, kv_heads, dim, inter, vocab)`: its scratch.
         description: Which build this is, for logs and reports.
     """
 
@@ -115,6 +119,8 @@ class NativeKernels:
     silu_mul_rows: Callable[..., None]
     decode_step: Callable[..., int]
     decode_step_scratch: Callable[..., int]
+    prefill: Callable[..., int]
+    prefill_scratch: Callable[..., int]
     description: str
 
     @property
@@ -172,23 +178,15 @@ def load_kernels() -> tuple[NativeKernels | None, str]:
     norm_rows.restype = attention.restype = silu_mul.restype = None
     step, step_scratch = lib.llmopt_decode_step, lib.llmopt_decode_step_scratch
     step.argtypes = [ptr, *[size] * 7, *[ptr] * 7, real, ptr, real, ptr, ptr, size, ptr, ptr]
-    step.restype = ctypes.c_int
     step_scratch.argtypes = [size] * 8
-    step_scratch.restype = size
+    prefill, prefill_scratch = lib.llmopt_prefill, lib.llmopt_prefill_scratch
+    prefill.argtypes = [ptr, *[size] * 7, *[ptr] * 5, real, ptr, real, ptr, ptr, size, ptr, ptr]
+    prefill_scratch.argtypes = [size] * 7
+    step.restype = prefill.restype = ctypes.c_int
+    step_scratch.restype = prefill_scratch.restype = size
     description = f"native AVX-{isa} GEMV ({path.name})"
-    kernels = NativeKernels(
-        gemv,
-        attend_rows,
-        layer_qkv,
-        layer_out,
-        gemm,
-        norm_rows,
-        attention,
-        silu_mul,
-        step,
-        step_scratch,
-        description,
-    )
+    batched = (gemm, norm_rows, attention, silu_mul, step, step_scratch, prefill, prefill_scratch)
+    kernels = NativeKernels(gemv, attend_rows, layer_qkv, layer_out, *batched, description)
     if failed := _self_check(kernels):
         return None, f"the native decode kernel {path} failed its self-check against {failed}"
     return kernels, description
