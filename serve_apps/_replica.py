@@ -14,6 +14,7 @@ back to a full prefill with the same output.
 """
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -57,6 +58,27 @@ def _done(item) -> bool:
     return isinstance(item, BaseException) or item.finished
 
 
+class _Stream(asyncio.Queue):
+    """One request's outputs, with `ended` set when its last output (or its error) is queued.
+
+    A stream waiting out its interval wakes on `ended`, so a finished request's last chunk goes out at once:
+    with 32 streams each waited up to 0.16 s (`stream_interval`) after its request had finished, which kept
+    the client's next request, and the batch slot it would fill, waiting as long.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ended = asyncio.Event()
+
+
+async def _sleep_unless(event: asyncio.Event, delay_s: float) -> None:
+    """Sleep `delay_s` seconds, or until `event` is set if that comes first."""
+    if delay_s <= 0 or event.is_set():
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), delay_s)
+
+
 @serve.deployment
 class LLMServer:
     """One model replica: weights, optional LoRA adapters, the engine and the session KV caches.
@@ -86,7 +108,7 @@ class LLMServer:
         )
         self.metrics = ReplicaMetrics()
         self.replica_id = f"{os.getpid()}"
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._queues: dict[str, _Stream] = {}
         # The engine is not thread-safe: only the engine thread touches it (requests and cancellations
         # reach it through this inbox, between steps). It steps back to back while there is work: stepping
         # from the event loop (asyncio.to_thread per step) waited for the loop between steps, which at 32
@@ -147,11 +169,11 @@ class LLMServer:
         return model_id
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
-    async def _admit(self, requests: list[GenerationRequest]) -> list[asyncio.Queue]:
+    async def _admit(self, requests: list[GenerationRequest]) -> list[_Stream]:
         """Queue a batch of concurrently arriving requests for the engine; one output queue each."""
         queues = []
         for request in requests:
-            queue: asyncio.Queue = asyncio.Queue()
+            queue = _Stream()
             self._queues[request.request_id] = queue
             queues.append(queue)
         self._inbox.put(("add", requests))
@@ -206,6 +228,8 @@ class LLMServer:
             queue = self._queues.get(out.request_id)
             if queue is not None:
                 queue.put_nowait(out)
+                if out.finished:
+                    queue.ended.set()
             elif not out.finished:  # its caller left between the step and now
                 self._inbox.put(("cancel", out.request_id))
             if out.finished:
@@ -220,6 +244,7 @@ class LLMServer:
         queue = self._queues.pop(request_id, None)
         if queue is not None:
             queue.put_nowait(exc)
+            queue.ended.set()
 
     async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Generate one request; yields a ``start`` record, then one record per generated token.
@@ -255,7 +280,7 @@ class LLMServer:
                     serving.stream_interval_s, serving.stream_events_per_s, len(self._queues)
                 )
                 if not first and interval and not _done(items[-1]):
-                    await asyncio.sleep(max(0.0, last_sent + interval - time.monotonic()))
+                    await _sleep_unless(queue.ended, last_sent + interval - time.monotonic())
                 while not _done(items[-1]) and not queue.empty():
                     items.append(queue.get_nowait())
                 for item in items:

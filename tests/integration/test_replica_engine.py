@@ -30,6 +30,11 @@ class ProbedServer(LLMServer.func_or_class):
     def engine_state(self) -> dict:
         return {"engine": id(self.engine), "has_work": self.engine.has_work()}
 
+    def set_stream_interval(self, seconds: float) -> None:
+        # model_copy skips validation: the test sets an interval beyond the configurable 5 s.
+        serving = self.config.serving.model_copy(update={"stream_interval_s": seconds})
+        self.config = self.config.model_copy(update={"serving": serving})
+
 
 @pytest.fixture(scope="module")
 def handle(ray_cluster, repo):
@@ -97,3 +102,24 @@ def test_engine_thread_streams_frees_slots_and_survives_a_broken_step(handle):
         _tokens(handle, _payload("doomed", prompts[1], 4))
     assert handle.engine_state.remote().result()["engine"] != broken
     assert _tokens(handle, _payload("after", prompts[2], 5)) == _reference(prompts[2], 5)
+
+
+def test_a_finished_request_is_not_held_back_by_the_stream_interval(handle):
+    """With a 60 s stream interval, a request's chunks after the first would wait out the interval; the last
+    one goes out as soon as the request finishes (a liveness bound, far below the interval)."""
+    import concurrent.futures
+
+    handle.set_stream_interval.remote(60.0).result()
+    try:
+        prompt = [1, 5, 9, 13]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            chunks = pool.submit(
+                lambda: list(handle.options(stream=True).generate.remote(_payload("x", prompt, 6)))
+            )
+            got = chunks.result(
+                timeout=20
+            )  # raises TimeoutError if the finished request waited for the interval
+    finally:
+        handle.set_stream_interval.remote(0.05).result()
+    assert len(got) == 2  # the first token at once, then everything else in one chunk when it finished
+    assert [t for item in got for t in item["token_ids"]] == _reference(prompt, 6)
