@@ -12,15 +12,19 @@ operations per layer, its Python had still taken 2.4-2.8 ms per token on the ~10
 process, alternating (engine, 1 thread): tiny-llama 485-671 -> 757-970 tokens/s, the ~100M preset 33-41 ->
 42-43, with logits within 1e-6 of the earlier step.
 
-`decode_batch` does the same for a left-padded batch (torch's matrix products, and attention from each
-row's first real position): with 32 staggered requests on the tiny preset, the engine decoded about 2,050
-tokens/s through transformers' forward and 2,550 through this step.
+`decode_batch` does the same for a left-padded batch, attending from each row's first real position, on
+fused q|k|v and gate|up weights (views of the projections' own). A batch of `GEMM_ROWS[0]` rows or more runs
+as one native call (`llmopt_decode_step`: every layer, the final norm and the output head), narrower ones
+layer by layer. `prefill` runs a prompt of `GEMM_ROWS` tokens the same way (`llmopt_prefill`). With 32
+staggered requests on the tiny preset the engine decoded about 2,050 tokens/s through transformers'
+forward, 2,550 through the first batched step (torch's products, per-row torch operations) and 3,200-3,270
+through the native calls with the native prefill.
 
 It serves only models whose maths it reproduces: `LlamaForCausalLM` with default RoPE whose projections
-all run the native kernel, and no adapter; the engine uses it for decode steps, and transformers' forward
-for everything else (prefill, adapters, other architectures). We write this step by hand because
-transformers has no lean single-token path and torch.compile saved only 1-2 ms here after a ~50 s warm-up
-per replica.
+all run the native kernel, and no adapter; the engine uses it for decode steps and short fresh prompts, and
+transformers' forward for everything else (other prompts, adapters, other architectures). We write this step
+by hand because transformers has no lean single-token path and torch.compile saved only 1-2 ms here after a
+~50 s warm-up per replica.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-/* Kernels for batch-1 decoding on CPU, fp32: the single-row matrix-vector product y = W x (+ bias), W
- * row-major [m, n], single-query attention over a KV cache, and the rest of a Llama decoder layer for one
- * token around them.
+/* Kernels for decoding on CPU, fp32: the single-row matrix-vector product y = W x (+ bias), W row-major [m,
+ * n], single-query attention over a KV cache, and the rest of a Llama decoder layer for one token around
+ * them; for continuous batching, a few-row product, row-wise RMSNorm, RoPE + attention and SiLU, and a whole
+ * batched decode step and a whole prompt prefill of a Llama model built from them.
  *
  * Batch-1 decoding reads every weight once per token, so its speed is the rate at which W streams from
  * memory. torch's F.linear on a [1, n] input reaches about half the machine's single-core read bandwidth

@@ -1,4 +1,4 @@
-"""Native fp32 kernels for batch-1 decoding on CPU (`serving.decode_kernel`).
+"""Native fp32 kernels for decoding on CPU (`serving.decode_kernel`).
 
 Decoding one sequence reads every weight once per token, so its speed is the rate at which the weights
 stream from memory. torch's `F.linear` on a single row (MKL's GEMV) reached 13-14 GB/s on this project's
@@ -9,11 +9,18 @@ decoding of the ~100M preset about 1.7x faster. We deliberately hand-write these
 torch.compile's CPU backend calls the same MKL routine for it. `_gemv.c` also holds single-query attention
 over a KV cache, for the engine's lean Llama step (`_fast_decode.py`).
 
+For continuous batching it holds a few-row product (MKL packs the whole weight matrix at every call, a cost
+that does not shrink with the rows; `GEMM_ROWS`), RMSNorm, RoPE + cache write + attention and SiLU kernels
+on rows, and two whole-model calls built from them: a batched decode step and a prompt's prefill. One
+ctypes call per step keeps the engine thread off the GIL, which a serving replica's event loop and Ray's
+threads also want.
+
 The kernels are compiled at first use with the system C compiler (`$CC`, else cc/gcc/clang; `-O3
 -march=native`) into llmopt's cache, keyed by the source, the compiler and the CPU's flags, checked against
-`F.linear` and SDPA on random inputs, and loaded with ctypes (which releases the GIL during the call). Only
-single-row fp32 inputs without autograd use them; every other input, and every machine where they cannot
-be built, keeps torch's kernels. The switched layers' weights move onto 2 MiB pages (`huge_page_empty`).
+`F.linear`, SDPA and torch's norms on random inputs, and loaded with ctypes (which releases the GIL during
+the call). Only fp32 inputs without autograd use them (single rows, and `GEMM_ROWS` rows where the AVX-512
+product builds); every other input, and every machine where they cannot be built, keeps torch's kernels. The
+switched layers' weights move onto 2 MiB pages (`huge_page_empty`).
 """
 
 from __future__ import annotations
