@@ -306,13 +306,7 @@ class GenerationEngine:
             self._running += newcomers
         elif newcomers:
             fresh = [s for s in newcomers if s.request.prefix_cache is None]
-            for seq in list(fresh) if self._lean is not None else []:
-                # The lean step's native prefill, one prompt at a time, where it applies.
-                if (done := self._lean.prefill(seq.request.prompt_ids)) is not None:
-                    logits, cache = done
-                    outputs += self._advance_rows([seq], logits)
-                    self._merge([seq], cache, torch.ones(1, len(seq.request.prompt_ids), dtype=torch.long))
-                    fresh.remove(seq)
+            fresh = [s for s in fresh if not self._prefill_native(s, outputs)]
             if fresh:
                 ids, mask = self._left_padded([s.request.prompt_ids for s in fresh])
                 cache = DynamicCache()
@@ -354,6 +348,17 @@ class GenerationEngine:
             ids[i, width - len(seq) :] = torch.tensor(seq, device=self.device)
             mask[i, width - len(seq) :] = 1
         return ids, mask
+
+    def _prefill_native(self, seq: _Sequence, outputs: list[StepOutput]) -> bool:
+        """Prefill a fresh prompt in the lean step's one native call and admit it (its first output appended
+        to ``outputs``); False, doing nothing, where that does not apply."""
+        done = self._lean.prefill(seq.request.prompt_ids) if self._lean is not None else None
+        if done is None:
+            return False
+        logits, cache = done
+        outputs += self._advance_rows([seq], logits)
+        self._merge([seq], cache, torch.ones(1, len(seq.request.prompt_ids), dtype=torch.long))
+        return True
 
     def _prefill_prefix(self, seq: _Sequence) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
         """Prefill the part of a prompt its ``prefix_cache`` does not cover; the cache grows in place."""

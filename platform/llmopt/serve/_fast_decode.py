@@ -35,7 +35,14 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, LlamaForCausalLM
 
-from llmopt.serve._native import GEMM_ROWS, DecodeLinear, apply_rope, huge_page_empty, load_kernels
+from llmopt.serve._native import (
+    GEMM_ROWS,
+    DecodeLinear,
+    apply_rope,
+    gemm_scratch_floats,
+    huge_page_empty,
+    load_kernels,
+)
 
 
 def unsupported_reason(model) -> str | None:
@@ -88,17 +95,10 @@ class LlamaDecodeStep:
             # A projection was wrapped since (e.g. a LoRA layer injected): the batched step runs its forward.
             ids, positions = torch.tensor([token_id]), torch.tensor([position])
             return self.decode_batch(ids, positions, self._no_padding, cache)
-        rotary = inner.rotary_emb
-        # LlamaRotaryEmbedding.forward for one position, the same operations on the same dtypes.
-        freqs = torch.tensor([float(position)]) * rotary.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos() * rotary.attention_scaling, emb.sin() * rotary.attention_scaling
+        cos, sin = self._rope_tables(torch.tensor([position]))
         x = inner.embed_tokens.weight[token_id].clone()  # the residual stream, updated in place
         hidden = x.numel()
-        attn = inner.layers[0].self_attn
-        dim = attn.head_dim
-        heads, kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
-        inter = inner.layers[0].mlp.intermediate_size
+        heads, kv_heads, dim, inter = self._dims()
         q, scratch = torch.empty(1, heads, dim), torch.empty(hidden + 2 * inter)
         pointers = (x.data_ptr(), hidden)
         for index, (layer, (qkv_args, out_args)) in enumerate(zip(inner.layers, layers, strict=True)):
@@ -155,12 +155,7 @@ class LlamaDecodeStep:
             cache: The batch's cache; it grows by one position.
         """
         inner = self.model.model
-        rotary = inner.rotary_emb
-        # LlamaRotaryEmbedding.forward per row, the same operations on the same dtypes.
-        freqs = positions.float()[:, None] * rotary.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * rotary.attention_scaling)[:, None, :]
-        sin = (emb.sin() * rotary.attention_scaling)[:, None, :]
+        cos, sin = (t[:, None, :] for t in self._rope_tables(positions))
         x = inner.embed_tokens.weight[token_ids]
         batch, hidden = x.shape
         starts = starts.to(torch.int64).contiguous()
@@ -189,6 +184,25 @@ class LlamaDecodeStep:
             return self._linear(x, head.weight, head.bias)
         return self._rows(head, x)
 
+    def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[rows, head dim]`` at each position: LlamaRotaryEmbedding.forward's operations on
+        the same dtypes."""
+        rotary = self.model.model.rotary_emb
+        freqs = positions.float()[:, None] * rotary.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * rotary.attention_scaling, emb.sin() * rotary.attention_scaling
+
+    def _dims(self) -> tuple[int, int, int, int]:
+        """Attention heads, KV heads, head size and MLP width (every layer of a Llama model shares them)."""
+        layer = self.model.model.layers[0]
+        config = layer.self_attn.config
+        dim, inter = layer.self_attn.head_dim, layer.mlp.intermediate_size
+        return config.num_attention_heads, config.num_key_value_heads, dim, inter
+
+    def _scale(self) -> float:
+        """The attention's score scale (every layer's)."""
+        return self.model.model.layers[0].self_attn.scaling
+
     def _native_ready(self) -> bool:
         """Whether the whole-model native calls apply: the AVX-512 product, a native output head, and every
         layer fused and intact."""
@@ -198,8 +212,9 @@ class LlamaDecodeStep:
             and all(f is not None and f.intact() for f in self._fused)
         )
 
-    def _layer_args(self) -> tuple[list, list]:
-        """Each layer's ten weight pointers and two norm epsilons, for the whole-model native calls."""
+    def _layer_args(self) -> tuple[ctypes.Array, ctypes.Array]:
+        """Each layer's ten weight pointers and two norm epsilons, as the whole-model native calls take them
+        (C arrays)."""
         weights, eps = [], []
         for layer, fused in zip(self.model.model.layers, self._fused, strict=True):
             a, m = layer.self_attn, layer.mlp
@@ -208,7 +223,7 @@ class LlamaDecodeStep:
                       fused.gate_up, fused.gate_up_bias, m.down_proj.weight, m.down_proj.bias):  # fmt: skip
                 weights.append(None if t is None else t.data_ptr())
             eps += [norm.variance_epsilon, post.variance_epsilon]
-        return weights, eps
+        return (ctypes.c_void_p * len(weights))(*weights), (ctypes.c_float * len(eps))(*eps)
 
     @torch.no_grad()
     def prefill(self, prompt_ids: list[int]) -> tuple[torch.Tensor, DynamicCache] | None:
@@ -222,15 +237,10 @@ class LlamaDecodeStep:
         if not (GEMM_ROWS[0] <= rows <= GEMM_ROWS[1] and self._native_ready()):
             return None
         inner, head = self.model.model, self.model.lm_head
-        attn, mlp = inner.layers[0].self_attn, inner.layers[0].mlp
-        heads, kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
-        dim, inter, count = attn.head_dim, mlp.intermediate_size, len(inner.layers)
+        (heads, kv_heads, dim, inter), count = self._dims(), len(inner.layers)
         x = inner.embed_tokens.weight[torch.tensor(prompt_ids)]
         hidden = x.shape[1]
-        rotary = inner.rotary_emb
-        freqs = torch.arange(rows).float()[:, None] * rotary.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos() * rotary.attention_scaling, emb.sin() * rotary.attention_scaling
+        cos, sin = self._rope_tables(torch.arange(rows))
         kv = torch.empty(count, 2, 1, kv_heads, rows, dim)
         weights, eps = self._layer_args()
         caches = [t.data_ptr() for layer in kv for t in layer]
@@ -241,9 +251,8 @@ class LlamaDecodeStep:
         logits = x.new_empty(1, head.out_features)
         bias = None if head.bias is None else head.bias.data_ptr()
         kernels.prefill(
-            x.data_ptr(), rows, hidden, heads, kv_heads, dim, inter, count,
-            (ctypes.c_void_p * len(weights))(*weights), (ctypes.c_float * len(eps))(*eps),
-            (ctypes.c_void_p * len(caches))(*caches), cos.data_ptr(), sin.data_ptr(), attn.scaling,
+            x.data_ptr(), rows, hidden, heads, kv_heads, dim, inter, count, weights, eps,
+            (ctypes.c_void_p * len(caches))(*caches), cos.data_ptr(), sin.data_ptr(), self._scale(),
             inner.norm.weight.data_ptr(), inner.norm.variance_epsilon, head.weight.data_ptr(), bias,
             head.out_features, logits.data_ptr(), scratch.data_ptr(),
         )  # fmt: skip
@@ -267,9 +276,7 @@ class LlamaDecodeStep:
             return None
         if not all(hasattr(layer, "grow") for layer in cache.layers):
             return None
-        attn, mlp = layers[0].self_attn, layers[0].mlp
-        heads, kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
-        dim, inter, hidden, count = attn.head_dim, mlp.intermediate_size, x.shape[1], len(layers)
+        (heads, kv_heads, dim, inter), hidden, count = self._dims(), x.shape[1], len(layers)
         (weights, eps), caches, strides = self._layer_args(), [], []
         for layer_cache in cache.layers:
             position = layer_cache.grow()
@@ -286,10 +293,9 @@ class LlamaDecodeStep:
         bias = None if head.bias is None else head.bias.data_ptr()
         final = inner.norm
         kernels.decode_step(
-            x.data_ptr(), batch, hidden, heads, kv_heads, dim, inter, count,
-            (ctypes.c_void_p * len(weights))(*weights), (ctypes.c_float * len(eps))(*eps),
+            x.data_ptr(), batch, hidden, heads, kv_heads, dim, inter, count, weights, eps,
             (ctypes.c_void_p * len(caches))(*caches), (ctypes.c_long * len(strides))(*strides),
-            starts.data_ptr(), cos.data_ptr(), sin.data_ptr(), attn.scaling, final.weight.data_ptr(),
+            starts.data_ptr(), cos.data_ptr(), sin.data_ptr(), self._scale(), final.weight.data_ptr(),
             final.variance_epsilon, head.weight.data_ptr(), bias, head.out_features, logits.data_ptr(),
             self._scratch.data_ptr(),
         )  # fmt: skip
@@ -300,8 +306,8 @@ class LlamaDecodeStep:
         where it beats torch's (`GEMM_ROWS`), torch's otherwise."""
         rows, (n, k) = x.shape[0], weight.shape
         if self._kernels.has_gemm and GEMM_ROWS[0] <= rows <= GEMM_ROWS[1]:
-            if self._scratch.numel() < 32 * (k + n) + 16:
-                self._scratch = torch.empty(32 * (k + n) + 16)
+            if self._scratch.numel() < gemm_scratch_floats(k, n):
+                self._scratch = torch.empty(gemm_scratch_floats(k, n))
             target = x.new_empty(rows, n) if out is None else out
             bias_ptr = None if bias is None else bias.data_ptr()
             self._kernels.gemm(x.data_ptr(), weight.data_ptr(), bias_ptr, target.data_ptr(), rows, n, k,
@@ -318,8 +324,7 @@ class LlamaDecodeStep:
         the running batch's cache buffers."""
         attn, mlp = layer.self_attn, layer.mlp
         batch, hidden = x.shape
-        heads, kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
-        dim, inter = attn.head_dim, mlp.intermediate_size
+        heads, kv_heads, dim, inter = self._dims()
         kernels, h = self._kernels, torch.empty(batch, hidden)
         norm = layer.input_layernorm
         eps = norm.variance_epsilon

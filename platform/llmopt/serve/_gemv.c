@@ -353,6 +353,27 @@ void llmopt_silu_mul_rows(const float *gu, float *out, long rows, long inter) {
     }
 }
 
+#if defined(__AVX512F__)
+/* The parts of a Llama layer on `rows` rows that a decode step and a prefill share, around their attention:
+ * `layer_in` is RMSNorm and the fused q|k|v product into qkv; `layer_out` adds the output product of the
+ * attention output `a` to x, then the gated MLP (RMSNorm, fused gate|up product, SiLU * up, down product).
+ * w holds the layer's ten weight pointers, eps its two epsilons (see llmopt_decode_step). */
+static void layer_in(const float *x, long rows, long hidden, long qkv_width, const float *const *w,
+                     const float *eps, float *h, float *qkv, float *gemm_scratch) {
+    llmopt_rms_norm_rows(x, w[0], eps[0], h, rows, hidden);
+    llmopt_gemm(h, w[1], w[2], qkv, rows, qkv_width, hidden, 0, gemm_scratch);
+}
+
+static void layer_out(float *x, long rows, long hidden, long attn_width, long inter, const float *const *w,
+                      const float *eps, const float *a, float *h, float *gu, float *g, float *gemm_scratch) {
+    llmopt_gemm(a, w[3], w[4], x, rows, hidden, attn_width, 1, gemm_scratch);
+    llmopt_rms_norm_rows(x, w[5], eps[1], h, rows, hidden);
+    llmopt_gemm(h, w[6], w[7], gu, rows, 2 * inter, hidden, 0, gemm_scratch);
+    llmopt_silu_mul_rows(gu, g, rows, inter);
+    llmopt_gemm(g, w[8], w[9], x, rows, hidden, inter, 1, gemm_scratch);
+}
+#endif
+
 /* A whole batched decode step of a Llama model in one call, without the GIL: every layer (RMSNorm, fused
  * q|k|v product, RoPE + cache write + attention, output product, RMSNorm, fused gate|up product, SiLU * up,
  * down product, both residuals), then the final RMSNorm and the output head into logits [batch, vocab].
@@ -389,15 +410,10 @@ int llmopt_decode_step(float *x, long batch, long hidden, long heads, long kv_he
     float *gemm_scratch = scores + width;
     for (long l = 0; l < layers; l++) {
         const float *const *w = weights + 10 * l;
-        llmopt_rms_norm_rows(x, w[0], eps[2 * l], h, batch, hidden);
-        llmopt_gemm(h, w[1], w[2], qkv, batch, qkv_width, hidden, 0, gemm_scratch);
+        layer_in(x, batch, hidden, qkv_width, w, eps + 2 * l, h, qkv, gemm_scratch);
         llmopt_decode_attention(qkv, batch, heads, kv_heads, dim, cos, sin, caches[2 * l], caches[2 * l + 1],
                                 strides[3 * l], strides[3 * l + 1], strides[3 * l + 2], starts, scale, a, scores);
-        llmopt_gemm(a, w[3], w[4], x, batch, hidden, heads * dim, 1, gemm_scratch);
-        llmopt_rms_norm_rows(x, w[5], eps[2 * l + 1], h, batch, hidden);
-        llmopt_gemm(h, w[6], w[7], gu, batch, 2 * inter, hidden, 0, gemm_scratch);
-        llmopt_silu_mul_rows(gu, g, batch, inter);
-        llmopt_gemm(g, w[8], w[9], x, batch, hidden, inter, 1, gemm_scratch);
+        layer_out(x, batch, hidden, heads * dim, inter, w, eps + 2 * l, a, h, gu, g, gemm_scratch);
     }
     llmopt_rms_norm_rows(x, final_norm, final_eps, h, batch, hidden);
     llmopt_gemm(h, head, head_bias, logits, batch, vocab, hidden, 0, gemm_scratch);
@@ -432,8 +448,7 @@ int llmopt_prefill(float *x, long rows, long hidden, long heads, long kv_heads, 
     for (long l = 0; l < layers; l++) {
         const float *const *w = weights + 10 * l;
         float *k = caches[2 * l], *v = caches[2 * l + 1];
-        llmopt_rms_norm_rows(x, w[0], eps[2 * l], h, rows, hidden);
-        llmopt_gemm(h, w[1], w[2], qkv, rows, qkv_width, hidden, 0, gemm_scratch);
+        layer_in(x, rows, hidden, qkv_width, w, eps + 2 * l, h, qkv, gemm_scratch);
         for (long t = 0; t < rows; t++) {
             float *q = qkv + t * qkv_width, *kn = q + heads * dim, *vn = kn + kv_heads * dim;
             rotate_half(q, cos + t * dim, sin + t * dim, heads, dim);
@@ -447,11 +462,7 @@ int llmopt_prefill(float *x, long rows, long hidden, long heads, long kv_heads, 
         for (long t = 0; t < rows; t++)
             llmopt_attend(qkv + t * qkv_width, k, v, a + t * heads * dim, heads, kv_heads, t + 1, dim, head_stride,
                           scale, scores);
-        llmopt_gemm(a, w[3], w[4], x, rows, hidden, heads * dim, 1, gemm_scratch);
-        llmopt_rms_norm_rows(x, w[5], eps[2 * l + 1], h, rows, hidden);
-        llmopt_gemm(h, w[6], w[7], gu, rows, 2 * inter, hidden, 0, gemm_scratch);
-        llmopt_silu_mul_rows(gu, g, rows, inter);
-        llmopt_gemm(g, w[8], w[9], x, rows, hidden, inter, 1, gemm_scratch);
+        layer_out(x, rows, hidden, heads * dim, inter, w, eps + 2 * l, a, h, gu, g, gemm_scratch);
     }
     const float *last = x + (rows - 1) * hidden;
     llmopt_rms_norm_rows(last, final_norm, final_eps, h, 1, hidden);

@@ -97,8 +97,8 @@ class NativeKernels:
             scratch)`: the rest of the layer after attention output `a`, adding both residuals to `x` in
             place (`scratch`: hidden + 2 * inter floats).
         gemm: `gemm(x, W, bias_or_None, y, rows, n, k, accumulate, scratch) -> int`: y = x W^T (+ bias)
-            (+ y when `accumulate`) for a few rows (`scratch`: 32 * (k + n) + 16 floats); returns 0, doing
-            nothing, on a build without AVX-512.
+            (+ y when `accumulate`) for a few rows (`scratch`: `gemm_scratch_floats(k, n)` floats); returns
+            0, doing nothing, on a build without AVX-512.
         rms_norm_rows: `rms_norm_rows(x, weight, eps, out, rows, n)`: RMSNorm of each row.
         decode_attention: `decode_attention(qkv, batch, heads, kv_heads, dim, cos, sin, k, v, head_stride,
             row_stride, pos, starts, scale, out, scores)`: a batched decode step's RoPE, cache write (at
@@ -272,7 +272,7 @@ def _check_batched(kernels: NativeKernels, gen: torch.Generator) -> str | None:
     if kernels.has_gemm:
         for rows in (3, 29, 45):
             x, w, b, y = (torch.randn(*s, generator=gen) for s in ((rows, 70), (27, 70), (27,), (rows, 27)))
-            out, scratch = y.clone(), torch.empty(32 * (70 + 27) + 16)
+            out, scratch = y.clone(), torch.empty(gemm_scratch_floats(70, 27))
             kernels.gemm(x.data_ptr(), w.data_ptr(), b.data_ptr(), out.data_ptr(), rows, 27, 70, 1,
                          scratch.data_ptr())  # fmt: skip
             if not torch.allclose(out, y + F.linear(x, w, b), atol=1e-4, rtol=1e-4):
@@ -329,6 +329,11 @@ def load_gemv() -> tuple[Callable[..., None] | None, str]:
     return (kernels.gemv if kernels else None), description
 
 
+def gemm_scratch_floats(in_features: int, out_features: int) -> int:
+    """Floats of scratch the native product needs (a 32-row panel of x and of y, and 64-byte alignment)."""
+    return 32 * (in_features + out_features) + 16
+
+
 # Rows on which the native product replaces torch's (MKL's SGEMM packs the whole weight matrix at every call,
 # a cost that does not shrink with the rows): a few-row batched decode step, a short prompt's prefill. On the
 # tiny preset's fused layers, 32 rows took 2.4 ms per decode step against 3.0 with torch, 64 rows 4.7 against
@@ -368,7 +373,7 @@ class DecodeLinear(torch.nn.Linear):
                 return y
             if self._gemm is not None and GEMM_ROWS[0] <= rows <= GEMM_ROWS[1]:
                 y = x.new_empty((*x.shape[:-1], self.out_features))
-                scratch = torch.empty(32 * (self.in_features + self.out_features) + 16)
+                scratch = torch.empty(gemm_scratch_floats(self.in_features, self.out_features))
                 self._gemm(x.data_ptr(), w.data_ptr(), bias, y.data_ptr(), rows, self.out_features,
                            self.in_features, 0, scratch.data_ptr())  # fmt: skip
                 return y
