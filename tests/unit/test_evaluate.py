@@ -37,3 +37,15 @@ def test_memorised_rows_score_one_and_loss_drops():
     assert before.exact_match == 0.0
     assert after.exact_match == 1.0, after.samples
     assert after.loss < 0.1 < before.loss
+
+
+def test_torch_threads_follow_the_cpu_share_rounded_to_whole_cpus():
+    """A replica of 1.9 CPUs beside a 0.1-CPU ingress on a 2-core machine gets 2 threads; a fraction, 1."""
+    from llmopt.evaluation import set_torch_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert [set_torch_threads(c) for c in (0.5, 1.0, 1.4, 1.9, 3.2)] == [1, 1, 1, 2, 3]
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

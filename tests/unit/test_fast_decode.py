@@ -308,3 +308,66 @@ def test_batched_attention_kernel_and_its_fallback_agree(native):
     torch.testing.assert_close(
         step._attention_rows(q, strided, values, starts, attn), want, atol=1e-5, rtol=1e-4
     )
+
+
+@pytest.fixture
+def torch_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_results_do_not_depend_on_the_kernels_thread_count(native, tok, torch_threads):
+    """A replica with a share of several CPUs splits the native products, the batched attention and the
+    prefill over that many threads (torch's count): at odd sizes the products equal one thread's bit for
+    bit, and so do an engine's logits where only the native kernels compute (native prefills of 24-60
+    tokens, then whole native steps of 26 rows, greedy and sampled). torch's own products (MKL) can round
+    differently with another thread count, so paths through them are compared elsewhere, to 1e-5."""
+    from llmopt.serve._native import gemm_scratch_floats, load_kernels
+
+    kernels, _ = load_kernels()
+    gen = torch.Generator().manual_seed(5)
+    products = ((29, 27, 70), (45, 1003, 64), (24, 517, 300))  # rows, n, k: tails of column blocks
+    # 2.4 MiB (split by rows) and the tiny preset's head (1 MiB, one thread)
+    matrices = [torch.randn(*s, generator=gen) for s in ((700, 900), (1024, 256))]
+    requests = [
+        GenerationRequest(
+            f"r{i}",
+            [10 + (7 * i + 3 * j) % 900 for j in range(GEMM_ROWS[0] + (11 * i) % 37)],
+            SamplingParams(max_tokens=4, temperature=0.8 * (i % 3 == 0), seed=i),
+        )
+        for i in range(GEMM_ROWS[0] + 2)
+    ]
+    native_rows, prefilled = [], []
+    whole_step, prefill = LlamaDecodeStep._native_step, LlamaDecodeStep.prefill
+
+    def run_all(threads: int) -> list[torch.Tensor]:
+        torch.set_num_threads(threads)
+        kernels.follow_torch_threads()
+        assert kernels.threads() == threads
+        out = []
+        for rows, n, k in products:
+            g = torch.Generator().manual_seed(rows)
+            x, w, b, y = (torch.randn(*s, generator=g) for s in ((rows, k), (n, k), (n,), (rows, n)))
+            scratch = torch.empty(gemm_scratch_floats(k, n))
+            kernels.gemm(x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), rows, n, k, 1,
+                         scratch.data_ptr())  # fmt: skip
+            out.append(y)
+        for w in matrices:
+            x, y = torch.randn(w.shape[1], generator=torch.Generator().manual_seed(1)), torch.empty(len(w))
+            kernels.gemv(w.data_ptr(), x.data_ptr(), None, y.data_ptr(), *w.shape)
+            out.append(y)
+        _, got = _run(native, tok, requests, lean=True, max_batch_size=len(requests))
+        return out + [o.logits for r in requests for o in got[r.request_id]]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            LlamaDecodeStep, "_native_step", lambda *a: native_rows.append(len(a[1])) or whole_step(*a)
+        )
+        patch.setattr(LlamaDecodeStep, "prefill", lambda *a: prefilled.append(prefill(*a)) or prefilled[-1])
+        one = run_all(1)
+        for threads in (3, 2):
+            for a, b in zip(one, run_all(threads), strict=True):
+                assert torch.equal(a, b)
+    assert native_rows == 9 * [len(requests)]  # 3 steps after the prefills, on each of 3 runs
+    assert len(prefilled) == 3 * len(requests) and None not in prefilled

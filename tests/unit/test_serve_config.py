@@ -114,3 +114,22 @@ def test_throughput_mode_sets_rays_variables_and_keeps_the_users(monkeypatch):
     assert ports == {"RAY_SERVE_HAPROXY_STATS_PORT": 18404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
     assert {k: os.environ[k] for k in SERVE_THROUGHPUT_ENV} == SERVE_THROUGHPUT_ENV
     assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "7"
+
+
+def test_importing_the_serving_code_makes_torchs_idle_threads_sleep_and_keeps_a_users_setting():
+    """Replicas import serve_apps before torch: OMP_WAIT_POLICY=PASSIVE unless the user chose one."""
+    import subprocess
+    import sys
+
+    code = "import serve_apps, os, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+
+    def policy(extra: dict[str, str]) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", code], env={**env, **extra}, cwd=REPO, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-500:]
+        return done.stdout.strip()
+
+    assert policy({}) == "PASSIVE"
+    assert policy({"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"

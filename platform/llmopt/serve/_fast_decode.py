@@ -95,6 +95,7 @@ class LlamaDecodeStep:
             # A projection was wrapped since (e.g. a LoRA layer injected): the batched step runs its forward.
             ids, positions = torch.tensor([token_id]), torch.tensor([position])
             return self.decode_batch(ids, positions, self._no_padding, cache)
+        self._kernels.follow_torch_threads()
         cos, sin = self._rope_tables(torch.tensor([position]))
         x = inner.embed_tokens.weight[token_id].clone()  # the residual stream, updated in place
         hidden = x.numel()
@@ -245,6 +246,7 @@ class LlamaDecodeStep:
         weights, eps = self._layer_args()
         caches = [t.data_ptr() for layer in kv for t in layer]
         kernels = self._kernels
+        kernels.follow_torch_threads()
         scratch = torch.empty(
             kernels.prefill_scratch(rows, hidden, heads, kv_heads, dim, inter, head.out_features)
         )
@@ -289,6 +291,7 @@ class LlamaDecodeStep:
         )
         if self._scratch.numel() < need:
             self._scratch = torch.empty(need)
+        kernels.follow_torch_threads()
         logits = x.new_empty(batch, head.out_features)
         bias = None if head.bias is None else head.bias.data_ptr()
         final = inner.norm
@@ -310,6 +313,7 @@ class LlamaDecodeStep:
                 self._scratch = torch.empty(gemm_scratch_floats(k, n))
             target = x.new_empty(rows, n) if out is None else out
             bias_ptr = None if bias is None else bias.data_ptr()
+            self._kernels.follow_torch_threads()
             self._kernels.gemm(x.data_ptr(), weight.data_ptr(), bias_ptr, target.data_ptr(), rows, n, k,
                                out is not None, self._scratch.data_ptr())  # fmt: skip
             return target

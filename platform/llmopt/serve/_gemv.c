@@ -10,7 +10,10 @@
  * use with the system C compiler (-O3 -march=native); llmopt falls back to torch where it cannot build.
  */
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stddef.h>
+#include <unistd.h>
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
@@ -24,6 +27,126 @@ int llmopt_gemv_isa(void) {
 #else
     return 0;
 #endif
+}
+
+/* ---- Threads ---------------------------------------------------------------------------------------
+ *
+ * A replica with a share of several CPUs splits its products over that many threads (llmopt_set_threads,
+ * from torch's thread count, which follows the replica's CPU share): the batched products' output columns,
+ * the rows of a batched step's or a prefill's attention, and the rows of a large single-row product. Each
+ * output element is computed by exactly the same instructions whatever the split, so results do not depend
+ * on the thread count. Workers wait for work by spinning briefly (the gaps between a step's products are a
+ * few microseconds), then on a condition variable, so an idle replica takes no CPU. One caller at a time
+ * uses the pool; another caller meanwhile (a second engine in the same process) runs its parts itself.
+ * torch's own pool is not used: its at::parallel_for is C++ only, and a second OpenMP runtime in the
+ * process would oversubscribe its cores. */
+#define LLMOPT_MAX_THREADS 16
+#define LLMOPT_SPIN 2000 /* ~50 us of pause instructions here */
+
+typedef void (*llmopt_task)(void *ctx, long part, long parts);
+
+static struct {
+    pthread_mutex_t busy, lock;
+    pthread_cond_t start, done;
+    atomic_long generation; /* a region's number << 8 | its parts */
+    atomic_int pending;
+    llmopt_task fn;
+    void *ctx;
+    int workers, threads;
+    pid_t pid;
+    long started_at[LLMOPT_MAX_THREADS]; /* the region number when each worker was started */
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
+          PTHREAD_COND_INITIALIZER, 0, 0, NULL, NULL, 0, 1, 0, {0}};
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void *pool_worker(void *arg) {
+    const long id = (long)arg;
+    long seen = pool.started_at[id]; /* not the current number: a region may have begun since */
+    for (;;) {
+        long gen = atomic_load(&pool.generation);
+        for (int spin = 0; gen == seen && spin < LLMOPT_SPIN; spin++) {
+            cpu_relax();
+            gen = atomic_load(&pool.generation);
+        }
+        if (gen == seen) {
+            pthread_mutex_lock(&pool.lock);
+            while ((gen = atomic_load(&pool.generation)) == seen) pthread_cond_wait(&pool.start, &pool.lock);
+            pthread_mutex_unlock(&pool.lock);
+        }
+        seen = gen;
+        /* The parts come with the region's number: a worker without a part here (fewer parts than workers)
+         * reads nothing else of it, and the caller waits only for the others, which read fn and ctx before
+         * they acknowledge. */
+        const long parts = gen & 255;
+        if (id >= parts) continue;
+        pool.fn(pool.ctx, id, parts);
+        if (atomic_fetch_sub(&pool.pending, 1) == 1) {
+            pthread_mutex_lock(&pool.lock);
+            pthread_cond_signal(&pool.done);
+            pthread_mutex_unlock(&pool.lock);
+        }
+    }
+    return NULL;
+}
+
+/* Use n threads (the caller's plus n - 1 workers, started on first need) in the batched paths; returns the
+ * number in use, which is 1 where workers cannot start. */
+int llmopt_set_threads(int n) {
+    n = n < 1 ? 1 : n > LLMOPT_MAX_THREADS ? LLMOPT_MAX_THREADS : n;
+    pthread_mutex_lock(&pool.busy);
+    if (pool.pid != getpid()) pool.workers = 0; /* a forked child has none of its parent's threads */
+    pool.pid = getpid();
+    while (pool.workers < n - 1) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pool.started_at[pool.workers + 1] = atomic_load(&pool.generation);
+        const int failed = pthread_create(&t, &attr, pool_worker, (void *)(long)(pool.workers + 1));
+        pthread_attr_destroy(&attr);
+        if (failed) break;
+        pool.workers++;
+    }
+    pool.threads = n < pool.workers + 1 ? n : pool.workers + 1;
+    pthread_mutex_unlock(&pool.busy);
+    return pool.threads;
+}
+
+int llmopt_get_threads(void) { return pool.threads; }
+
+/* fn(ctx, part, parts) for every part of `parts` (at most the pool's threads), in parallel when the pool is
+ * free, else all on the caller's thread. */
+static void parallel(llmopt_task fn, void *ctx, long parts) {
+    parts = parts > pool.threads ? pool.threads : parts < 1 ? 1 : parts;
+    if (parts == 1 || pool.pid != getpid() || pthread_mutex_trylock(&pool.busy) != 0) {
+        for (long p = 0; p < parts; p++) fn(ctx, p, parts);
+        return;
+    }
+    pool.fn = fn, pool.ctx = ctx;
+    atomic_store(&pool.pending, (int)parts - 1);
+    pthread_mutex_lock(&pool.lock);
+    atomic_store(&pool.generation, ((atomic_load(&pool.generation) >> 8) + 1) << 8 | parts);
+    pthread_cond_broadcast(&pool.start);
+    pthread_mutex_unlock(&pool.lock);
+    fn(ctx, 0, parts);
+    for (int spin = 0; atomic_load(&pool.pending) > 0 && spin < LLMOPT_SPIN; spin++) cpu_relax();
+    if (atomic_load(&pool.pending) > 0) {
+        pthread_mutex_lock(&pool.lock);
+        while (atomic_load(&pool.pending) > 0) pthread_cond_wait(&pool.done, &pool.lock);
+        pthread_mutex_unlock(&pool.lock);
+    }
+    pthread_mutex_unlock(&pool.busy);
+}
+
+/* Parts worth splitting `work` multiply-adds into: one per ~64K, at most the pool's threads. */
+static long parts_for(long work) {
+    const long parts = work >> 16;
+    return parts < 1 ? 1 : parts > pool.threads ? pool.threads : parts;
 }
 
 static inline float row_dot(const float *restrict r, const float *restrict x, long n) {
@@ -58,9 +181,24 @@ static inline float row_dot(const float *restrict r, const float *restrict x, lo
     return s;
 }
 
+struct gemv {
+    const float *W, *x, *bias;
+    float *y;
+    long m, n;
+};
+
+static void gemv_part(void *ctx, long part, long parts) {
+    const struct gemv *t = ctx;
+    for (long o = t->m * part / parts; o < t->m * (part + 1) / parts; o++)
+        t->y[o] = row_dot(t->W + o * t->n, t->x, t->n) + (t->bias ? t->bias[o] : 0.f);
+}
+
+/* y = W x (+ bias); a matrix of 2 MiB or more (a ~100M model's layers, not the tiny presets') is split by
+ * rows over the pool's threads, each streaming its part of W. */
 void llmopt_gemv(const float *restrict W, const float *restrict x, const float *restrict bias,
                  float *restrict y, long m, long n) {
-    for (long o = 0; o < m; o++) y[o] = row_dot(W + o * n, x, n) + (bias ? bias[o] : 0.f);
+    struct gemv t = {W, x, bias, y, m, n};
+    parallel(gemv_part, &t, (m * n) >> 18);
 }
 
 /* Attention of one query position over `len` cached positions: out[h] = softmax(scale * K_h q_h) V_h.
@@ -284,9 +422,40 @@ LLMOPT_GEMM_BLOCK(gemm_block32, 2, 12)
 LLMOPT_GEMM_BLOCK(gemm_block16, 1, 24)
 #endif
 
+#if defined(__AVX512F__)
+/* One panel of rows' product: columns split into parts of whole blocks, each part computing its blocks and
+ * writing its columns of y. */
+struct gemm_panel {
+    const float *panel, *W, *bias;
+    float *y, *out;
+    long mb, N, K;
+    int accumulate;
+};
+
+static void gemm_part(void *ctx, long part, long parts) {
+    const struct gemm_panel *t = ctx;
+    const long nr = t->mb > 16 ? 12 : 24, blocks = (t->N + nr - 1) / nr;
+    const long lo = blocks * part / parts * nr, end = blocks * (part + 1) / parts * nr;
+    const long hi = end < t->N ? end : t->N;
+    for (long n0 = lo; n0 < hi; n0 += nr) {
+        if (t->mb > 16)
+            gemm_block32(t->panel, t->W, n0, hi - n0 < nr ? hi - n0 : nr, t->K, t->out);
+        else
+            gemm_block16(t->panel, t->W, n0, hi - n0 < nr ? hi - n0 : nr, t->K, t->out);
+    }
+    for (long j = 0; j < t->mb; j++) {
+        float *yr = t->y + j * t->N;
+        for (long n = lo; n < hi; n++) {
+            const float v = t->out[n * 32 + j] + (t->bias ? t->bias[n] : 0.f);
+            yr[n] = t->accumulate ? yr[n] + v : v;
+        }
+    }
+}
+#endif
+
 /* y[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]) (+ y[m, n] when `accumulate`), x [rows, K], W [N, K], y [rows,
- * N], all row-major. `scratch` holds 32 * (K + N) + 16 floats. Returns 0 where this build has no AVX-512 path
- * (the caller keeps torch's product). */
+ * N], all row-major, on the pool's threads when the product is large enough. `scratch` holds 32 * (K + N) +
+ * 16 floats. Returns 0 where this build has no AVX-512 path (the caller keeps torch's product). */
 int llmopt_gemm(const float *x, const float *W, const float *bias, float *y, long rows, long N, long K,
                 int accumulate, float *scratch) {
 #if defined(__AVX512F__)
@@ -295,17 +464,8 @@ int llmopt_gemm(const float *x, const float *W, const float *bias, float *y, lon
         const long mb = rows - m0 < 32 ? rows - m0 : 32;
         for (long k = 0; k < K; k++)
             for (long j = 0; j < 32; j++) panel[k * 32 + j] = j < mb ? x[(m0 + j) * K + k] : 0.f;
-        if (mb > 16)
-            for (long n0 = 0; n0 < N; n0 += 12) gemm_block32(panel, W, n0, N - n0 < 12 ? N - n0 : 12, K, out);
-        else
-            for (long n0 = 0; n0 < N; n0 += 24) gemm_block16(panel, W, n0, N - n0 < 24 ? N - n0 : 24, K, out);
-        for (long j = 0; j < mb; j++) {
-            float *yr = y + (m0 + j) * N;
-            for (long n = 0; n < N; n++) {
-                const float v = out[n * 32 + j] + (bias ? bias[n] : 0.f);
-                yr[n] = accumulate ? yr[n] + v : v;
-            }
-        }
+        struct gemm_panel t = {panel, W, bias, y + m0 * N, out, mb, N, K, accumulate};
+        parallel(gemm_part, &t, parts_for(32 * N * K));
     }
     return 1;
 #else
@@ -324,24 +484,42 @@ void llmopt_rms_norm_rows(const float *x, const float *weight, float eps, float 
  * sin [batch, dim], k and v written into the cache at position `pos`, then attention over positions
  * [starts[b], pos] into out [batch, heads dim]. k and v point at position 0 of row 0 of the cache views
  * (KV-head stride `head_stride`, row stride `row_stride`, position stride dim). */
+struct decode_attention {
+    float *qkv, *k, *v, *out, *scores;
+    const float *cos, *sin;
+    const long *starts;
+    long batch, heads, kv_heads, dim, head_stride, row_stride, pos, width;
+    float scale;
+};
+
+/* Rows [batch * part / parts, batch * (part + 1) / parts), with the part's own scores (`width` floats). */
+static void decode_attention_part(void *ctx, long part, long parts) {
+    const struct decode_attention *t = ctx;
+    const long heads = t->heads, kv_heads = t->kv_heads, dim = t->dim, pos = t->pos;
+    const long width = (heads + 2 * kv_heads) * dim;
+    float *scores = t->scores + part * t->width;
+    for (long b = t->batch * part / parts; b < t->batch * (part + 1) / parts; b++) {
+        float *q = t->qkv + b * width, *kn = q + heads * dim, *vn = kn + kv_heads * dim;
+        rotate_half(q, t->cos + b * dim, t->sin + b * dim, heads, dim);
+        rotate_half(kn, t->cos + b * dim, t->sin + b * dim, kv_heads, dim);
+        float *kr = t->k + b * t->row_stride, *vr = t->v + b * t->row_stride;
+        for (long h = 0; h < kv_heads; h++)
+            for (long d = 0; d < dim; d++) {
+                kr[h * t->head_stride + pos * dim + d] = kn[h * dim + d];
+                vr[h * t->head_stride + pos * dim + d] = vn[h * dim + d];
+            }
+        const long offset = t->starts[b] * dim;
+        llmopt_attend(q, kr + offset, vr + offset, t->out + b * heads * dim, heads, kv_heads,
+                      pos + 1 - t->starts[b], dim, t->head_stride, t->scale, scores);
+    }
+}
+
 void llmopt_decode_attention(float *qkv, long batch, long heads, long kv_heads, long dim, const float *cos,
                              const float *sin, float *k, float *v, long head_stride, long row_stride,
                              long pos, const long *starts, float scale, float *out, float *scores) {
-    const long width = (heads + 2 * kv_heads) * dim;
-    for (long b = 0; b < batch; b++) {
-        float *q = qkv + b * width, *kn = q + heads * dim, *vn = kn + kv_heads * dim;
-        rotate_half(q, cos + b * dim, sin + b * dim, heads, dim);
-        rotate_half(kn, cos + b * dim, sin + b * dim, kv_heads, dim);
-        float *kr = k + b * row_stride, *vr = v + b * row_stride;
-        for (long h = 0; h < kv_heads; h++)
-            for (long d = 0; d < dim; d++) {
-                kr[h * head_stride + pos * dim + d] = kn[h * dim + d];
-                vr[h * head_stride + pos * dim + d] = vn[h * dim + d];
-            }
-        const long offset = starts[b] * dim;
-        llmopt_attend(q, kr + offset, vr + offset, out + b * heads * dim, heads, kv_heads, pos + 1 - starts[b],
-                      dim, head_stride, scale, scores);
-    }
+    struct decode_attention t = {qkv,  k,        v,   out,         scores,     cos, sin, starts, batch,
+                                 heads, kv_heads, dim, head_stride, row_stride, pos, pos + 1, scale};
+    decode_attention_part(&t, 0, 1);
 }
 
 /* out[r, i] = SiLU(gu[r, i]) * gu[r, inter + i]: the gated MLP's activation on a fused gate|up product. */
@@ -393,7 +571,8 @@ long llmopt_decode_step_scratch(long batch, long hidden, long heads, long kv_hea
     big = qkv > big ? qkv : big;
     long k_max = inter > hidden ? inter : hidden;
     k_max = heads * dim > k_max ? heads * dim : k_max;
-    return batch * (hidden + qkv + heads * dim + 2 * inter + inter) + width + 32 * (k_max + big) + 64;
+    return batch * (hidden + qkv + heads * dim + 2 * inter + inter) + width * LLMOPT_MAX_THREADS +
+           32 * (k_max + big) + 64;
 }
 
 int llmopt_decode_step(float *x, long batch, long hidden, long heads, long kv_heads, long dim, long inter,
@@ -407,12 +586,15 @@ int llmopt_decode_step(float *x, long batch, long hidden, long heads, long kv_he
     float *g = gu + batch * 2 * inter, *scores = g + batch * inter;
     long width = 0;
     for (long l = 0; l < layers; l++) width = strides[3 * l + 2] + 1 > width ? strides[3 * l + 2] + 1 : width;
-    float *gemm_scratch = scores + width;
+    float *gemm_scratch = scores + width * LLMOPT_MAX_THREADS;
     for (long l = 0; l < layers; l++) {
         const float *const *w = weights + 10 * l;
         layer_in(x, batch, hidden, qkv_width, w, eps + 2 * l, h, qkv, gemm_scratch);
-        llmopt_decode_attention(qkv, batch, heads, kv_heads, dim, cos, sin, caches[2 * l], caches[2 * l + 1],
-                                strides[3 * l], strides[3 * l + 1], strides[3 * l + 2], starts, scale, a, scores);
+        struct decode_attention t = {qkv,   caches[2 * l],  caches[2 * l + 1], a,     scores,
+                                     cos,   sin,            starts,            batch, heads,
+                                     kv_heads, dim,         strides[3 * l],    strides[3 * l + 1],
+                                     strides[3 * l + 2],    width,             scale};
+        parallel(decode_attention_part, &t, batch * width * heads * dim >> 14);
         layer_out(x, batch, hidden, heads * dim, inter, w, eps + 2 * l, a, h, gu, g, gemm_scratch);
     }
     llmopt_rms_norm_rows(x, final_norm, final_eps, h, batch, hidden);
@@ -433,6 +615,22 @@ int llmopt_decode_step(float *x, long batch, long hidden, long heads, long kv_he
  * the output head on the last position only, into logits [vocab]. cos and sin are [rows, dim]; x [rows,
  * hidden] holds the prompt's embeddings and is overwritten; weights and eps as in llmopt_decode_step.
  * `scratch` holds `llmopt_prefill_scratch(...)` floats. Returns 0, doing nothing, without AVX-512. */
+struct prefill_attention {
+    const float *qkv, *k, *v;
+    float *a, *scores;
+    long rows, heads, kv_heads, dim;
+    float scale;
+};
+
+/* Causal attention of positions part, part + parts, ... (interleaved: later positions attend to more). */
+static void prefill_attention_part(void *ctx, long part, long parts) {
+    const struct prefill_attention *p = ctx;
+    const long qkv_width = (p->heads + 2 * p->kv_heads) * p->dim;
+    for (long t = part; t < p->rows; t += parts)
+        llmopt_attend(p->qkv + t * qkv_width, p->k, p->v, p->a + t * p->heads * p->dim, p->heads, p->kv_heads,
+                      t + 1, p->dim, p->rows * p->dim, p->scale, p->scores + part * p->rows);
+}
+
 long llmopt_prefill_scratch(long rows, long hidden, long heads, long kv_heads, long dim, long inter, long vocab) {
     return llmopt_decode_step_scratch(rows, hidden, heads, kv_heads, dim, inter, vocab, rows);
 }
@@ -444,7 +642,8 @@ int llmopt_prefill(float *x, long rows, long hidden, long heads, long kv_heads, 
 #if defined(__AVX512F__)
     const long qkv_width = (heads + 2 * kv_heads) * dim, head_stride = rows * dim;
     float *h = scratch, *qkv = h + rows * hidden, *a = qkv + rows * qkv_width, *gu = a + rows * heads * dim;
-    float *g = gu + rows * 2 * inter, *scores = g + rows * inter, *gemm_scratch = scores + rows;
+    float *g = gu + rows * 2 * inter, *scores = g + rows * inter;
+    float *gemm_scratch = scores + rows * LLMOPT_MAX_THREADS;
     for (long l = 0; l < layers; l++) {
         const float *const *w = weights + 10 * l;
         float *k = caches[2 * l], *v = caches[2 * l + 1];
@@ -459,9 +658,8 @@ int llmopt_prefill(float *x, long rows, long hidden, long heads, long kv_heads, 
                     v[hd * head_stride + t * dim + d] = vn[hd * dim + d];
                 }
         }
-        for (long t = 0; t < rows; t++)
-            llmopt_attend(qkv + t * qkv_width, k, v, a + t * heads * dim, heads, kv_heads, t + 1, dim, head_stride,
-                          scale, scores);
+        struct prefill_attention t = {qkv, k, v, a, scores, rows, heads, kv_heads, dim, scale};
+        parallel(prefill_attention_part, &t, rows * rows * heads * dim >> 15);
         layer_out(x, rows, hidden, heads * dim, inter, w, eps + 2 * l, a, h, gu, g, gemm_scratch);
     }
     const float *last = x + (rows - 1) * hidden;

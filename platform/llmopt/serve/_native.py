@@ -70,7 +70,18 @@ def _build(compiler: list[str], target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [*compiler, "-O3", "-march=native", "-shared", "-fPIC", "-o", tmp, str(_SOURCE), "-lm"]
+        cmd = [
+            *compiler,
+            "-O3",
+            "-march=native",
+            "-shared",
+            "-fPIC",
+            "-pthread",
+            "-o",
+            tmp,
+            str(_SOURCE),
+            "-lm",
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"`{shlex.join(cmd)}` failed: {done.stderr.strip()[-500:]}")
@@ -113,6 +124,11 @@ class NativeKernels:
             sin, scale, final_norm, final_eps, head, head_bias, vocab, logits, scratch) -> int`: one prompt's
             prefill of a Llama model (see `_gemv.c`); 0 without AVX-512.
         prefill_scratch: `prefill_scratch(rows, hidden, heads, kv_heads, dim, inter, vocab)`: its scratch.
+        set_threads: `set_threads(n) -> int`: the threads the batched paths (`gemm`, `decode_step`,
+            `prefill`, and `gemv` on matrices of 2 MiB or more) split their work over; returns the number
+            in use (1 where workers cannot start). Callers follow torch's thread count through
+            :meth:`follow_torch_threads`. Results do not depend on it.
+        threads: `threads() -> int`: the number in use.
         description: Which build this is, for logs and reports.
     """
 
@@ -128,7 +144,16 @@ class NativeKernels:
     decode_step_scratch: Callable[..., int]
     prefill: Callable[..., int]
     prefill_scratch: Callable[..., int]
+    set_threads: Callable[[int], int]
+    threads: Callable[[], int]
     description: str
+
+    def follow_torch_threads(self) -> None:
+        """Use as many threads as torch does (the replica's CPU share, see `set_torch_threads`); a ctypes
+        call only when that number changed."""
+        n = torch.get_num_threads()
+        if _THREADS.get(id(self.set_threads)) != n:
+            _THREADS[id(self.set_threads)] = self.set_threads(n) and n
 
     @property
     def has_gemm(self) -> bool:
@@ -190,13 +215,28 @@ def load_kernels() -> tuple[NativeKernels | None, str]:
     prefill.argtypes = [ptr, *[size] * 7, *[ptr] * 5, real, ptr, real, ptr, ptr, size, ptr, ptr]
     prefill_scratch.argtypes = [size] * 7
     step.restype = prefill.restype = ctypes.c_int
+    lib.llmopt_set_threads.argtypes, lib.llmopt_set_threads.restype = [ctypes.c_int], ctypes.c_int
+    lib.llmopt_get_threads.argtypes, lib.llmopt_get_threads.restype = [], ctypes.c_int
     step_scratch.restype = prefill_scratch.restype = size
     description = f"native AVX-{isa} GEMV ({path.name})"
     batched = (gemm, norm_rows, attention, silu_mul, step, step_scratch, prefill, prefill_scratch)
-    kernels = NativeKernels(gemv, attend_rows, layer_qkv, layer_out, *batched, description)
+    kernels = NativeKernels(
+        gemv,
+        attend_rows,
+        layer_qkv,
+        layer_out,
+        *batched,
+        lib.llmopt_set_threads,
+        lib.llmopt_get_threads,
+        description,
+    )
     if failed := _self_check(kernels):
         return None, f"the native decode kernel {path} failed its self-check against {failed}"
     return kernels, description
+
+
+# The thread count last asked of each loaded library (keyed by the id of its set_threads function).
+_THREADS: dict[int, int] = {}
 
 
 def apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -353,6 +393,7 @@ class DecodeLinear(torch.nn.Linear):
     # None where the build has no AVX-512 product.
     _gemv: Callable[..., None]
     _gemm: Callable[..., int] | None = None
+    _kernels: NativeKernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -365,6 +406,7 @@ class DecodeLinear(torch.nn.Linear):
         ):
             rows = x.numel() // self.in_features
             bias = self.bias.data_ptr() if self.bias is not None else None
+            self._kernels.follow_torch_threads()
             if rows == 1:
                 y = x.new_empty((*x.shape[:-1], self.out_features))
                 self._gemv(
@@ -405,6 +447,7 @@ def use_native_decode(
         return 0, description
     DecodeLinear._gemv = kernels.gemv
     DecodeLinear._gemm = kernels.gemm if kernels.has_gemm else None
+    DecodeLinear._kernels = kernels
     switched = []
     for module in model.modules():
         w = module.weight if type(module) is torch.nn.Linear else None

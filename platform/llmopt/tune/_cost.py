@@ -377,7 +377,7 @@ class CostModel:
         precision = resolve_precision_for(config, hw)
         threads = 1.0
         if hw.accelerator == "cpu":
-            own = max(1, int(config.resources.cpus_per_worker))
+            own = max(1, round(config.resources.cpus_per_worker))  # as llmopt.evaluation.set_torch_threads
             threads = own * min(1.0, hw.cpus / (n * own))  # oversubscribed cores are shared
         micro = train.micro_batch_size
         seq = workload.padded_length(micro)
