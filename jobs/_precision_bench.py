@@ -50,7 +50,13 @@ def measure_bandwidth(threads: int, megabytes: int, repeats: int = 5) -> dict[st
     """
     import torch
 
-    from llmopt.serve._native import huge_page_empty, huge_pages_available, load_gemv, transparent_huge_pages
+    from llmopt.serve._native import (
+        huge_page_empty,
+        huge_pages_available,
+        load_gemv,
+        load_kernels,
+        transparent_huge_pages,
+    )
 
     torch.set_num_threads(threads)
     n = megabytes * 2**20 // 4
@@ -63,6 +69,8 @@ def measure_bandwidth(threads: int, megabytes: int, repeats: int = 5) -> dict[st
     best = functools.partial(_best_time, repeats=repeats)
 
     gemv, _ = load_gemv()
+    if gemv is not None:  # the native GEMV splits large matrices over torch's threads, as in a replica
+        load_kernels()[0].follow_torch_threads()
     out = torch.empty(src.shape[0])
 
     def rates(matrix, suffix: str) -> dict[str, float | None]:
