@@ -94,8 +94,8 @@ static void *pool_worker(void *arg) {
     return NULL;
 }
 
-/* Use n threads (the caller's plus n - 1 workers, started on first need) in the batched paths; returns the
- * number in use, which is 1 where workers cannot start. */
+/* Use n threads (the caller's plus n - 1 workers, started on first need) in the split products and
+ * attention; returns the number in use, which is 1 where workers cannot start. */
 int llmopt_set_threads(int n) {
     n = n < 1 ? 1 : n > LLMOPT_MAX_THREADS ? LLMOPT_MAX_THREADS : n;
     pthread_mutex_lock(&pool.busy);
