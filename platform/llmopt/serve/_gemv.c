@@ -143,12 +143,6 @@ static void parallel(llmopt_task fn, void *ctx, long parts) {
     pthread_mutex_unlock(&pool.busy);
 }
 
-/* Parts worth splitting `work` multiply-adds into: one per ~64K, at most the pool's threads. */
-static long parts_for(long work) {
-    const long parts = work >> 16;
-    return parts < 1 ? 1 : parts > pool.threads ? pool.threads : parts;
-}
-
 static inline float row_dot(const float *restrict r, const float *restrict x, long n) {
     long i = 0;
     float s = 0.f;
@@ -357,6 +351,22 @@ static void rotate_half(float *restrict t, const float *restrict cos, const floa
     }
 }
 
+/* RoPE on one position's fused q|k|v row (q, then k, then v: `heads` and `kv_heads` heads of `dim`), and
+ * its k and v written at that position of the cache: k and v point at the position in KV head 0 (KV-head
+ * stride `head_stride`). */
+static void rope_and_store(float *qkv, const float *cos, const float *sin, long heads, long kv_heads,
+                           long dim, float *k, float *v, long head_stride) {
+    float *kn = qkv + heads * dim;
+    const float *vn = kn + kv_heads * dim;
+    rotate_half(qkv, cos, sin, heads, dim);
+    rotate_half(kn, cos, sin, kv_heads, dim);
+    for (long h = 0; h < kv_heads; h++)
+        for (long d = 0; d < dim; d++) {
+            k[h * head_stride + d] = kn[h * dim + d];
+            v[h * head_stride + d] = vn[h * dim + d];
+        }
+}
+
 /* h = RMSNorm(x); q, k, v = the projections of h; RoPE on q and k. q is [heads, dim], k and v [kv_heads,
  * dim]; cos and sin [dim] for this token's position; h is `hidden` floats of scratch. */
 void llmopt_layer_qkv(const float *x, long hidden, const float *norm, float eps, const float *wq,
@@ -465,7 +475,7 @@ int llmopt_gemm(const float *x, const float *W, const float *bias, float *y, lon
         for (long k = 0; k < K; k++)
             for (long j = 0; j < 32; j++) panel[k * 32 + j] = j < mb ? x[(m0 + j) * K + k] : 0.f;
         struct gemm_panel t = {panel, W, bias, y + m0 * N, out, mb, N, K, accumulate};
-        parallel(gemm_part, &t, parts_for(32 * N * K));
+        parallel(gemm_part, &t, 32 * N * K >> 16); /* a part per ~64K multiply-adds */
     }
     return 1;
 #else
@@ -499,15 +509,9 @@ static void decode_attention_part(void *ctx, long part, long parts) {
     const long width = (heads + 2 * kv_heads) * dim;
     float *scores = t->scores + part * t->width;
     for (long b = t->batch * part / parts; b < t->batch * (part + 1) / parts; b++) {
-        float *q = t->qkv + b * width, *kn = q + heads * dim, *vn = kn + kv_heads * dim;
-        rotate_half(q, t->cos + b * dim, t->sin + b * dim, heads, dim);
-        rotate_half(kn, t->cos + b * dim, t->sin + b * dim, kv_heads, dim);
-        float *kr = t->k + b * t->row_stride, *vr = t->v + b * t->row_stride;
-        for (long h = 0; h < kv_heads; h++)
-            for (long d = 0; d < dim; d++) {
-                kr[h * t->head_stride + pos * dim + d] = kn[h * dim + d];
-                vr[h * t->head_stride + pos * dim + d] = vn[h * dim + d];
-            }
+        float *q = t->qkv + b * width, *kr = t->k + b * t->row_stride, *vr = t->v + b * t->row_stride;
+        rope_and_store(q, t->cos + b * dim, t->sin + b * dim, heads, kv_heads, dim, kr + pos * dim,
+                       vr + pos * dim, t->head_stride);
         const long offset = t->starts[b] * dim;
         llmopt_attend(q, kr + offset, vr + offset, t->out + b * heads * dim, heads, kv_heads,
                       pos + 1 - t->starts[b], dim, t->head_stride, t->scale, scores);
@@ -648,16 +652,9 @@ int llmopt_prefill(float *x, long rows, long hidden, long heads, long kv_heads, 
         const float *const *w = weights + 10 * l;
         float *k = caches[2 * l], *v = caches[2 * l + 1];
         layer_in(x, rows, hidden, qkv_width, w, eps + 2 * l, h, qkv, gemm_scratch);
-        for (long t = 0; t < rows; t++) {
-            float *q = qkv + t * qkv_width, *kn = q + heads * dim, *vn = kn + kv_heads * dim;
-            rotate_half(q, cos + t * dim, sin + t * dim, heads, dim);
-            rotate_half(kn, cos + t * dim, sin + t * dim, kv_heads, dim);
-            for (long hd = 0; hd < kv_heads; hd++)
-                for (long d = 0; d < dim; d++) {
-                    k[hd * head_stride + t * dim + d] = kn[hd * dim + d];
-                    v[hd * head_stride + t * dim + d] = vn[hd * dim + d];
-                }
-        }
+        for (long t = 0; t < rows; t++)
+            rope_and_store(qkv + t * qkv_width, cos + t * dim, sin + t * dim, heads, kv_heads, dim,
+                           k + t * dim, v + t * dim, head_stride);
         struct prefill_attention t = {qkv, k, v, a, scores, rows, heads, kv_heads, dim, scale};
         parallel(prefill_attention_part, &t, rows * rows * heads * dim >> 15);
         layer_out(x, rows, hidden, heads * dim, inter, w, eps + 2 * l, a, h, gu, g, gemm_scratch);
