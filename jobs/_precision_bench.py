@@ -53,7 +53,6 @@ def measure_bandwidth(threads: int, megabytes: int, repeats: int = 5) -> dict[st
     from llmopt.serve._native import (
         huge_page_empty,
         huge_pages_available,
-        load_gemv,
         load_kernels,
         transparent_huge_pages,
     )
@@ -68,9 +67,10 @@ def measure_bandwidth(threads: int, megabytes: int, repeats: int = 5) -> dict[st
 
     best = functools.partial(_best_time, repeats=repeats)
 
-    gemv, _ = load_gemv()
-    if gemv is not None:  # the native GEMV splits large matrices over torch's threads, as in a replica
-        load_kernels()[0].follow_torch_threads()
+    kernels, _ = load_kernels()
+    gemv = kernels.gemv if kernels else None
+    if kernels:  # the native GEMV splits large matrices over torch's threads, as in a replica
+        kernels.follow_torch_threads()
     out = torch.empty(src.shape[0])
 
     def rates(matrix, suffix: str) -> dict[str, float | None]:

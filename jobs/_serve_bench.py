@@ -348,7 +348,7 @@ def run_serve(args: argparse.Namespace) -> dict[str, Any]:
         precision_cases,
         weight_bytes_per_token,
     )
-    from llmopt.config import load_config
+    from llmopt.config import load_config, threads_for_cpus
     from llmopt.models import build_preset, load_tokenizer
 
     console = Console(width=None if sys.stdout.isatty() else 160)  # logs keep whole table rows
@@ -366,7 +366,7 @@ def run_serve(args: argparse.Namespace) -> dict[str, Any]:
     started = _start_ray()
     results, precision, precision_error = [], [], None
     try:
-        threads = max(1, round(plan.replica_cpus))  # as the replica's set_torch_threads
+        threads = threads_for_cpus(plan.replica_cpus)  # as the replica's set_torch_threads
         log(f"memory bandwidth, {threads} thread(s), {plan.bandwidth_mb} MiB buffers ...")
         task = ray.remote(num_cpus=plan.replica_cpus, max_calls=1)(measure_bandwidth)
         bandwidth = ray.get(task.remote(threads, plan.bandwidth_mb))

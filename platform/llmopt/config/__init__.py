@@ -26,6 +26,7 @@ from llmopt.config._schema import (
     ServingConfig,
     TrainingConfig,
     backend_errors,
+    threads_for_cpus,
 )
 from llmopt.config._templates import (
     Recommendation,
@@ -63,5 +64,6 @@ __all__ = [
     "read_yaml",
     "rule_based_recommendation",
     "templates",
+    "threads_for_cpus",
     "validate_config",
 ]

@@ -50,7 +50,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from llmopt.config import RunConfig
+from llmopt.config import RunConfig, threads_for_cpus
 from llmopt.tune._hardware import GIB, Hardware, format_bytes
 from llmopt.tune._shape import LoraCount, ModelShape
 from llmopt.tune._workload import Workload
@@ -377,7 +377,7 @@ class CostModel:
         precision = resolve_precision_for(config, hw)
         threads = 1.0
         if hw.accelerator == "cpu":
-            own = max(1, round(config.resources.cpus_per_worker))  # as llmopt.evaluation.set_torch_threads
+            own = threads_for_cpus(config.resources.cpus_per_worker)
             threads = own * min(1.0, hw.cpus / (n * own))  # oversubscribed cores are shared
         micro = train.micro_batch_size
         seq = workload.padded_length(micro)
