@@ -25,15 +25,27 @@ def set_torch_threads(cpus: float) -> int:
 
 
 def evaluate_config(
-    config: RunConfig, split: str | None = None, batch_size: int = 32
+    config: RunConfig,
+    split: str | None = None,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
 ) -> tuple[EvalResult, float]:
     """Load the config's model and tokenizer and evaluate them on a split (default: the held-out one).
+
+    Args:
+        config: The run config.
+        split: The split (default: `data.eval_split`).
+        batch_size: Rows per forward and generate call.
+        device: Where the model computes: fp32 on CPU, bf16 on a GPU that has it (else fp32).
 
     Returns:
         The result and the seconds the evaluation took (loading excluded).
     """
+    from llmopt.devices import bf16_supported
+
     tokenizer = load_tokenizer(config.model)
-    model = load_model(config.model, dtype="fp32")
+    dtype = "bf16" if bf16_supported(device) else "fp32"
+    model = load_model(config.model, dtype=dtype, device=device)
     rows = load_rows(
         config.data.dataset, split or config.data.eval_split, config.data.format, config.data.max_eval_samples
     )

@@ -77,7 +77,10 @@ def quantization_config(config: RunConfig, training_dtype: str | None = None):
         return None
     from transformers import BitsAndBytesConfig
 
-    dtype = _DTYPES[config.quantization.compute_dtype]
+    compute = config.quantization.compute_dtype
+    if compute == "auto":
+        compute = training_dtype or "fp32"
+    dtype = _DTYPES[compute]
     if mode == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(

@@ -23,12 +23,14 @@ from torch.utils.data.distributed import DistributedSampler
 
 from llmopt.config import RunConfig
 from llmopt.data import encode_example, evaluate, load_rows, pack_examples, pad_batch
+from llmopt.devices import bf16_supported, describe_device
 from llmopt.evaluation import set_torch_threads
 from llmopt.models import apply_strategy, load_for_training, load_tokenizer
 from llmopt.train._checkpointing import apply_checkpointing, plan_checkpointing
+from llmopt.train._collectives import all_reduce_values
 from llmopt.train._deepspeed import build_deepspeed_config, resolve_precision
 from llmopt.train._metrics import (
-    current_rss_bytes,
+    current_memory_bytes,
     expert_load_metrics,
     expert_token_counts,
     peak_memory_bytes,
@@ -79,15 +81,9 @@ def report_interval_s() -> float:
     return float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
 
 
-def _all_reduce(values: list[float]) -> list[float]:
-    if not torch.distributed.is_initialized():
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64)
-    torch.distributed.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def _distributed_eval(engine, tokenizer, config: RunConfig, rows, rank: int, world: int) -> dict[str, float]:
+def _distributed_eval(
+    engine, tokenizer, config: RunConfig, rows, rank: int, world: int, device: torch.device
+) -> dict[str, float]:
     """Each rank evaluates its shard; exact match and loss are combined over all ranks."""
     shard = rows[rank::world]
     per_rank = math.ceil(len(rows) / world)
@@ -114,8 +110,9 @@ def _distributed_eval(engine, tokenizer, config: RunConfig, rows, rank: int, wor
         )
     finally:
         model_config.output_router_logits = router_logits
-    correct, count, loss_sum, tokens = _all_reduce(
-        [result.num_correct, result.num_examples, result.loss * result.loss_tokens, result.loss_tokens]
+    correct, count, loss_sum, tokens = all_reduce_values(
+        [result.num_correct, result.num_examples, result.loss * result.loss_tokens, result.loss_tokens],
+        device,
     )
     return {"eval_exact_match": correct / max(count, 1), "eval_loss": loss_sum / max(tokens, 1)}
 
@@ -211,7 +208,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     threads = set_torch_threads(config.resources.cpus_per_worker)
     device = ray.train.torch.get_device()
     use_gpu = device.type == "cuda"
-    precision = resolve_precision(config, use_gpu, use_gpu and torch.cuda.is_bf16_supported())
+    if use_gpu:
+        torch.cuda.set_device(device)  # nccl and bitsandbytes use the current device
+    precision = resolve_precision(config, use_gpu, bf16_supported(device))
     train = config.training
 
     ds_config = build_deepspeed_config(config, world, precision)
@@ -267,8 +266,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     eval_rows = load_rows(
         config.data.dataset, config.data.eval_split, config.data.format, config.data.max_eval_samples
     )
-    setup_rss = current_rss_bytes()
+    setup_bytes = current_memory_bytes(device)
     static = {
+        "device": describe_device(device),
         "trainable_parameters": strategy.trainable_parameters,
         "total_parameters": strategy.total_parameters,
         "world_size": world,
@@ -358,8 +358,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 # `due` is summed over the ranks so that all of them call ray.train.report (a barrier)
                 # at the same steps.
                 due = float(time.perf_counter() - last_train_report >= interval)
-                loss_sum, aux_sum, tokens, micro_count, step_loss_sum, due = _all_reduce(
-                    [window["loss"], window["aux"], window["tokens"], window["micro"], last_step_loss, due]
+                loss_sum, aux_sum, tokens, micro_count, step_loss_sum, due = all_reduce_values(
+                    [window["loss"], window["aux"], window["tokens"], window["micro"], last_step_loss, due],
+                    device,
                 )
                 metrics = {
                     "step": step,
@@ -370,21 +371,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "tokens_per_s": tokens / elapsed,
                     "step_time_s": elapsed / (window["micro"] / accumulation),
                     "peak_memory_bytes": peak_memory_bytes(device),
-                    "peak_memory_over_setup_bytes": max(0, peak_memory_bytes(device) - setup_rss)
-                    if not use_gpu
-                    else peak_memory_bytes(device),
+                    "peak_memory_over_setup_bytes": max(0, peak_memory_bytes(device) - setup_bytes),
                     "resumed_from_step": resumed_from,
                     **static,
                 }
                 if top_k:
                     metrics["router_aux_loss"] = aux_sum / micro_count
                     if expert_counts is not None:
-                        summed = torch.tensor(_all_reduce(expert_counts.tolist()))
+                        summed = torch.tensor(all_reduce_values(expert_counts.tolist(), device))
                         metrics.update(expert_load_metrics(summed))
                     expert_counts = None
                 if do_eval:
                     last_eval = {
-                        **_distributed_eval(engine, tokenizer, config, eval_rows, rank, world),
+                        **_distributed_eval(engine, tokenizer, config, eval_rows, rank, world, device),
                         "eval_step": step,
                     }
                     engine.train()
@@ -397,9 +396,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # Final evaluation, artifacts, and a checkpointed report (so Result.metrics is set).
     if steady["steps"] > 1:
-        (steady_tokens,) = _all_reduce([steady["tokens"]])
+        (steady_tokens,) = all_reduce_values([steady["tokens"]], device)
         metrics["throughput_tokens_per_s"] = steady_tokens / (time.perf_counter() - steady["start"])
-    metrics.update(_distributed_eval(engine, tokenizer, config, eval_rows, rank, world), eval_step=step)
+    metrics.update(
+        _distributed_eval(engine, tokenizer, config, eval_rows, rank, world, device), eval_step=step
+    )
     metrics["final"] = True
     final_dir = Path(tempfile.mkdtemp(prefix="llmopt-final-"))
     try:

@@ -29,6 +29,13 @@ def current_rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
+def current_memory_bytes(device: torch.device | str = "cpu") -> int:
+    """Memory in use now, measured as `peak_memory_bytes` measures it: CUDA allocated on a GPU, else RSS."""
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    return current_rss_bytes()
+
+
 def expert_token_counts(router_logits, top_k: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """Tokens routed to each expert, summed over layers (padding excluded).
 
