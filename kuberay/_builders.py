@@ -31,6 +31,7 @@ from kuberay._options import (
 )
 from llmopt.cluster import SERVE_THROUGHPUT_ENV
 from llmopt.config import RunConfig
+from llmopt.deployment import INGRESS, SERVER, deployment_options
 
 
 def _labels(config: RunConfig, options: KubeRayOptions, component: str) -> dict[str, str]:
@@ -48,9 +49,7 @@ def _metadata(name: str, options: KubeRayOptions, labels: dict[str, str]) -> dic
 
 
 def _gpus(config: RunConfig, per_replica: float | None = None) -> int:
-    if config.resources.accelerator == "cpu":
-        return 0
-    amount = config.resources.gpus_per_worker if per_replica is None else per_replica
+    amount = config.resources.gpus if per_replica is None else per_replica
     return math.ceil(amount)
 
 
@@ -321,23 +320,19 @@ def build_rayservice(
     if options.throughput_optimized:  # read by Serve's processes when they start: on every pod
         env += [{"name": key, "value": value} for key, value in SERVE_THROUGHPUT_ENV.items()]
 
-    serving, res = config.serving, config.resources
-    server = _deployment(app, "LLMServer")
-    if "num_replicas" not in server and "autoscaling_config" not in server:
-        server.update(serving.autoscaling.serve_options())
-    server.setdefault(
-        "user_config",
-        {
-            "max_batch_size": serving.batching.max_batch_size,
-            "batch_wait_timeout_s": serving.batching.batch_wait_timeout_s,
-        },
-    )
-    actor = {"num_cpus": res.cpus_per_worker}
-    if _gpus(config):
-        actor["num_gpus"] = res.gpus_per_worker
-    server.setdefault("ray_actor_options", actor)
+    # The application's own options win; the rest come from the run config as the app builder derives them.
+    derived = deployment_options(config)
+    server = _deployment(app, SERVER)
+    replicas = {"num_replicas", "autoscaling_config"}
+    for key, value in derived[SERVER].items():
+        if key not in replicas or not replicas & server.keys():
+            server.setdefault(key, copy.deepcopy(value))
     server.setdefault("max_replicas_per_node", 1)  # each worker pod is sized for one model replica
-    _deployment(app, "LLMIngress").setdefault("ray_actor_options", {"num_cpus": 0})
+    ingress = _deployment(app, INGRESS)
+    # The head advertises no CPUs (workloads stay off the GCS): the ingress asks for none to run anywhere.
+    ingress.setdefault("ray_actor_options", {"num_cpus": 0})
+    for key, value in derived[INGRESS].items():
+        ingress.setdefault(key, copy.deepcopy(value))
     serve_config = {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": _pods.SERVE_PORT},

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from queue import Empty, SimpleQueue
 from typing import Any
 
+import torch
 from ray import serve
 
 from llmopt.config import RunConfig
@@ -38,8 +39,9 @@ from serve_apps._metrics import ReplicaMetrics
 logger = logging.getLogger("ray.serve")
 
 
-def _load_adapters(model, adapters: dict[str, str]):
-    """Wrap ``model`` in a PeftModel holding every configured adapter (mixed batches need all)."""
+def _load_adapters(model, adapters: dict[str, str], device: "torch.device"):
+    """Wrap ``model`` in a PeftModel holding every configured adapter (mixed batches need all), on the
+    replica's device (peft would otherwise pick the first device it infers)."""
     from peft import PeftModel
 
     from llmopt.serve import resolve_adapter
@@ -48,9 +50,9 @@ def _load_adapters(model, adapters: dict[str, str]):
     for name, path in adapters.items():
         folder = str(resolve_adapter(name, path))
         if peft_model is None:
-            peft_model = PeftModel.from_pretrained(model, folder, adapter_name=name)
+            peft_model = PeftModel.from_pretrained(model, folder, adapter_name=name, torch_device=str(device))
         else:
-            peft_model.load_adapter(folder, adapter_name=name)
+            peft_model.load_adapter(folder, adapter_name=name, torch_device=str(device))
     return peft_model.eval()
 
 
@@ -88,6 +90,7 @@ class LLMServer:
     """
 
     def __init__(self, config: dict[str, Any]):
+        from llmopt.devices import ray_assigned_device
         from llmopt.evaluation import set_torch_threads
         from llmopt.models import load_tokenizer
         from llmopt.serve import load_serving_model
@@ -95,10 +98,14 @@ class LLMServer:
         self.config = RunConfig.model_validate(config)
         # Threads from this replica's CPU share: 1 thread per 0.5-1 CPU ran ~10x faster than oversubscribing.
         set_torch_threads(self.config.resources.cpus_per_worker)
+        # The GPU Ray assigned this replica (from resources.gpus_per_worker), else the CPU.
+        self.device = ray_assigned_device(self.config.resources.accelerator)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # bitsandbytes and the CUDA generators use the current device
         self.tokenizer = load_tokenizer(self.config.model)
-        model = load_serving_model(self.config)
+        model = load_serving_model(self.config, self.device)
         if self.config.serving.adapters:
-            model = _load_adapters(model, self.config.serving.adapters)
+            model = _load_adapters(model, self.config.serving.adapters, self.device)
         self.model = model
         kv = self.config.serving.kv_cache
         self.sessions = (
@@ -153,8 +160,11 @@ class LLMServer:
             raise ValueError(
                 f"Unknown user_config keys {sorted(unknown)}; use max_batch_size and batch_wait_timeout_s."
             )
-        size = int(user_config.get("max_batch_size", self.config.serving.batching.max_batch_size))
-        wait = float(user_config.get("batch_wait_timeout_s", self.config.serving.batching.wait_timeout_s))
+        batching = self.config.serving.batching
+        size = user_config.get("max_batch_size")
+        size = batching.max_batch_size if size is None else int(size)
+        wait = user_config.get("batch_wait_timeout_s")
+        wait = batching.wait_timeout_s if wait is None else float(wait)  # null: the batching mode's default
         if size < 1 or wait < 0:
             raise ValueError(
                 f"user_config needs max_batch_size >= 1 and batch_wait_timeout_s >= 0, got {user_config}"
@@ -312,8 +322,12 @@ class LLMServer:
         """This replica's engine settings, batch sizes so far and session-cache counters."""
         batching = self.config.serving.batching
         cache = self.sessions.stats().to_dict() if self.sessions is not None else None
+        from llmopt.devices import describe_device, memory_stats
+
         return {
             "replica": self.replica_id,
+            "device": describe_device(self.device),
+            "memory": memory_stats(self.device),
             "engine": {
                 "mode": batching.mode,
                 "max_batch_size": self.max_batch_size,

@@ -27,6 +27,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -36,8 +37,10 @@ from ray.serve import Application
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from llmopt.cluster import check_resources
 from llmopt.config import RunConfig, load_config
 from llmopt.data import encode_prompt
+from llmopt.deployment import INGRESS, SERVER, deployment_options
 from llmopt.serve import (
     BatchGenerateRequest,
     ChatCompletionRequest,
@@ -470,34 +473,12 @@ def app(args: dict[str, Any]) -> Application:
     overrides = list(args.pop("overrides", None) or [])
     overrides += [f"{key}={value}" for key, value in args.items()]
     config = load_config(path, overrides)
-    serving = config.serving
-    scaling = serving.autoscaling
-    batching = serving.batching
-    # Serve's default max_ongoing_requests (5) would silently cap the batch size: size it from the batch.
-    ongoing = serving.max_ongoing_requests or 2 * batching.max_batch_size
-    actor: dict[str, Any] = {"num_cpus": config.resources.cpus_per_worker}
-    if config.resources.gpus_per_worker:
-        actor["num_gpus"] = config.resources.gpus_per_worker
-    llm_options: dict[str, Any] = {
-        "max_ongoing_requests": ongoing,
-        "max_queued_requests": serving.max_queued_requests,
-        "ray_actor_options": actor,
-        "user_config": {
-            "max_batch_size": batching.max_batch_size,
-            "batch_wait_timeout_s": batching.wait_timeout_s,
-        },
-    }
-    llm_options.update(scaling.serve_options())
-    # The ingress only parses and relays: a sliver of CPU, and room for every request the model replicas can
-    # hold or queue, so overload surfaces as the replicas' bounded queue (HTTP 503 + Retry-After).
-    queued = max(serving.max_queued_requests, 0)
-    ingress_options = {
-        "num_replicas": 1,
-        "max_ongoing_requests": scaling.max_replicas * (ongoing + queued) + 16,
-        "ray_actor_options": {"num_cpus": 0.1},
-    }
+    if ray.is_initialized():  # `llmopt serve` and `serve deploy`: fail now, not wait for GPUs no node has
+        check_resources(config, "serving")
+    options = deployment_options(config)
     data = config.model_dump(mode="json")
-    return LLMIngress.options(**ingress_options).bind(LLMServer.options(**llm_options).bind(data), data)
+    server = LLMServer.options(**options[SERVER]).bind(data)
+    return LLMIngress.options(**options[INGRESS]).bind(server, data)
 
 
 app_builder = app  # the name earlier releases documented

@@ -318,6 +318,9 @@ def test_batch_generate_and_batching_under_concurrency(server, reference):
     assert engine["decode_path"] == "transformers (PeftModel is not LlamaForCausalLM)"
     assert stats["batch_size"]["max"] > 1  # requests really were decoded together
     assert stats["kv_cache"]["hits"] >= 1
+    # A replica given no GPU computes on the CPU and reports the process's memory there.
+    assert stats["device"] == "cpu" and stats["memory"]["device"] == "cpu"
+    assert stats["memory"]["rss_bytes"] > 0
 
 
 def test_metrics_reach_prometheus(server, ray_cluster):

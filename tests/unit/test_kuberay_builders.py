@@ -351,3 +351,28 @@ def test_public_api_is_listed():
 
     for name in kuberay.__all__:
         assert hasattr(kuberay, name), f"kuberay.__all__ lists missing {name}"
+
+
+def test_rayservice_of_the_default_config_carries_the_app_builders_options():
+    """The renderer and `serve_apps.llm:app` share `deployment_options`: no null batch_wait_timeout_s (which
+    LLMServer.reconfigure cannot apply), the same queue bounds and the same GPU request."""
+    from llmopt.deployment import INGRESS, SERVER, deployment_options
+
+    for overrides in ([], ["resources.accelerator=gpu"]):
+        config = load_config(None, overrides)
+        service = build_rayservice(config, llm_application(IN_IMAGE, overrides), KubeRayOptions(auth=False))
+        (application,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+        deployments = {d["name"]: d for d in application["deployments"]}
+        derived = deployment_options(config)
+        server = deployments[SERVER]
+        assert server["user_config"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.0}
+        for key, value in derived[SERVER].items():
+            assert server[key] == value, key
+        assert server["max_replicas_per_node"] == 1
+        ingress = deployments[INGRESS]
+        assert ingress["ray_actor_options"] == {"num_cpus": 0}  # the head advertises no CPUs
+        assert ingress["max_ongoing_requests"] == derived[INGRESS]["max_ongoing_requests"]
+        gpus = config.resources.gpus
+        (group,) = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert limits.get("nvidia.com/gpu") == ("1" if gpus else None)

@@ -133,3 +133,35 @@ def test_importing_the_serving_code_makes_torchs_idle_threads_sleep_and_keeps_a_
 
     assert policy({}) == "PASSIVE"
     assert policy({"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["serving.batching.mode=static"],
+        ["serving.autoscaling.min_replicas=1", "serving.autoscaling.max_replicas=3"],
+        ["resources.accelerator=gpu"],
+        ["resources.gpus_per_worker=0.5", "resources.cpus_per_worker=4"],
+    ],
+    ids=["default", "static", "autoscaled", "gpu", "half-gpu"],
+)
+def test_deployment_options_are_valid_serve_options_and_resolved(overrides):
+    from llmopt.deployment import INGRESS, SERVER, deployment_options
+
+    config = load_config(None, overrides)
+    options = deployment_options(config)
+    for name, entry in options.items():
+        DeploymentSchema.model_validate({"name": name, **entry})  # Ray's own schema of a Serve config entry
+        assert _unknown(entry, DeploymentSchema, name) == []
+    server = options[SERVER]
+    # user_config is what LLMServer.reconfigure applies: resolved numbers, never null
+    assert server["user_config"] == {
+        "max_batch_size": config.serving.batching.max_batch_size,
+        "batch_wait_timeout_s": config.serving.batching.wait_timeout_s,
+    }
+    assert None not in server["user_config"].values()
+    actor = server["ray_actor_options"]
+    assert actor["num_cpus"] == config.resources.cpus_per_worker
+    assert actor.get("num_gpus", 0) == config.resources.gpus
+    assert options[INGRESS]["num_replicas"] == 1

@@ -46,3 +46,24 @@ def test_bf16_weights_and_the_engine_runs_on_quantized_models():
     prompt = tokenizer.encode("Reverse the digits: 123", add_special_tokens=False)
     out = engine.generate([GenerationRequest("a", prompt, SamplingParams(max_tokens=4))])["a"]
     assert len(out) == 4 and out[-1].finished
+
+
+def test_nf4_serves_on_cpu_whatever_its_vector_units():
+    # bitsandbytes' AVX512-BF16 repack asserts on the tiny preset's shapes; the loader keeps its plain kernel.
+    nf4 = load_serving_model(_config("serving.quantization=nf4"))
+    assert any(type(m).__name__ == "Linear4bit" for m in nf4.modules())
+    tokenizer = load_tokenizer("tiny-llama")
+    rows = load_rows("reverse", "test", limit=16)
+    with torch.no_grad():
+        base = response_loss(load_serving_model(_config()), tokenizer, rows, TEMPLATE, 64)
+        quant = response_loss(nf4, tokenizer, rows, TEMPLATE, 64)
+    assert abs(quant - base) < 0.1 * base
+    engine = GenerationEngine(nf4, tokenizer, max_batch_size=2)
+    prompt = tokenizer.encode("Reverse the digits: 123", add_special_tokens=False)
+    out = engine.generate([GenerationRequest("a", prompt, SamplingParams(max_tokens=4))])["a"]
+    assert len(out) == 4 and out[-1].finished
+
+
+def test_serving_dtype_on_cpu_for_every_precision():
+    assert serving_dtype(_config("serving.precision=fp16"), "cpu") == "fp16"  # runs on CPU, slowly
+    assert serving_dtype(_config("serving.precision=auto"), "cpu") == "fp32"  # CPUs are measured, not told

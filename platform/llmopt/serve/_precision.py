@@ -1,7 +1,8 @@
 """Load a model for serving at the configured precision and quantization.
 
 `serving.quantization=int8` uses torch dynamic quantization on CPU (int8 weights, activations quantized
-per batch at run time) and bitsandbytes 8-bit on GPU; `nf4` uses bitsandbytes 4-bit. `serving.precision`
+per batch at run time) and bitsandbytes 8-bit on GPU; `nf4` uses bitsandbytes 4-bit (its CPU backend on
+CPU). `serving.precision`
 picks the dtype of everything that is not quantized (`auto`: bf16 on a GPU that has it, else fp32 —
 these CPUs have no fast bf16 units). `serving.decode_kernel` picks the kernel of batch-1 decoding for fp32
 on CPU (see `llmopt.serve._native`).
@@ -15,6 +16,7 @@ import warnings
 import torch
 
 from llmopt.config import RunConfig
+from llmopt.devices import bf16_supported, describe_device
 from llmopt.models import load_model
 from llmopt.serve._native import use_native_decode
 
@@ -32,7 +34,12 @@ def serving_dtype(config: RunConfig, device: str | torch.device) -> str:
     on_gpu = torch.device(device).type == "cuda"
     precision = config.serving.precision
     if precision == "auto":
-        return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if bf16_supported(device) else "fp32"
+    if precision == "bf16" and on_gpu and not bf16_supported(device):
+        raise ServingPrecisionError(
+            f"serving.precision='bf16' on {describe_device(device)}, which has no bf16 units; set "
+            "serving.precision=fp16 (or auto, which serves fp32 there)"
+        )
     if config.serving.quantization == "int8" and not on_gpu and precision != "fp32":
         raise ServingPrecisionError(
             f"serving.quantization='int8' on CPU runs torch dynamic quantization, which needs fp32 "
@@ -118,4 +125,12 @@ def _load(config: RunConfig, dtype: str, device: str | torch.device, on_gpu: boo
         else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
     )
     device_map = {"": str(device)}
-    return load_model(config.model, dtype=dtype, quantization_config=quant, device_map=device_map).eval()
+    model = load_model(config.model, dtype=dtype, quantization_config=quant, device_map=device_map).eval()
+    if not on_gpu:
+        for module in model.modules():
+            # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights into a blocked layout the first
+            # time a layer runs in eval mode, and asserts when a layer's rows are not a multiple of its block
+            # (the tiny presets' are not). Its plain CPU kernel serves every shape.
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    return model

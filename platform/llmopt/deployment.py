@@ -1,0 +1,58 @@
+"""Serve deployment options of the LLM application, from a run config: the one mapping the Serve app
+builder (`serve_apps.llm:app`) and the RayService renderer (`kuberay`) both use.
+
+Torch-free on purpose: the KubeRay tooling renders manifests on machines that have no torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmopt.config import RunConfig
+
+__all__ = ["INGRESS", "SERVER", "deployment_options"]
+
+SERVER = "LLMServer"
+INGRESS = "LLMIngress"
+
+
+def deployment_options(config: RunConfig) -> dict[str, dict[str, Any]]:
+    """Options of both deployments (`LLMServer`, `LLMIngress`), as `Deployment.options` and a Serve
+    config's `deployments` entries take them.
+
+    The model deployment gets its replicas (fixed or autoscaled), its queue bounds, its resolved batch
+    settings as `user_config` (applied by `LLMServer.reconfigure` without a restart) and its actor's CPUs
+    and GPUs; the ingress one replica with a sliver of CPU and room for every request the replicas can hold.
+
+    Args:
+        config: The run config (`serving` and `resources`).
+
+    Returns:
+        `{"LLMServer": {...}, "LLMIngress": {...}}`; plain data, safe to dump as YAML.
+    """
+    serving, res = config.serving, config.resources
+    batching, scaling = serving.batching, serving.autoscaling
+    # Serve's default max_ongoing_requests (5) would silently cap the batch size: size it from the batch.
+    ongoing = serving.max_ongoing_requests or 2 * batching.max_batch_size
+    actor: dict[str, Any] = {"num_cpus": res.cpus_per_worker}
+    if res.gpus:
+        actor["num_gpus"] = res.gpus
+    server: dict[str, Any] = {
+        "max_ongoing_requests": ongoing,
+        "max_queued_requests": serving.max_queued_requests,
+        "ray_actor_options": actor,
+        "user_config": {
+            "max_batch_size": batching.max_batch_size,
+            "batch_wait_timeout_s": batching.wait_timeout_s,  # resolved: never null
+        },
+        **scaling.serve_options(),
+    }
+    # The ingress only parses and relays: a sliver of CPU, and room for every request the model replicas can
+    # hold or queue, so overload surfaces as the replicas' bounded queue (HTTP 503 + Retry-After).
+    queued = max(serving.max_queued_requests, 0)
+    ingress = {
+        "num_replicas": 1,
+        "max_ongoing_requests": scaling.max_replicas * (ongoing + queued) + 16,
+        "ray_actor_options": {"num_cpus": 0.1},
+    }
+    return {SERVER: server, INGRESS: ingress}
