@@ -9,7 +9,7 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 # The console script and `ray` of the venv come first (tests run `llmopt`, later `ray start`).
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo test lint format clean test-k8s
+.PHONY: install demo test lint format clean test-k8s test-gpu
 
 install: $(STAMP)
 
@@ -38,6 +38,14 @@ test: lint
 test-k8s: install
 	@apiserver=$$(bash kuberay/k8s/build-apiserver.sh) && \
 	  LLMOPT_K8S=1 LLMOPT_KUBE_APISERVER="$$apiserver" $(BIN)/python -m pytest tests/k8s
+
+# The GPU tier (tests/gpu, marker `gpu`): fine-tuning, serving and the engine on one CUDA GPU, under 8 minutes.
+# Where pip reaches an index, torch==2.13.0 from it is the CUDA build. On a GPU host without one, bundle the
+# missing packages here and run the tier there (README, "On GPUs"): bash ../shared/gpu/run-gpu-tier.sh
+test-gpu: install
+	@$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else \
+	  'make test-gpu: torch ' + torch.__version__ + ' sees no CUDA GPU here; its tests would all be skipped')"
+	$(BIN)/python -m pytest -m gpu tests/gpu
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

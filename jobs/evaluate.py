@@ -29,19 +29,26 @@ def evaluate_on_ray(config: RunConfig, split: str | None = None) -> dict[str, An
 
     init_ray()
 
-    @ray.remote(num_cpus=config.resources.cpus_per_worker, num_gpus=config.resources.gpus_per_worker)
+    from llmopt.cluster import check_resources
+
+    check_resources(config, "training")
+
+    @ray.remote(num_cpus=config.resources.cpus_per_worker, num_gpus=config.resources.gpus)
     def _evaluate(config: RunConfig, split: str | None) -> dict[str, Any]:
         from transformers.utils import logging as hf_logging
 
+        from llmopt.devices import describe_device, ray_assigned_device
         from llmopt.evaluation import evaluate_config, set_torch_threads
 
         hf_logging.disable_progress_bar()
         threads = set_torch_threads(config.resources.cpus_per_worker)
-        result, seconds = evaluate_config(config, split)
+        device = ray_assigned_device(config.resources.accelerator)
+        result, seconds = evaluate_config(config, split, device=device)
         return {
             **result.to_dict(),
             "seconds": seconds,
             "torch_threads": threads,
+            "device": describe_device(device),
             "node": ray.util.get_node_ip_address(),
         }
 
@@ -61,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{config.model.name_or_path} on {config.data.dataset}/{split}: "
         f"exact match {result['exact_match']:.1%} "
         f"({result['num_correct']}/{result['num_examples']}), response loss {result['loss']:.4f}, "
-        f"{result['seconds']:.1f} s on {result['torch_threads']} thread(s)"
+        f"{result['seconds']:.1f} s on {result['device']} ({result['torch_threads']} thread(s))"
     )
     output = Path(args.output or f"outputs/eval/{config.name}.json")
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -486,6 +486,7 @@ def eval_command(
 ) -> None:
     """Exact match and response loss of the config's model on the held-out split (in this process)."""
     from llmopt.data import DatasetError
+    from llmopt.devices import DeviceError, local_device
     from llmopt.evaluation import evaluate_config, set_torch_threads
     from llmopt.models import ModelLoadError
 
@@ -493,7 +494,10 @@ def eval_command(
     _quiet_transformers()
     set_torch_threads(config.resources.cpus_per_worker)
     try:
-        result, seconds = evaluate_config(config, split)
+        device = local_device(config.resources.accelerator, config.resources.gpus)
+        result, seconds = evaluate_config(config, split, device=device)
+    except DeviceError as exc:
+        raise _fail(str(exc), 2) from None
     except (ModelLoadError, DatasetError) as exc:
         raise _fail(str(exc)) from None
     console.print(
@@ -674,7 +678,7 @@ def serve_command(
     import ray
     from ray import serve
 
-    from llmopt.cluster import init_ray
+    from llmopt.cluster import check_resources, init_ray
 
     if not joined:
         # Replicas import the app too; the workers of a local cluster inherit this environment. (A
@@ -682,6 +686,11 @@ def serve_command(
         paths = [str(app_dir.resolve()), os.environ.get("PYTHONPATH", "")]
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     init_ray(address, **({} if joined else {"include_dashboard": dashboard}))
+    try:  # replicas the cluster cannot place would leave Serve waiting for resources forever
+        check_resources(config, "serving")
+    except ConfigError as exc:
+        ray.shutdown()
+        raise _fail(str(exc), 2) from None
 
     def _interrupt(signum, frame):
         raise KeyboardInterrupt  # SIGTERM (docker stop, kill) stops the server as Ctrl-C does

@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
-__all__ = ["HAPROXY_PORT_ENV", "SERVE_THROUGHPUT_ENV", "init_ray", "use_serve_throughput_mode"]
+from llmopt.config import ConfigError, ConfigIssue, RunConfig
+
+__all__ = [
+    "HAPROXY_PORT_ENV",
+    "SERVE_THROUGHPUT_ENV",
+    "check_resources",
+    "gpus_have_bf16",
+    "init_ray",
+    "node_resources",
+    "resource_errors",
+    "use_serve_throughput_mode",
+]
 
 # Ray Serve's high-throughput mode (Ray 2.55 and later; older releases ignore the variables): HAProxy (C)
 # takes the Python HTTP proxy's place and forwards to the ingress replicas, which listen themselves ("direct
@@ -66,3 +78,131 @@ def use_serve_throughput_mode(joined: bool = False) -> dict[str, int]:
     # cluster's own HAProxy, which learns of the change within a tenth of a second.
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
     return {name: int(os.environ.get(name, default)) for name, default in HAPROXY_PORT_ENV.items()}
+
+
+# GPUs without native bf16 (compute capability below 8.0), as Ray names them in its `accelerator_type:<name>`
+# node resources. Newer GPUs (A100, A10G, L4, L40S, H100, H200, ...) have it.
+NO_BF16_GPUS = frozenset(
+    {"K80", "M60", "M40", "P4", "P40", "P100", "V100", "T4", "TITAN_V", "Quadro_RTX_6000"}
+)
+Role = Literal["training", "serving"]
+
+
+def node_resources() -> list[dict[str, float]]:
+    """The resources of every node the connected Ray cluster has or can add.
+
+    Alive nodes come from `ray.nodes()`. An autoscaling cluster (KubeRay's in-tree autoscaler, `ray up`)
+    can add node types that have no node yet (a GPU worker group at zero replicas): Ray publishes them
+    only through the autoscaler's cluster config, read here through Ray's state API (private, so any
+    failure to read it leaves the alive nodes alone).
+    """
+    import ray
+
+    nodes = [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+        groups = list(config.node_group_configs) if config is not None else []
+        nodes += [{k: float(v) for k, v in g.resources.items()} for g in groups if g.max_count != 0]
+    except Exception:  # another Ray version, or no autoscaler state: the alive nodes are the cluster
+        pass
+    return nodes
+
+
+def resource_errors(config: RunConfig, nodes: Sequence[Mapping[str, float]], role: Role) -> list[ConfigIssue]:
+    """What the cluster's nodes cannot give a training worker or serving replica of `config`, with fixes.
+
+    Checked before any worker starts: Ray would otherwise wait for resources that never come.
+
+    Args:
+        config: The run config (its `resources`, `precision` or `serving.precision`, `parallelism`).
+        nodes: Each alive node's resources, as `ray.nodes()` reports them (`CPU`, `GPU`,
+            `accelerator_type:<name>`, ...).
+        role: `training` (Ray Train workers) or `serving` (model replicas).
+
+    Returns:
+        The problems found; empty when every worker fits on some node.
+    """
+    res = config.resources
+    gpus = res.gpus
+    issues: list[ConfigIssue] = []
+    field = "resources.gpus_per_worker" if res.gpus_per_worker else "resources.accelerator"
+    asked = (
+        f"resources.gpus_per_worker={res.gpus_per_worker:g}" if res.gpus_per_worker else "accelerator='gpu'"
+    )
+    most_gpus = max((node.get("GPU", 0.0) for node in nodes), default=0.0)
+    if gpus > 0 and most_gpus == 0:
+        issues.append(
+            ConfigIssue(
+                field,
+                f"{asked} asks for GPUs, but the Ray cluster has none (nodes: {len(nodes)}); run on CPU with "
+                "resources.gpus_per_worker=0 (and accelerator=auto or cpu), or join a cluster with GPU nodes "
+                "(RAY_ADDRESS=..., or `ray start --num-gpus N` on them)",
+            )
+        )
+    elif gpus > most_gpus:
+        issues.append(
+            ConfigIssue(
+                field,
+                f"{asked}: each {'worker' if role == 'training' else 'replica'} needs {gpus:g} GPUs on one "
+                f"node, but the largest node has {most_gpus:g}; lower resources.gpus_per_worker to at most "
+                f"{most_gpus:g} (use more workers or replicas instead)",
+            )
+        )
+    most_cpus = max((node.get("CPU", 0.0) for node in nodes), default=0.0)
+    if res.cpus_per_worker > most_cpus:
+        issues.append(
+            ConfigIssue(
+                "resources.cpus_per_worker",
+                f"resources.cpus_per_worker={res.cpus_per_worker:g}, but the largest node has {most_cpus:g} "
+                f"CPUs; lower it to at most {most_cpus:g}",
+            )
+        )
+    if role == "training" and gpus and gpus % 1 and config.parallelism.num_workers > 1:
+        issues.append(
+            ConfigIssue(
+                "resources.gpus_per_worker",
+                f"resources.gpus_per_worker={gpus:g} with parallelism.num_workers="
+                f"{config.parallelism.num_workers}: nccl needs a GPU of its own per rank, and Ray would pack "
+                "ranks onto one GPU; use whole GPUs (gpus_per_worker=1)",
+            )
+        )
+    precision, precision_field = (
+        (config.precision, "precision")
+        if role == "training"
+        else (config.serving.precision, "serving.precision")
+    )
+    if gpus and precision == "bf16" and not gpus_have_bf16(nodes):
+        issues.append(
+            ConfigIssue(
+                precision_field,
+                f"{precision_field}='bf16' but the cluster's GPUs ({', '.join(sorted(_gpu_types(nodes)))}) "
+                f"have no bf16 units; use {precision_field}=fp16 (or auto, which picks fp32 there)",
+            )
+        )
+    return issues
+
+
+def _gpu_types(nodes: Sequence[Mapping[str, float]]) -> set[str]:
+    return {key.split(":", 1)[1] for node in nodes for key in node if key.startswith("accelerator_type:")}
+
+
+def gpus_have_bf16(nodes: Sequence[Mapping[str, float]]) -> bool:
+    """False when every GPU type Ray reports is one without bf16 units; True otherwise (unknown types too:
+    the worker checks its own GPU again)."""
+    types = _gpu_types(nodes)
+    return not types or not types <= NO_BF16_GPUS
+
+
+def check_resources(
+    config: RunConfig, role: Role, nodes: Sequence[Mapping[str, float]] | None = None
+) -> None:
+    """Raise a ConfigError when the connected cluster cannot run `config`'s workers (see `resource_errors`).
+
+    Raises:
+        ConfigError: naming each field and its fix.
+    """
+    issues = resource_errors(config, node_resources() if nodes is None else nodes, role)
+    if issues:
+        raise ConfigError(issues)

@@ -131,3 +131,17 @@ def test_finetune_then_runs_list_and_show(ray_cluster, tmp_path):
     assert invoke("runs", "show", "nope", "--output-dir", str(tmp_path)).exit_code == 1
     bad = invoke("finetune", "parallelism.tensor_parallel_size=2", "parallelism.num_workers=2")
     assert bad.exit_code == 2 and "does not split layers" in bad.output
+
+
+@pytest.mark.slow
+def test_gpu_configs_fail_before_any_worker_on_a_cpu_cluster(ray_cluster, tmp_path):
+    import torch
+
+    result = invoke("finetune", "resources.gpus_per_worker=1", f"output_dir={tmp_path}")
+    assert result.exit_code == 2, result.output
+    output = " ".join(result.output.split())  # rich wraps long lines
+    assert "resources.gpus_per_worker: resources.gpus_per_worker=1 asks for GPUs" in output
+    assert not list(tmp_path.iterdir())  # nothing started, no run directory
+    if not torch.cuda.is_available():
+        evaluated = invoke("eval", "resources.accelerator=gpu")
+        assert evaluated.exit_code == 2 and "sees no CUDA GPU" in " ".join(evaluated.output.split())

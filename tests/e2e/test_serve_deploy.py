@@ -337,3 +337,24 @@ def test_llmopt_serve_port_in_use_exits_2_before_ray(no_ray, monkeypatch):
         result = CliRunner().invoke(cli_app, ["serve", "--port", str(port), "--app-dir", str(REPO)])
     assert result.exit_code == 2, result.output
     assert f"127.0.0.1:{port}" in result.output and "--port" in result.output
+
+
+def test_llmopt_serve_refuses_gpu_replicas_on_a_cluster_without_gpus(head_node, serve_port):
+    """Before Serve starts anything: otherwise replicas would wait forever for a GPU no node has."""
+    for override, message in [
+        ("resources.gpus_per_worker=1", "asks for GPUs, but the Ray cluster has none"),
+        ("resources.cpus_per_worker=64", "resources.cpus_per_worker=64, but the largest node has"),
+    ]:
+        cmd = [
+            "serve",
+            "--address",
+            head_node.gcs,
+            "--config",
+            DEMO_CONFIG,
+            "--port",
+            str(serve_port),
+            override,
+        ]
+        done = _run(str(BIN / "llmopt"), *cmd, env=head_node.env)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert message in " ".join((done.stdout + done.stderr).split())  # rich wraps long lines

@@ -100,8 +100,10 @@ class QuantizationConfig(StrictModel):
     """Weight quantization of the base model for training (QLoRA through bitsandbytes)."""
 
     mode: Literal["none", "int8", "nf4"] = Field("none", description="Base-weight quantization.")
-    compute_dtype: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="Dtype of the de-quantized matmuls (fp32 on CPU)."
+    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Dtype of the de-quantized matmuls; `auto`: the training precision (bf16 on a GPU that "
+        "has it, fp32 on CPU).",
     )
     double_quant: bool = Field(True, description="Quantize the nf4 scales too (saves ~0.4 bit/param).")
 
@@ -334,9 +336,13 @@ class AutoscalingConfig(StrictModel):
 class ServingConfig(StrictModel):
     """Ray Serve application settings."""
 
-    precision: Precision = Field("auto", description="Dtype of served weights (`auto`: fp32 on CPU).")
+    precision: Precision = Field(
+        "auto", description="Dtype of served weights (`auto`: bf16 on a GPU that has it, else fp32)."
+    )
     quantization: Literal["none", "int8", "nf4"] = Field(
-        "none", description="int8: torch dynamic quantization on CPU / bitsandbytes on GPU; nf4: GPU only."
+        "none",
+        description="int8: torch dynamic quantization on CPU, bitsandbytes 8-bit on GPU; nf4: bitsandbytes "
+        "4-bit (its CPU backend on CPU).",
     )
     decode_kernel: Literal["auto", "native", "torch"] = Field(
         "auto",
@@ -401,7 +407,9 @@ class ResourcesConfig(StrictModel):
     """What each worker or replica may use."""
 
     accelerator: Literal["auto", "cpu", "gpu"] = Field(
-        "auto", description="`auto`: GPU when Ray sees one, else CPU."
+        "auto",
+        description="`auto`: GPUs when `gpus_per_worker` > 0, else CPU; `gpu`: at least one GPU per worker; "
+        "`cpu`: never a GPU.",
     )
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per training worker or serving replica.")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per training worker or serving replica.")
@@ -411,6 +419,14 @@ class ResourcesConfig(StrictModel):
     memory_budget_gb: float | None = Field(
         None, gt=0, description="Peak memory allowed per worker; the strategy search prunes above it."
     )
+
+    @property
+    def gpus(self) -> float:
+        """GPUs each worker or replica reserves: `gpus_per_worker`, or one when `accelerator='gpu'` leaves
+        it at 0 (a GPU run that names no count gets one GPU per worker)."""
+        if self.accelerator == "cpu":
+            return 0.0
+        return self.gpus_per_worker or (1.0 if self.accelerator == "gpu" else 0.0)
 
     @model_validator(mode="after")
     def _gpu_consistent(self) -> ResourcesConfig:

@@ -101,23 +101,24 @@ def finetune(config: RunConfig, run_dir: Path | None = None, progress: bool = Tr
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from llmopt.cluster import init_ray
+    from llmopt.cluster import check_resources, gpus_have_bf16, init_ray, node_resources
 
     problems = backend_errors(config)
     if problems:
         raise ConfigError([ConfigIssue("parallelism", p) for p in problems])
     init_ray()
+    # Before any worker starts: Ray would wait forever for GPUs or CPUs that no node has.
+    nodes = node_resources()
+    check_resources(config, "training", nodes)
+    par, res = config.parallelism, config.resources
+    use_gpu = res.gpus > 0
+    try:
+        precision = resolve_precision(config, use_gpu, gpus_have_bf16(nodes))
+    except PrecisionError as exc:
+        raise ConfigError([ConfigIssue("precision", str(exc))]) from None
     run_dir = Path(run_dir) if run_dir else new_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(config, run_dir / "config.yaml")
-    par, res = config.parallelism, config.resources
-    use_gpu = res.accelerator == "gpu" or (
-        res.accelerator == "auto" and ray.cluster_resources().get("GPU", 0) > 0 and res.gpus_per_worker > 0
-    )
-    try:
-        precision = resolve_precision(config, use_gpu)
-    except PrecisionError as exc:
-        raise ConfigError([ConfigIssue("precision", str(exc))]) from None
     (run_dir / "deepspeed.json").write_text(
         json.dumps(build_deepspeed_config(config, par.num_workers, precision), indent=2)
     )
@@ -130,7 +131,7 @@ def finetune(config: RunConfig, run_dir: Path | None = None, progress: bool = Tr
     sink = sink_actor.remote(str(run_dir / "metrics.jsonl"))
     resources = {"CPU": res.cpus_per_worker}
     if use_gpu:
-        resources["GPU"] = res.gpus_per_worker or 1
+        resources["GPU"] = res.gpus
     if res.memory_gb_per_worker:
         resources["memory"] = int(res.memory_gb_per_worker * 2**30)
     workers = (par.min_workers, par.num_workers) if par.min_workers else par.num_workers

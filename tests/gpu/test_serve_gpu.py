@@ -1,0 +1,80 @@
+"""Serving on one GPU: the replica loads onto the GPU Ray assigned it (bf16 where the GPU has it), with its
+LoRA adapter on the same device, answers OpenAI requests over Serve's HTTP proxy, and says so in its stats."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import urllib.request
+
+import pytest
+import torch
+
+OVERRIDES = [
+    "model.max_seq_len=128",
+    "serving.batching.max_batch_size=4",
+    "resources.cpus_per_worker=1",
+    "resources.gpus_per_worker=1",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.load(response)
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=60) as response:
+        return json.load(response)
+
+
+@pytest.fixture(scope="module")
+def gpu_server(gpu_ray_cluster, repo, tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+    from ray import serve
+
+    from llmopt.models import load_model
+
+    if str(repo) not in sys.path:
+        sys.path.insert(0, str(repo))
+    from serve_apps.llm import app
+
+    adapter = tmp_path_factory.mktemp("adapter")
+    torch.manual_seed(0)
+    model = get_peft_model(load_model("tiny-llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    model.save_pretrained(adapter)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(app({"overrides": [*OVERRIDES, f"serving.adapters.demo={adapter}"]}), name="llm-gpu")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+def test_the_replica_answers_openai_requests_on_the_gpu(gpu_server):
+    body = {"model": "tiny-llama", "prompt": "reverse: 123", "max_tokens": 8, "temperature": 0}
+    answer = _post(f"{gpu_server}/v1/completions", body)
+    assert answer["object"] == "text_completion" and answer["usage"]["completion_tokens"] >= 1
+    chat = _post(
+        f"{gpu_server}/v1/chat/completions",
+        {"model": "tiny-llama:demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+    )
+    assert chat["choices"][0]["message"]["role"] == "assistant"
+    stats = _get(f"{gpu_server}/api/v1/stats")
+    print(f"\nanswer: {answer['choices'][0]['text']!r}; stats: {json.dumps(stats)}")
+    assert stats["device"].startswith("cuda:0 (")
+    memory = stats["memory"]
+    assert memory["device"] == "cuda:0" and 0 < memory["allocated_bytes"] <= memory["total_bytes"]
+    assert stats["engine"]["decode_kernel"] == "torch"  # the native CPU kernels stay off on a GPU
+    assert stats["engine"]["decode_path"].startswith("transformers")
