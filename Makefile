@@ -9,7 +9,7 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 # The console script and `ray` of the venv come first (tests run `llmopt`, later `ray start`).
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo test lint format clean test-k8s test-gpu
+.PHONY: install demo test test-fast lint format clean test-k8s test-gpu
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ format: install
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The edit loop: lint and the unit tier (no Ray cluster, no server), about 2-3 minutes on 2 cores.
+test-fast: lint
+	$(BIN)/python -m pytest tests/unit -m "not slow"
 
 # The real API-server tier: kube-apiserver 1.20 built from Debian's source once (~7 CPU-minutes, cached in
 # ~/.cache/llmopt/k8s by its source checksum), etcd from Debian; tests/k8s is skipped by plain `make test`.

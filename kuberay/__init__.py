@@ -1,6 +1,6 @@
 """KubeRay: RayJob, RayService and RayCluster manifests from llmopt configs, a client, CRD validation.
 
-A top-level package beside `jobs` and `serve_apps` (DESIGN.md's layout): it depends on `llmopt.config`
+A top-level package beside `jobs` and `serve_apps` (docs/architecture.md): it depends on `llmopt.config`
 and the library never imports it (an import-linter contract). `llmopt kuberay ...` reaches
 `kuberay.cli` at run time, by import path, as `llmopt serve` reaches `serve_apps.llm:app`.
 

@@ -16,6 +16,7 @@ from llmopt.config import (
     ConfigError,
     backend_errors,
     dump_config,
+    format_bytes,
     get_template,
     load_config,
     rule_based_recommendation,
@@ -56,14 +57,6 @@ def _load(path: Path | None, overrides: list[str] | None):
         return load_config(path, overrides or [])
     except ConfigError as exc:
         raise _fail(str(exc), 2) from None
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def _split_args(args: list[str] | None) -> tuple[list[Path], list[str]]:
@@ -205,7 +198,7 @@ def models_info(
     if info.num_experts:
         table.add_row("experts (per token)", f"{info.num_experts} ({info.experts_per_token})")
     for dtype, size in info.weight_bytes.items():
-        table.add_row(f"weights at {dtype}", _human_bytes(size))
+        table.add_row(f"weights at {dtype}", format_bytes(size))
     console.print(table)
 
 
@@ -293,7 +286,6 @@ def _recommend_ranked(
         CostModel,
         Hardware,
         default_space_path,
-        format_bytes,
         load_calibration,
         load_space,
         model_shape,
@@ -824,8 +816,8 @@ def data_show(
 def _kuberay_cli():
     """The `kuberay.cli` module, imported at run time from the repository.
 
-    `kuberay/` is a top-level package beside `jobs/` and `serve_apps/` (DESIGN.md), built on llmopt;
-    the library never imports it (an import-linter contract), so, as `llmopt serve` resolves
+    `kuberay/` is a top-level package beside `jobs/` and `serve_apps/` (docs/architecture.md), built on
+    llmopt; the library never imports it (an import-linter contract), so, as `llmopt serve` resolves
     `serve_apps.llm:app`, this command finds it by name on `sys.path`, adding the working directory
     (the repository root) when the interpreter's path lacks it, as the console script's does.
     """

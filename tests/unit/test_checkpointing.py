@@ -217,3 +217,31 @@ def test_lora_gradients_flow_with_checkpointing():
     assert grads[0].keys() == grads[1].keys()
     for key, grad in grads[0].items():
         torch.testing.assert_close(grads[1][key], grad, rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_checkpoint_layer_choice_is_one_function_for_training_and_the_cost_model():
+    from llmopt.config import checkpoint_layers, load_config
+    from llmopt.tune import checkpointed_layers
+
+    per_layer, inputs = [400.0, 300.0, 200.0, 100.0], [10.0, 10.0, 10.0, 10.0]
+    gib = 2**30
+
+    def policy(*overrides):
+        return load_config(None, list(overrides)).checkpointing
+
+    assert checkpoint_layers(policy(), 4) == ([], True)
+    assert checkpoint_layers(policy("checkpointing.policy=uniform", "checkpointing.every_k_layers=2"), 4) == (
+        [0, 2],
+        True,
+    )
+    # A budget of 500 bytes: layer 0 (saves 390) leaves 610, layer 1 too (saves 290) 320.
+    budget = policy("checkpointing.policy=memory_budget", f"checkpointing.memory_budget_gb={500 / gib}")
+    assert checkpoint_layers(budget, 4, per_layer, inputs, 0.0) == ([0, 1], True)
+    tight = policy("checkpointing.policy=memory_budget", f"checkpointing.memory_budget_gb={30 / gib}")
+    assert checkpoint_layers(tight, 4, per_layer, inputs, 0.0) == ([0, 1, 2, 3], False)
+    config = load_config(
+        None, ["checkpointing.policy=memory_budget", f"checkpointing.memory_budget_gb={500 / gib}"]
+    )
+    assert checkpointed_layers(config, per_layer, inputs, 0.0) == [0, 1]
+    with pytest.raises(ValueError, match="per-layer byte figures for all 4 layers"):
+        checkpoint_layers(budget, 4, per_layer[:2], inputs[:2])

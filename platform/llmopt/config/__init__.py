@@ -1,15 +1,14 @@
 """One config schema for a whole llmopt run: YAML in and out, overrides, templates, rules."""
 
+from llmopt.config._errors import ConfigError, ConfigIssue, deep_merge
 from llmopt.config._loader import (
-    ConfigError,
-    ConfigIssue,
     apply_overrides,
-    deep_merge,
     dump_config,
     load_config,
     read_yaml,
     validate_config,
 )
+from llmopt.config._resolve import PrecisionError, checkpoint_layers, format_bytes, resolve_precision
 from llmopt.config._schema import (
     AutoscalingConfig,
     BatchingConfig,
@@ -48,6 +47,7 @@ __all__ = [
     "MoEConfig",
     "ModelConfig",
     "ParallelismConfig",
+    "PrecisionError",
     "QuantizationConfig",
     "Recommendation",
     "ResourcesConfig",
@@ -57,11 +57,14 @@ __all__ = [
     "TrainingConfig",
     "apply_overrides",
     "backend_errors",
+    "checkpoint_layers",
     "deep_merge",
     "dump_config",
+    "format_bytes",
     "get_template",
     "load_config",
     "read_yaml",
+    "resolve_precision",
     "rule_based_recommendation",
     "templates",
     "threads_for_cpus",

@@ -4,36 +4,15 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from llmopt.config._errors import ConfigError, ConfigIssue
 from llmopt.config._schema import RunConfig
-
-
-@dataclass(frozen=True)
-class ConfigIssue:
-    """One problem in a config: where it is, what is wrong, and (in the message) the fix."""
-
-    path: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}" if self.path else self.message
-
-
-class ConfigError(ValueError):
-    """A config could not be loaded or validated; `issues` lists every problem found."""
-
-    def __init__(self, issues: list[ConfigIssue], source: str | None = None):
-        self.issues = issues
-        self.source = source
-        where = f" in {source}" if source else ""
-        lines = "\n".join(f"  - {issue}" for issue in issues)
-        super().__init__(f"{len(issues)} config error(s){where}:\n{lines}")
+from llmopt.config._templates import resolve_template
 
 
 def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -111,17 +90,6 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
     return data
 
 
-def deep_merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge `overlay` onto `base` recursively (mappings merge, everything else replaces)."""
-    merged = dict(base)
-    for key, value in overlay.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, turning syntax errors into a ConfigError with the line."""
     path = Path(path)
@@ -144,8 +112,6 @@ def validate_config(data: Mapping[str, Any], source: str | None = None) -> RunCo
     Raises:
         ConfigError: listing every problem found.
     """
-    from llmopt.config._templates import resolve_template  # templates import this module
-
     data = resolve_template(dict(data), source)
     try:
         return RunConfig.model_validate(data)

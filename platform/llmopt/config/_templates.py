@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import yaml
 
-from llmopt.config._loader import ConfigError, ConfigIssue, deep_merge
+from llmopt.config._errors import ConfigError, ConfigIssue, deep_merge
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 

@@ -1,8 +1,9 @@
 """Fine-tuning on Ray Train with DeepSpeed workers: the worker loop, DeepSpeed config, checkpoints, runs."""
 
+from llmopt.config import PrecisionError, resolve_precision
 from llmopt.train._checkpointing import CheckpointingPlan, apply_checkpointing, plan_checkpointing
 from llmopt.train._collectives import all_reduce_values
-from llmopt.train._deepspeed import PrecisionError, build_deepspeed_config, resolve_precision
+from llmopt.train._deepspeed import build_deepspeed_config
 from llmopt.train._loop import lr_lambda, prepare, train_loop_per_worker
 from llmopt.train._metrics import expert_load_metrics, expert_token_counts, peak_memory_bytes
 from llmopt.train._reference import endless_batches

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llmopt.config import CheckpointingConfig
+from llmopt.config import CheckpointingConfig, checkpoint_layers
+from llmopt.config._resolve import GIB, saved_bytes
 
 __all__ = [
     "CheckpointingPlan",
@@ -24,8 +25,6 @@ __all__ = [
     "measure_layer_activations",
     "plan_checkpointing",
 ]
-
-_GIB = 1024**3
 
 
 @dataclass
@@ -178,11 +177,6 @@ def measure_layer_activations(
     return per_layer, inputs, outside
 
 
-def _predict(acts: list[int], inputs: list[int], outside: int, layers: list[int]) -> int:
-    chosen = set(layers)
-    return outside + sum(inputs[i] if i in chosen else a for i, a in enumerate(acts))
-
-
 def plan_checkpointing(
     model: nn.Module,
     config: CheckpointingConfig,
@@ -210,7 +204,7 @@ def plan_checkpointing(
     """
     n = len(decoder_layers(model))
     if config.policy != "memory_budget":
-        layers = list(range(0, n, config.every_k_layers)) if config.policy == "uniform" else []
+        layers, _ = checkpoint_layers(config, n)
         return CheckpointingPlan(policy=config.policy, layers=layers, num_layers=n)
     if sample_batch is None:
         raise ValueError("checkpointing.policy='memory_budget' needs a sample micro-batch to measure")
@@ -230,21 +224,16 @@ def plan_checkpointing(
         for layer in active:
             layer.gradient_checkpointing = True
         model.train(was_training)
-    budget = int(config.memory_budget_gb * _GIB)
-    fits = _predict(acts, inputs, outside, list(range(n))) <= budget
-    by_saving = sorted(range(n), key=lambda i: (inputs[i] - acts[i], i))  # largest saving first
-    layers: list[int] = [] if fits else list(range(n))
-    while fits and _predict(acts, inputs, outside, layers) > budget:  # ends by n layers, as they fit
-        layers = sorted([*layers, by_saving[len(layers)]])
+    layers, fits = checkpoint_layers(config, n, acts, inputs, outside)
     return CheckpointingPlan(
         policy=config.policy,
         layers=layers,
         num_layers=n,
         activation_bytes_per_layer=acts,
         input_bytes_per_layer=inputs,
-        predicted_activation_bytes=_predict(acts, inputs, outside, layers),
+        predicted_activation_bytes=int(saved_bytes(acts, inputs, outside, layers)),
         fits=fits,
-        budget_bytes=budget,
+        budget_bytes=int(config.memory_budget_gb * GIB),
     )
 
 

@@ -9,29 +9,6 @@ from typing import Any
 from llmopt.config import RunConfig, deep_merge
 
 
-class PrecisionError(ValueError):
-    """The requested precision cannot run on the chosen device."""
-
-
-def resolve_precision(config: RunConfig, use_gpu: bool, bf16_supported: bool = True) -> str:
-    """The training dtype actually used: `auto` is bf16 on a GPU that supports it, else fp32.
-
-    fp32 is the CPU default: bf16 speed on a CPU depends on its bf16 units (AVX512-BF16 CPUs ran LoRA steps
-    1.1-1.4x faster in bf16; CPUs without them many times slower), so the strategy search measures both.
-
-    Raises:
-        PrecisionError: fp16 on CPU (DeepSpeed refuses it) or bf16 on a GPU without support.
-    """
-    precision = config.precision
-    if precision == "auto":
-        return "bf16" if use_gpu and bf16_supported else "fp32"
-    if precision == "fp16" and not use_gpu:
-        raise PrecisionError("precision='fp16' on CPU: DeepSpeed refuses fp16 there; use precision=fp32")
-    if precision == "bf16" and use_gpu and not bf16_supported:
-        raise PrecisionError("precision='bf16' on a GPU without bf16 support; use precision=fp16 or fp32")
-    return precision
-
-
 def _load_user_config(raw: str | dict | None) -> dict[str, Any]:
     if raw is None:
         return {}

@@ -17,8 +17,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from llmopt.config import ConfigError, ConfigIssue, RunConfig, backend_errors, dump_config
-from llmopt.train._deepspeed import PrecisionError, build_deepspeed_config, resolve_precision
+from llmopt.config import (
+    ConfigError,
+    ConfigIssue,
+    PrecisionError,
+    RunConfig,
+    backend_errors,
+    dump_config,
+    resolve_precision,
+)
+from llmopt.train._deepspeed import build_deepspeed_config
 from llmopt.train._loop import train_loop_per_worker
 from llmopt.train._metrics import MetricsSink
 from llmopt.train._runs import plot_loss, read_metrics

@@ -9,6 +9,7 @@ search itself (Ray Tune, OptunaSearch + ASHA, each trial a short real fine-tune)
 baseline and writes best.yaml, trials.csv/json, pareto.png and summary.json.
 """
 
+from llmopt.config import format_bytes
 from llmopt.tune._calibrate import (
     DEFAULT_PROBES,
     Calibration,
@@ -19,7 +20,7 @@ from llmopt.tune._calibrate import (
     probe_config,
 )
 from llmopt.tune._cost import Coefficients, CostModel, Prediction, checkpointed_layers, resolve_precision_for
-from llmopt.tune._hardware import GIB, Hardware, format_bytes, parse_memory
+from llmopt.tune._hardware import GIB, Hardware, parse_memory
 from llmopt.tune._profile import Measurement, measure
 from llmopt.tune._rank import (
     COST_PATHS,
@@ -33,9 +34,8 @@ from llmopt.tune._rank import (
     recommend,
     space_candidates,
 )
-from llmopt.tune._report import pareto_front, plot_pareto, results_table, write_outputs
+from llmopt.tune._report import SearchResult, pareto_front, plot_pareto, results_table, write_outputs
 from llmopt.tune._search import (
-    SearchResult,
     SearchSettings,
     feasibility,
     run_search,

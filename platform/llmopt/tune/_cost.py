@@ -50,8 +50,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from llmopt.config import RunConfig, threads_for_cpus
-from llmopt.tune._hardware import GIB, Hardware, format_bytes
+from llmopt.config import RunConfig, checkpoint_layers, format_bytes, resolve_precision, threads_for_cpus
+from llmopt.tune._hardware import GIB, Hardware
 from llmopt.tune._shape import LoraCount, ModelShape
 from llmopt.tune._workload import Workload
 
@@ -190,38 +190,19 @@ class Prediction:
 
 
 def resolve_precision_for(config: RunConfig, hardware: Hardware) -> str:
-    """The dtype the training code will use (`llmopt.train.resolve_precision` on this hardware)."""
-    if config.precision == "auto":
-        return "bf16" if hardware.accelerator == "gpu" else "fp32"
-    return config.precision
+    """The dtype the training code will use on this hardware (`llmopt.config.resolve_precision`)."""
+    return resolve_precision(config, hardware.accelerator == "gpu", strict=False)
 
 
 def checkpointed_layers(
     config: RunConfig, per_layer: list[float], inputs: list[float], outside: float
 ) -> list[int]:
-    """Which layers `llmopt.train.plan_checkpointing` checkpoints, from (predicted) byte figures.
+    """Which layers training checkpoints, from (predicted) byte figures (`llmopt.config.checkpoint_layers`).
 
     `per_layer`, `inputs` and `outside` are the saved bytes of the memory-budget policy's measuring
-    forward (longest sequence x micro-batch, fp32), as `plan_checkpointing` measures them.
+    forward (longest sequence x micro-batch, fp32), as `llmopt.train.plan_checkpointing` measures them.
     """
-    ckpt, n = config.checkpointing, len(per_layer)
-    if ckpt.policy == "none":
-        return []
-    if ckpt.policy == "uniform":
-        return list(range(0, n, ckpt.every_k_layers))
-    budget = int((ckpt.memory_budget_gb or 0) * GIB)
-
-    def total(layers: list[int]) -> float:
-        chosen = set(layers)
-        return outside + sum(inputs[i] if i in chosen else a for i, a in enumerate(per_layer))
-
-    if total(list(range(n))) > budget:
-        return list(range(n))
-    by_saving = sorted(range(n), key=lambda i: (inputs[i] - per_layer[i], i))
-    layers: list[int] = []
-    while total(layers) > budget:
-        layers = sorted([*layers, by_saving[len(layers)]])
-    return layers
+    return checkpoint_layers(config.checkpointing, len(per_layer), per_layer, inputs, outside)[0]
 
 
 class CostModel:

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-GIB = 1024**3
+from llmopt.config import format_bytes
+from llmopt.config._resolve import GIB
 
 _UNITS = {
     "": GIB,  # a bare number is GiB, like the schema's *_gb fields
@@ -62,15 +63,6 @@ def parse_memory(text: str | float | int) -> int:
     if value <= 0:
         raise ValueError(f"memory size {text!r} must be positive")
     return int(value * _UNITS[unit])
-
-
-def format_bytes(n: float) -> str:
-    """Human-readable binary size (e.g. `1.5 GiB`)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def _cgroup_limit(paths: list[str]) -> int | None:

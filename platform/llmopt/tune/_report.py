@@ -5,14 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from llmopt.config import dump_config
-from llmopt.tune._hardware import format_bytes
-
-if TYPE_CHECKING:
-    from llmopt.tune._search import SearchResult
+from llmopt.config import RunConfig, dump_config, format_bytes
 
 COLUMNS = [
     "trial_id",
@@ -31,6 +28,42 @@ COLUMNS = [
     "predicted_tokens_per_s",
     "predicted_peak_bytes",
 ]
+
+
+@dataclass
+class SearchResult:
+    """What a search found.
+
+    Attributes:
+        rows: One record per trial (see `run_trial`), plus `trial_id`.
+        best: The best feasible trial's record (None when none was feasible).
+        best_config: Its strategy as a ready-to-run config (the base run's length and resources).
+        baseline: The rule-based template's record, measured in the same run.
+        counts: sampled / pruned / infeasible / ok / error / stopped, and the grid's pruning counts.
+        out_dir: Where the outputs were written.
+        experiment_path: Tune's experiment directory (`Tuner.restore` it with `--resume`).
+        seconds: Wall time of the search (baseline included).
+    """
+
+    rows: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    best_config: RunConfig | None
+    baseline: dict[str, Any] | None
+    counts: dict[str, int]
+    out_dir: Path
+    experiment_path: Path
+    settings: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    seeds: list[dict[str, Any]] = field(default_factory=list)
+    loss_ceiling: float | None = None
+    cost_model: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def speedup(self) -> float | None:
+        """Best tokens/s over the baseline's (None without both)."""
+        if not self.best or not self.baseline or not self.baseline.get("tokens_per_s"):
+            return None
+        return float(self.best["tokens_per_s"]) / float(self.baseline["tokens_per_s"])
 
 
 def _number(value: Any) -> float | None:

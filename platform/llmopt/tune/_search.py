@@ -29,10 +29,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from llmopt.config import ConfigError, ConfigIssue, RunConfig, validate_config
+from llmopt.config import ConfigError, ConfigIssue, RunConfig, format_bytes, validate_config
 from llmopt.tune._cost import CostModel
-from llmopt.tune._hardware import GIB, format_bytes
+from llmopt.tune._hardware import GIB
 from llmopt.tune._rank import COST_PATHS, baseline_config, describe, recommend
+from llmopt.tune._report import SearchResult, write_outputs
 from llmopt.tune._space import SearchSpace, space_facts
 from llmopt.tune._workload import Workload, workload_for
 
@@ -399,42 +400,6 @@ def _tune_trial(params: dict[str, Any], ctx: TrialContext) -> None:
 
 
 # --- the search -----------------------------------------------------------------------------------------
-@dataclass
-class SearchResult:
-    """What a search found.
-
-    Attributes:
-        rows: One record per trial (see `run_trial`), plus `trial_id`.
-        best: The best feasible trial's record (None when none was feasible).
-        best_config: Its strategy as a ready-to-run config (the base run's length and resources).
-        baseline: The rule-based template's record, measured in the same run.
-        counts: sampled / pruned / infeasible / ok / error / stopped, and the grid's pruning counts.
-        out_dir: Where the outputs were written.
-        experiment_path: Tune's experiment directory (`Tuner.restore` it with `--resume`).
-        seconds: Wall time of the search (baseline included).
-    """
-
-    rows: list[dict[str, Any]]
-    best: dict[str, Any] | None
-    best_config: RunConfig | None
-    baseline: dict[str, Any] | None
-    counts: dict[str, int]
-    out_dir: Path
-    experiment_path: Path
-    settings: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-    seeds: list[dict[str, Any]] = field(default_factory=list)
-    loss_ceiling: float | None = None
-    cost_model: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def speedup(self) -> float | None:
-        """Best tokens/s over the baseline's (None without both)."""
-        if not self.best or not self.baseline or not self.baseline.get("tokens_per_s"):
-            return None
-        return float(self.best["tokens_per_s"]) / float(self.baseline["tokens_per_s"])
-
-
 def _cost_model(
     base: RunConfig, calibrate: Literal["auto", "always", "never"], log: Callable[[str], None]
 ) -> tuple[CostModel, dict[str, Any]]:
@@ -586,7 +551,6 @@ def run_search(
     from ray.tune.search.optuna import OptunaSearch
 
     from llmopt.cluster import init_ray
-    from llmopt.tune._report import write_outputs
 
     settings.check()
     start = time.perf_counter()
