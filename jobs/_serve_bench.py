@@ -105,7 +105,7 @@ def _figure(value, target, applies, **detail) -> dict[str, Any]:
 
 
 def serve_figures(results, bandwidth, weights, plan: Plan, matmul=None) -> dict[str, Any]:
-    """The issue's three figures, each with its target and whether the run met it.
+    """The three headline serving figures, each with its target and whether the run met it.
 
     (a) compares batched output tokens/s with two unbatched baselines: batching off at concurrency 1 (the
     sequential baseline the target refers to, ``ratio``: pass/fail) and batching off at the same

@@ -27,7 +27,7 @@ tokens/s, time to first token and latency p50/p99, per-request decode tokens/s. 
 bandwidth with the replica's thread count (the batch-1 decode ceiling: weight bytes read per token against
 it), the time to first token of a follow-up turn after a 2,000-token history on the seed API (`X-Session-ID`,
 the whole conversation re-sent) with session reuse on and off, and the serving precisions (fp32 / int8 /
-bf16: engine decode tokens/s at batch 1 and 8, held-out loss), then prints the issue's three figures with
+bf16: engine decode tokens/s at batch 1 and 8, held-out loss), then prints its three headline figures with
 pass/fail; continuous batching is compared with batching off at concurrency 1 (the target) and at
 concurrency 32. Writes serve.json and serve.png; any failed case or request fails the run (files written
 first).
@@ -161,7 +161,7 @@ def _find(results, group, label):
 
 
 def train_figures(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """The figures the training issue asks for, from the measured cases (missing cases are skipped)."""
+    """The headline training figures, from the measured cases (missing cases are skipped)."""
     figures: dict[str, Any] = {}
     lora = _find(results, "method", "LoRA") or _find(results, "workers", "1 worker")
     if lora:

@@ -8,7 +8,7 @@ config and template, evaluates the untrained tiny model on the held-out split as
 fine-tunes it with LoRA on two Ray Train + DeepSpeed workers (jobs/configs/tiny-llama-reverse.yaml)
 and reports the held-out exact match before and after; finally it serves the base model with the new
 adapter on Ray Serve (serve_apps.llm) and asks both over HTTP, concurrently, for held-out answers, all on
-a local cluster started in-process. The strategy search joins this pipeline when it lands. A summary is
+a local cluster started in-process (the strategy search has its own job, `jobs.tune`). A summary is
 written to outputs/demo/summary.json; the run directory (adapter, metrics, loss curve) to runs/.
 """
 

@@ -1,4 +1,4 @@
-"""Ray Serve application builders (`serve run serve_apps.llm:app_builder config=...`)."""
+"""Ray Serve application builders (`serve run serve_apps.llm:app config=...`)."""
 
 import os
 
