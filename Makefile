@@ -22,13 +22,13 @@ demo: install
 	$(BIN)/python -m jobs.demo
 
 lint: install
-	$(BIN)/ruff check platform jobs serve_apps kuberay tests
-	$(BIN)/ruff format --check platform jobs serve_apps kuberay tests
+	$(BIN)/ruff check platform jobs benchmarks serve_apps kuberay tests
+	$(BIN)/ruff format --check platform jobs benchmarks serve_apps kuberay tests
 	$(BIN)/lint-imports
 
 format: install
-	$(BIN)/ruff format platform jobs serve_apps kuberay tests
-	$(BIN)/ruff check --fix platform jobs serve_apps kuberay tests
+	$(BIN)/ruff format platform jobs benchmarks serve_apps kuberay tests
+	$(BIN)/ruff check --fix platform jobs benchmarks serve_apps kuberay tests
 
 test: lint
 	$(BIN)/python -m pytest

@@ -38,7 +38,8 @@ def evaluate_on_ray(config: RunConfig, split: str | None = None) -> dict[str, An
         from transformers.utils import logging as hf_logging
 
         from llmopt.devices import describe_device, ray_assigned_device
-        from llmopt.evaluation import evaluate_config, set_torch_threads
+        from llmopt.evaluation import evaluate_config
+        from llmopt.runtime import set_torch_threads
 
         hf_logging.disable_progress_bar()
         threads = set_torch_threads(config.resources.cpus_per_worker)

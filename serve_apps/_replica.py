@@ -39,23 +39,6 @@ from serve_apps._metrics import ReplicaMetrics
 logger = logging.getLogger("ray.serve")
 
 
-def _load_adapters(model, adapters: dict[str, str], device: "torch.device"):
-    """Wrap ``model`` in a PeftModel holding every configured adapter (mixed batches need all), on the
-    replica's device (peft would otherwise pick the first device it infers)."""
-    from peft import PeftModel
-
-    from llmopt.serve import resolve_adapter
-
-    peft_model = None
-    for name, path in adapters.items():
-        folder = str(resolve_adapter(name, path))
-        if peft_model is None:
-            peft_model = PeftModel.from_pretrained(model, folder, adapter_name=name, torch_device=str(device))
-        else:
-            peft_model.load_adapter(folder, adapter_name=name, torch_device=str(device))
-    return peft_model.eval()
-
-
 def _done(item) -> bool:
     return isinstance(item, BaseException) or item.finished
 
@@ -91,9 +74,9 @@ class LLMServer:
 
     def __init__(self, config: dict[str, Any]):
         from llmopt.devices import ray_assigned_device
-        from llmopt.evaluation import set_torch_threads
         from llmopt.models import load_tokenizer
-        from llmopt.serve import load_serving_model
+        from llmopt.runtime import set_torch_threads
+        from llmopt.serve import load_adapters, load_serving_model
 
         self.config = RunConfig.model_validate(config)
         # Threads from this replica's CPU share: 1 thread per 0.5-1 CPU ran ~10x faster than oversubscribing.
@@ -105,7 +88,7 @@ class LLMServer:
         self.tokenizer = load_tokenizer(self.config.model)
         model = load_serving_model(self.config, self.device)
         if self.config.serving.adapters:
-            model = _load_adapters(model, self.config.serving.adapters, self.device)
+            model = load_adapters(model, self.config.serving.adapters, self.device)
         self.model = model
         kv = self.config.serving.kv_cache
         self.sessions = (

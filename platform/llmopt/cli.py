@@ -479,8 +479,9 @@ def eval_command(
     """Exact match and response loss of the config's model on the held-out split (in this process)."""
     from llmopt.data import DatasetError
     from llmopt.devices import DeviceError, local_device
-    from llmopt.evaluation import evaluate_config, set_torch_threads
+    from llmopt.evaluation import evaluate_config
     from llmopt.models import ModelLoadError
+    from llmopt.runtime import set_torch_threads
 
     config = _load(config_file, overrides)
     _quiet_transformers()

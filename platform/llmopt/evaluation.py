@@ -6,22 +6,11 @@ import time
 
 import torch
 
-from llmopt.config import RunConfig, threads_for_cpus
+from llmopt.config import RunConfig
 from llmopt.data import EvalResult, evaluate, load_rows
 from llmopt.models import load_model, load_tokenizer
 
-__all__ = ["evaluate_config", "set_torch_threads"]
-
-
-def set_torch_threads(cpus: float) -> int:
-    """Use `threads_for_cpus(cpus)` torch threads: one per CPU of this process's share, rounded.
-
-    Oversubscribing cores with several processes is far slower than one thread each (a decode step
-    ran ~10x faster with 1 thread per 0.5-CPU replica than with 2 on a 2-core machine).
-    """
-    threads = threads_for_cpus(cpus)
-    torch.set_num_threads(threads)
-    return threads
+__all__ = ["evaluate_config"]
 
 
 def evaluate_config(

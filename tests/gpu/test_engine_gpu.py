@@ -10,7 +10,7 @@ from llmopt.config import load_config
 from llmopt.data import load_rows, response_loss
 from llmopt.models import load_tokenizer
 from llmopt.serve import GenerationEngine, GenerationRequest, SamplingParams, load_serving_model
-from llmopt.serve._precision import ServingPrecisionError
+from llmopt.serve._loading import ServingPrecisionError
 
 GPU = torch.device("cuda", 0)
 TEMPLATE = "### Instruction:\n{prompt}\n### Response:\n"

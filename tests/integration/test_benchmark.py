@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from jobs._serve_bench import SERVE_PROXY
+from benchmarks.serve import SERVE_PROXY
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -41,7 +41,7 @@ def test_memorised_rows_score_one_and_loss_drops():
 
 def test_torch_threads_follow_the_cpu_share_rounded_to_whole_cpus():
     """A replica of 1.9 CPUs beside a 0.1-CPU ingress on a 2-core machine gets 2 threads; a fraction, 1."""
-    from llmopt.evaluation import set_torch_threads
+    from llmopt.runtime import set_torch_threads
 
     before = torch.get_num_threads()
     try:

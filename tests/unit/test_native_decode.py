@@ -11,7 +11,8 @@ import torch
 from llmopt.config import load_config
 from llmopt.models import load_model, load_tokenizer
 from llmopt.serve import GenerationEngine, GenerationRequest, SamplingParams, load_serving_model
-from llmopt.serve._native import (
+from llmopt.serve._loading import ServingPrecisionError
+from llmopt.serve.native._kernels import (
     GEMM_ROWS,
     HUGE_PAGE,
     DecodeLinear,
@@ -22,7 +23,6 @@ from llmopt.serve._native import (
     load_kernels,
     use_native_decode,
 )
-from llmopt.serve._precision import ServingPrecisionError
 
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 BUILDABLE = platform.machine().lower() in ("x86_64", "amd64") and _compiler() is not None

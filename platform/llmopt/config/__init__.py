@@ -25,7 +25,6 @@ from llmopt.config._schema import (
     ServingConfig,
     TrainingConfig,
     backend_errors,
-    threads_for_cpus,
 )
 from llmopt.config._templates import (
     Recommendation,
@@ -67,6 +66,5 @@ __all__ = [
     "resolve_precision",
     "rule_based_recommendation",
     "templates",
-    "threads_for_cpus",
     "validate_config",
 ]

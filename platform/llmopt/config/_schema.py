@@ -397,12 +397,6 @@ class ServingConfig(StrictModel):
         return self
 
 
-def threads_for_cpus(cpus: float) -> int:
-    """Threads for a worker or replica of `cpus` CPUs: one per CPU, rounded to whole CPUs, at least one (a
-    replica of 1.9 CPUs next to a 0.1-CPU ingress on a 2-core machine gets 2, a fraction of a CPU 1)."""
-    return max(1, round(cpus))
-
-
 class ResourcesConfig(StrictModel):
     """What each worker or replica may use."""
 

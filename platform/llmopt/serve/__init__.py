@@ -1,11 +1,20 @@
-"""Serving: an iteration-level batching engine, the per-session KV-cache manager, quantized loading.
+"""Serving: the iteration-level batching engine, session KV caches, model and adapter loading, the wire
+protocol and API keys; `llmopt.serve.native` holds the optional CPU decode kernels.
 
 Testable without Ray; the Ray Serve application (serve_apps/) builds on these. This package never
 imports llmopt.train or llmopt.tune.
 """
 
+from llmopt.serve._auth import load_api_keys, owner_of
 from llmopt.serve._engine import GenerationEngine, GenerationRequest, SamplingParams, StepOutput
-from llmopt.serve._http import (
+from llmopt.serve._loading import (
+    ServingPrecisionError,
+    load_adapters,
+    load_serving_model,
+    resolve_adapter,
+    serving_dtype,
+)
+from llmopt.serve._protocol import (
     BatchGenerateRequest,
     ChatCompletionRequest,
     ChatMessage,
@@ -13,13 +22,9 @@ from llmopt.serve._http import (
     GenerateRequest,
     ServingSetupError,
     error_body,
-    load_api_keys,
-    owner_of,
-    resolve_adapter,
     stream_interval,
 )
-from llmopt.serve._kv_cache import CacheStats, SessionCacheManager, SessionEntry, cache_nbytes, crop_cache
-from llmopt.serve._precision import ServingPrecisionError, load_serving_model, serving_dtype
+from llmopt.serve._sessions import CacheStats, SessionCacheManager, SessionEntry, cache_nbytes, crop_cache
 
 __all__ = [
     "BatchGenerateRequest",
@@ -39,6 +44,7 @@ __all__ = [
     "cache_nbytes",
     "crop_cache",
     "error_body",
+    "load_adapters",
     "load_api_keys",
     "load_serving_model",
     "owner_of",

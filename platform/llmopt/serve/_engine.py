@@ -30,8 +30,8 @@ from tokenizers.decoders import DecodeStream
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from llmopt.serve._fast_decode import LlamaDecodeStep, unsupported_reason
-from llmopt.serve._kv_cache import crop_cache
+from llmopt.serve._sessions import crop_cache
+from llmopt.serve.native import LlamaDecodeStep, unsupported_reason
 
 
 @dataclass

@@ -24,8 +24,8 @@ from torch.utils.data.distributed import DistributedSampler
 from llmopt.config import RunConfig, resolve_precision
 from llmopt.data import encode_example, evaluate, load_rows, pack_examples, pad_batch
 from llmopt.devices import bf16_supported, describe_device
-from llmopt.evaluation import set_torch_threads
 from llmopt.models import apply_strategy, load_for_training, load_tokenizer
+from llmopt.runtime import set_torch_threads
 from llmopt.train._checkpointing import apply_checkpointing, plan_checkpointing
 from llmopt.train._collectives import all_reduce_values
 from llmopt.train._deepspeed import build_deepspeed_config

@@ -16,7 +16,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from llmopt.config import RunConfig
 from llmopt.data import pad_batch
-from llmopt.evaluation import set_torch_threads
+from llmopt.runtime import set_torch_threads
 from llmopt.train._loop import lr_lambda, prepare
 from llmopt.train._metrics import current_rss_bytes, peak_memory_bytes
 

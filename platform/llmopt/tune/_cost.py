@@ -50,7 +50,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from llmopt.config import RunConfig, checkpoint_layers, format_bytes, resolve_precision, threads_for_cpus
+from llmopt.config import RunConfig, checkpoint_layers, format_bytes, resolve_precision
+from llmopt.runtime import threads_for_cpus
 from llmopt.tune._hardware import GIB, Hardware
 from llmopt.tune._shape import LoraCount, ModelShape
 from llmopt.tune._workload import Workload

@@ -154,7 +154,7 @@ def measure(
     from torch.utils.data.distributed import DistributedSampler
 
     from llmopt.data import pad_batch
-    from llmopt.evaluation import set_torch_threads
+    from llmopt.runtime import set_torch_threads
     from llmopt.train import build_deepspeed_config, endless_batches, prepare, resolve_precision
     from llmopt.train._metrics import current_rss_bytes
 

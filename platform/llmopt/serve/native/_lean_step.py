@@ -6,7 +6,7 @@ per token, builds masks and position embeddings, and calls each projection throu
 torch's SDPA alone took 60-90 us per layer inside the loop (17 us on warm data). This step computes the
 same thing with the same weights and cache: the same operations in the same order (RMSNorm, rotary
 embedding, SiLU MLP), attention in the native single-query kernel. Logits match transformers' to 1e-5
-(tests/unit/test_fast_decode.py). A lone row runs each layer as two native calls around the cache update
+(tests/unit/test_lean_step.py). A lone row runs each layer as two native calls around the cache update
 and the attention kernel (`llmopt_layer_qkv`, `llmopt_layer_out` in `_gemv.c`): written as ~25 torch
 operations per layer, its Python had still taken 2.4-2.8 ms per token on the ~100M preset. Measured in one
 process, alternating (engine, 1 thread): tiny-llama 485-671 -> 757-970 tokens/s, the ~100M preset 33-41 ->
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, LlamaForCausalLM
 
-from llmopt.serve._native import (
+from llmopt.serve.native._kernels import (
     GEMM_ROWS,
     DecodeLinear,
     apply_rope,

@@ -9,8 +9,8 @@ import torch
 from llmopt.config import load_config
 from llmopt.models import load_tokenizer
 from llmopt.serve import GenerationEngine, GenerationRequest, SamplingParams, load_serving_model
-from llmopt.serve._fast_decode import LlamaDecodeStep
-from llmopt.serve._native import GEMM_ROWS
+from llmopt.serve.native._kernels import GEMM_ROWS
+from llmopt.serve.native._lean_step import LlamaDecodeStep
 from tests.unit.test_native_decode import needs_kernel
 
 pytestmark = needs_kernel
@@ -323,7 +323,7 @@ def test_results_do_not_depend_on_the_kernels_thread_count(native, tok, torch_th
     bit, and so do an engine's logits where only the native kernels compute (native prefills of 24-60
     tokens, then whole native steps of 26 rows, greedy and sampled). torch's own products (MKL) can round
     differently with another thread count, so paths through them are compared elsewhere, to 1e-5."""
-    from llmopt.serve._native import gemm_scratch_floats, load_kernels
+    from llmopt.serve.native._kernels import gemm_scratch_floats, load_kernels
 
     kernels, _ = load_kernels()
     gen = torch.Generator().manual_seed(5)

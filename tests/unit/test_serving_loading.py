@@ -7,7 +7,7 @@ from llmopt.config import load_config
 from llmopt.data import load_rows, response_loss
 from llmopt.models import load_tokenizer
 from llmopt.serve import GenerationEngine, GenerationRequest, SamplingParams, load_serving_model
-from llmopt.serve._precision import ServingPrecisionError, serving_dtype
+from llmopt.serve._loading import ServingPrecisionError, serving_dtype
 
 TEMPLATE = "### Instruction:\n{prompt}\n### Response:\n"
 

@@ -1,24 +1,25 @@
-"""Load a model for serving at the configured precision and quantization.
+"""Load a model, and its LoRA adapters, for serving at the configured precision and quantization.
 
 `serving.quantization=int8` uses torch dynamic quantization on CPU (int8 weights, activations quantized
 per batch at run time) and bitsandbytes 8-bit on GPU; `nf4` uses bitsandbytes 4-bit (its CPU backend on
-CPU). `serving.precision`
-picks the dtype of everything that is not quantized (`auto`: bf16 on a GPU that has it, else fp32 —
-these CPUs have no fast bf16 units). `serving.decode_kernel` picks the kernel of batch-1 decoding for fp32
-on CPU (see `llmopt.serve._native`).
+CPU). `serving.precision` picks the dtype of everything that is not quantized (`auto`: bf16 on a GPU that
+has it, else fp32). `serving.decode_kernel` picks the decode kernels of fp32 models on CPU (see
+`llmopt.serve.native`). Adapters come from fine-tuning run directories or peft adapter folders.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 
 import torch
 
 from llmopt.config import RunConfig
 from llmopt.devices import bf16_supported, describe_device
 from llmopt.models import load_model
-from llmopt.serve._native import use_native_decode
+from llmopt.serve._protocol import ServingSetupError
+from llmopt.serve.native import use_native_decode
 
 log = logging.getLogger(__name__)
 
@@ -134,3 +135,46 @@ def _load(config: RunConfig, dtype: str, device: str | torch.device, on_gpu: boo
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
     return model
+
+
+def resolve_adapter(name: str, path: str) -> Path:
+    """The directory holding ``adapter_config.json`` for a configured adapter.
+
+    Accepts a fine-tuning run directory (its ``adapter/`` subfolder, as ``llmopt finetune`` writes it) or
+    an adapter directory saved with peft's ``save_pretrained``.
+
+    Raises:
+        ServingSetupError: If neither holds an adapter (e.g. a full fine-tune run, which has no adapter).
+    """
+    root = Path(path).expanduser()
+    for candidate in (root / "adapter", root):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    raise ServingSetupError(
+        f"serving.adapters.{name}={path!r} holds no LoRA adapter (no adapter_config.json in it or in its "
+        "adapter/ folder); point it at a LoRA fine-tuning run directory or a peft adapter folder"
+    )
+
+
+def load_adapters(model, adapters: dict[str, str], device: torch.device | str):
+    """Wrap `model` in a PeftModel holding every configured adapter (mixed batches need them all in one
+    model), on `device` (peft would otherwise pick the first device it infers).
+
+    Args:
+        model: The loaded base model.
+        adapters: `serving.adapters`: name -> run directory or adapter folder.
+        device: The replica's device.
+
+    Raises:
+        ServingSetupError: A path that holds no LoRA adapter.
+    """
+    from peft import PeftModel
+
+    peft_model = None
+    for name, path in adapters.items():
+        folder = str(resolve_adapter(name, path))
+        if peft_model is None:
+            peft_model = PeftModel.from_pretrained(model, folder, adapter_name=name, torch_device=str(device))
+        else:
+            peft_model.load_adapter(folder, adapter_name=name, torch_device=str(device))
+    return peft_model.eval()

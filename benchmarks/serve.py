@@ -1,13 +1,13 @@
 """The `serve` benchmark: drive serve_apps.llm on loopback with a bounded load generator.
 
 Every case deploys the application afresh (one replica, fp32 on CPU) with its own config overrides, warms
-it up, then measures it with the client in ``jobs/_serve_load.py``: load points of streamed
+it up, then measures it with the client in ``benchmarks/_load.py``: load points of streamed
 ``/v1/completions`` requests with at most C in flight (prompts of an exact token count, fixed output length
 through ``ignore_eos``, temperature 0), or two-turn sessions on the seed API. Per point: requests/s and
 output tokens/s over the point's wall time, TTFT and latency p50/p99, each request's decode rate, and the
 replica's mean batch size (``/api/v1/stats``).
 
-Outside the server (in Ray tasks, ``jobs/_precision_bench.py``): the machine's memory bandwidth with the
+Outside the server (in Ray tasks, ``benchmarks/_precision.py``): the machine's memory bandwidth with the
 replica's thread count (the ceiling of batch-1 decoding, which reads every weight once per token), the
 time of the tiny preset's matrix products alone at the top concurrency (the ceiling of batched throughput)
 and the serving precisions (fp32 / int8 / bf16: engine decode tokens/s at batch 1 and 8, held-out loss).
@@ -24,8 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from jobs._precision_bench import HUGE_PAGE_RATES
-from jobs._serve_load import (
+from benchmarks._load import (
     BASE,
     TINY,
     Plan,
@@ -35,6 +34,7 @@ from jobs._serve_load import (
     make_plan,
     run_case,
 )
+from benchmarks._precision import HUGE_PAGE_RATES
 
 TARGETS = {"batching_speedup": 6.0, "bandwidth_fraction": 0.7, "session_ttft_speedup": 8.0}
 REPO = Path(__file__).resolve().parent.parent
@@ -188,7 +188,7 @@ def plot_serve(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from jobs._precision_bench import plot_precision
+    from benchmarks._precision import plot_precision
 
     loads = [r for r in report["cases"] if r["kind"] == "load" and r["points"]]
     fig = plt.figure(figsize=(16, 12.5))
@@ -342,14 +342,15 @@ def run_serve(args: argparse.Namespace) -> dict[str, Any]:
     from ray import serve
     from rich.console import Console
 
-    from jobs._precision_bench import (
+    from benchmarks._precision import (
         measure_bandwidth,
         measure_matmul_ceiling,
         precision_cases,
         weight_bytes_per_token,
     )
-    from llmopt.config import load_config, threads_for_cpus
+    from llmopt.config import load_config
     from llmopt.models import build_preset, load_tokenizer
+    from llmopt.runtime import threads_for_cpus
 
     console = Console(width=None if sys.stdout.isatty() else 160)  # logs keep whole table rows
     log = lambda msg: console.print(msg, highlight=False)  # noqa: E731
@@ -441,7 +442,7 @@ def print_report(report: dict[str, Any], console) -> None:
     """Load points as a table, then sessions, bandwidth, the precision table and the figures."""
     from rich.table import Table
 
-    from jobs._precision_bench import precision_table
+    from benchmarks._precision import precision_table
 
     console.print(f"HTTP path: {report['transport']}", highlight=False)
     table = Table(

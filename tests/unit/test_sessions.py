@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llmopt.serve._kv_cache import CacheStats, SessionCacheManager, cache_nbytes
+from llmopt.serve._sessions import CacheStats, SessionCacheManager, cache_nbytes
 
 
 class FakeClock:

@@ -7,7 +7,7 @@ in `_gemv.c` (one sequential pass per row, four vector accumulators) reached 23-
 decoding of the ~100M preset about 1.7x faster. We deliberately hand-write these kernels: neither torch
 (MKL/oneDNN) nor a pinned library offers a single-row GEMV that streams at the machine's bandwidth, and
 torch.compile's CPU backend calls the same MKL routine for it. `_gemv.c` also holds single-query attention
-over a KV cache, for the engine's lean Llama step (`_fast_decode.py`).
+over a KV cache, for the engine's lean Llama step (`_lean_step.py`).
 
 For continuous batching it holds a few-row product (MKL packs the whole weight matrix at every call, a cost
 that does not shrink with the rows; `GEMM_ROWS`), RMSNorm, RoPE + cache write + attention and SiLU kernels

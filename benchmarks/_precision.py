@@ -50,7 +50,7 @@ def measure_bandwidth(threads: int, megabytes: int, repeats: int = 5) -> dict[st
     """
     import torch
 
-    from llmopt.serve._native import (
+    from llmopt.serve.native._kernels import (
         huge_page_empty,
         huge_pages_available,
         load_kernels,
@@ -111,8 +111,8 @@ def measure_matmul_ceiling(
     import torch
 
     from llmopt.models import load_model
-    from llmopt.serve._fast_decode import LlamaDecodeStep, unsupported_reason
-    from llmopt.serve._native import use_native_decode
+    from llmopt.serve.native._kernels import use_native_decode
+    from llmopt.serve.native._lean_step import LlamaDecodeStep, unsupported_reason
 
     torch.set_num_threads(threads)
     model = load_model(preset).eval()

@@ -1,14 +1,11 @@
-"""HTTP request bodies, OpenAI-style error bodies, API keys and LoRA adapter paths of the serving app.
+"""The serving app's wire protocol: HTTP request bodies, OpenAI-style error bodies, stream pacing.
 
-Plain pydantic and filesystem code (no Ray), so the Serve application in ``serve_apps/`` stays thin and these
-rules are unit-testable.
+Plain pydantic (no Ray, no torch), so the Serve application in ``serve_apps/`` stays thin and these rules are
+unit-testable.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,9 +18,7 @@ __all__ = [
     "GenerateRequest",
     "ServingSetupError",
     "error_body",
-    "load_api_keys",
-    "owner_of",
-    "resolve_adapter",
+    "stream_interval",
 ]
 
 
@@ -123,66 +118,6 @@ def error_body(
         503: "server_overloaded",
     }.get(status, "invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def load_api_keys(env_var: str | None, path: str | None) -> frozenset[str] | None:
-    """The accepted API keys: comma- or line-separated, from an environment variable and/or a secret file.
-
-    Returns:
-        ``None`` when neither source is configured (auth off); otherwise the non-empty set of keys.
-
-    Raises:
-        ServingSetupError: If a configured source is missing or holds no key (refusing to start beats
-            silently serving without auth).
-    """
-    if not env_var and not path:
-        return None
-    keys: set[str] = set()
-    if env_var:
-        value = os.environ.get(env_var)
-        if value is None:
-            raise ServingSetupError(
-                f"serving.api_keys_env={env_var!r} but that environment variable is not set in the replica; "
-                "set it (e.g. from a Kubernetes Secret) or unset serving.api_keys_env to turn auth off"
-            )
-        keys.update(k.strip() for k in value.replace("\n", ",").split(","))
-    if path:
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise ServingSetupError(
-                f"serving.api_keys_file={path!r} does not exist; mount the secret there or unset the field"
-            )
-        keys.update(k.strip() for k in file.read_text().replace("\n", ",").split(","))
-    keys.discard("")
-    if not keys:
-        raise ServingSetupError("the configured API-key source holds no key; add at least one key")
-    return frozenset(keys)
-
-
-def owner_of(api_key: str | None) -> str:
-    """The cache owner of a caller: a digest of its API key (keys never leave the ingress in clear)."""
-    if api_key is None:
-        return "anonymous"
-    return hashlib.sha256(api_key.encode()).hexdigest()[:32]
-
-
-def resolve_adapter(name: str, path: str) -> Path:
-    """The directory holding ``adapter_config.json`` for a configured adapter.
-
-    Accepts a fine-tuning run directory (its ``adapter/`` subfolder, as ``llmopt finetune`` writes it) or
-    an adapter directory saved with peft's ``save_pretrained``.
-
-    Raises:
-        ServingSetupError: If neither holds an adapter (e.g. a full fine-tune run, which has no adapter).
-    """
-    root = Path(path).expanduser()
-    for candidate in (root / "adapter", root):
-        if (candidate / "adapter_config.json").is_file():
-            return candidate
-    raise ServingSetupError(
-        f"serving.adapters.{name}={path!r} holds no LoRA adapter (no adapter_config.json in it or in its "
-        "adapter/ folder); point it at a LoRA fine-tuning run directory or a peft adapter folder"
-    )
 
 
 def stream_interval(min_interval_s: float, events_per_s: float, streams: int) -> float:
