@@ -1,36 +1,46 @@
-"""The command-line shape every job shares: `--config FILE` plus `a.b=value` overrides."""
+"""Job entry points run the `llmopt` command of the same name: one declaration of each option, one check.
+
+`python -m jobs.finetune ARGS` is `llmopt finetune ARGS`, and so on; the jobs exist because `ray job submit`
+users (and clusters without the console script on PATH) run modules.
+"""
 
 from __future__ import annotations
 
-import argparse
 import sys
+from typing import Any
 
-from llmopt.config import ConfigError, RunConfig, load_config
 
-
-def parse_job_args(
-    description: str, argv: list[str] | None = None, **extra: dict
-) -> tuple[RunConfig, argparse.Namespace]:
-    """Parse `--config FILE [a.b=value ...]` plus job-specific options and load the config.
+def run_command(name: str, argv: list[str] | None, prog: str, *extra: str) -> Any:
+    """Run `llmopt <name> [extra] argv` and return what the command returns.
 
     Args:
-        description: The job's help text.
-        argv: Arguments (default: sys.argv[1:]).
-        **extra: Extra options, name -> `add_argument` keyword arguments.
+        name: The `llmopt` command.
+        argv: Its arguments (default: sys.argv[1:]).
+        prog: How usage and errors name the program (e.g. `python -m jobs.finetune`).
+        *extra: Arguments put before `argv` (e.g. `--ray`).
 
-    Returns:
-        The validated config and the parsed namespace. A config error exits with status 2 after
-        printing every problem.
+    Raises:
+        SystemExit: With the command's exit status when it fails (2 for a bad config or option, as the
+            command line exits).
     """
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", "-c", default=None, help="Run config YAML (defaults when omitted).")
-    parser.add_argument("overrides", nargs="*", help="Config overrides a.b=value (values parsed as YAML).")
-    for name, options in extra.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, **options)
-    args = parser.parse_args(argv)
+    import click
+    import typer
+
+    from llmopt.cli import app
+
+    command = typer.main.get_command(app).commands[name]  # type: ignore[attr-defined]
+    args = [*extra, *(sys.argv[1:] if argv is None else argv)]
     try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return config, args
+        result = command.main(args=args, prog_name=prog, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        if exc.exit_code:
+            raise SystemExit(exc.exit_code) from None
+        return None
+    except click.ClickException as exc:
+        exc.show()
+        raise SystemExit(exc.exit_code) from None
+    except click.exceptions.Abort:
+        raise SystemExit(1) from None
+    if isinstance(result, int) and not isinstance(result, bool) and result:
+        raise SystemExit(result)  # click returns a typer.Exit's status when standalone_mode is off
+    return result

@@ -21,8 +21,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from jobs.evaluate import evaluate_on_ray
 from llmopt.config import ConfigError, load_config, templates, validate_config
+from llmopt.evaluation import evaluate_on_ray
 from llmopt.models import PRESETS, build_preset, model_info
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,7 +11,8 @@ import time
 import pytest
 from ray import serve
 
-from serve_apps._replica import LLMServer
+from llmopt.serve import GenerationRequest, SamplingParams
+from serve_apps._server import LLMServer
 
 pytestmark = [pytest.mark.integration]
 
@@ -54,13 +55,13 @@ def handle(ray_cluster, repo):
         serve.shutdown()
 
 
-def _payload(rid: str, prompt_ids: list[int], max_tokens: int) -> dict:
-    params = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
-    return {"request_id": rid, "prompt_ids": prompt_ids, "params": params, "adapter": None, "session": None}
+def _payload(rid: str, prompt_ids: list[int], max_tokens: int) -> GenerationRequest:
+    """The typed request the ingress sends a replica over the deployment handle."""
+    return GenerationRequest(rid, prompt_ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
 
 
-def _tokens(handle, payload) -> list[int]:
-    return [t for item in handle.options(stream=True).generate.remote(payload) for t in item["token_ids"]]
+def _tokens(handle, request) -> list[int]:
+    return [t for chunk in handle.options(stream=True).generate.remote(request) for t in chunk.token_ids]
 
 
 def _reference(prompt_ids: list[int], max_tokens: int) -> list[int]:
@@ -87,7 +88,7 @@ def test_engine_thread_streams_frees_slots_and_survives_a_broken_step(handle):
     streams = [
         handle.options(stream=True).generate.remote(_payload(f"a{i}", p, 6)) for i, p in enumerate(prompts)
     ]
-    got = [[t for item in stream for t in item["token_ids"]] for stream in streams]
+    got = [[t for item in stream for t in item.token_ids] for stream in streams]
     assert got == [_reference(p, 6) for p in prompts]
 
     # A caller that leaves after its first chunk frees its batch slot at the engine's next step.
@@ -122,4 +123,4 @@ def test_a_finished_request_is_not_held_back_by_the_stream_interval(handle):
     finally:
         handle.set_stream_interval.remote(0.05).result()
     assert len(got) == 2  # the first token at once, then everything else in one chunk when it finished
-    assert [t for item in got for t in item["token_ids"]] == _reference(prompt, 6)
+    assert [t for item in got for t in item.token_ids] == _reference(prompt, 6)

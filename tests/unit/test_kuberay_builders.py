@@ -1,6 +1,9 @@
 """KubeRay manifests from run configs: sizing, secure defaults, the Serve config, the examples, the CLI."""
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -344,6 +347,13 @@ def test_llmopt_kuberay_forwards_to_the_kuberay_cli(tmp_path):
     assert yaml.safe_load(result.stdout)["spec"]["workerGroupSpecs"][0]["maxReplicas"] == 3
     result = CliRunner().invoke(app, ["kuberay", "--help"])
     assert result.exit_code == 0 and "render" in result.output and "apply" in result.output
+    # The installed command finds kuberay through its entry point, from any directory.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    exe = Path(sys.executable).parent / "llmopt"
+    done = subprocess.run(
+        [str(exe), "kuberay", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "render" in done.stdout, done.stdout + done.stderr
 
 
 def test_public_api_is_listed():

@@ -21,6 +21,8 @@ from llmopt.serve._protocol import (
     CompletionRequest,
     GenerateRequest,
     ServingSetupError,
+    SessionKey,
+    TokenChunk,
     error_body,
     stream_interval,
 )
@@ -40,7 +42,9 @@ __all__ = [
     "ServingSetupError",
     "SessionCacheManager",
     "SessionEntry",
+    "SessionKey",
     "StepOutput",
+    "TokenChunk",
     "cache_nbytes",
     "crop_cache",
     "error_body",

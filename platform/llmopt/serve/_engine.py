@@ -30,6 +30,7 @@ from tokenizers.decoders import DecodeStream
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from llmopt.serve._protocol import SessionKey
 from llmopt.serve._sessions import crop_cache
 from llmopt.serve.native import LlamaDecodeStep, unsupported_reason
 
@@ -71,6 +72,8 @@ class GenerationRequest:
         keep_cache: Return the request's own cache on its final :class:`StepOutput` (to store a session).
         adapter: Name of a LoRA adapter loaded in the engine's ``PeftModel`` (None: the base model). Rows
             with different adapters share a batch through peft's mixed-batch ``adapter_names``.
+        session: The session whose cache a serving replica looks up for ``prefix_cache`` and stores the
+            grown cache back to (the engine itself does not read it).
     """
 
     request_id: str
@@ -79,6 +82,7 @@ class GenerationRequest:
     prefix_cache: DynamicCache | None = None
     keep_cache: bool = False
     adapter: str | None = None
+    session: SessionKey | None = None
 
 
 @dataclass

@@ -6,6 +6,7 @@ unit-testable.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,9 +18,39 @@ __all__ = [
     "CompletionRequest",
     "GenerateRequest",
     "ServingSetupError",
+    "SessionKey",
+    "TokenChunk",
     "error_body",
     "stream_interval",
 ]
+
+
+@dataclass(frozen=True)
+class SessionKey:
+    """A session whose KV cache a request reads and extends: its owner (a digest of the caller's API key,
+    see `owner_of`) and the caller's session id. No caller reaches another owner's caches."""
+
+    owner: str
+    id: str
+
+
+@dataclass
+class TokenChunk:
+    """What a model replica streams back to the ingress: the tokens generated since its previous chunk.
+
+    Attributes:
+        token_ids: The new tokens.
+        text: Their text (a delta; stop strings and held-back partial characters excluded).
+        finished: Whether the request is done.
+        finish_reason: "stop", "length" or "eos" when finished, else None.
+        cached_tokens: Prompt tokens that came from the session's cache instead of a prefill.
+    """
+
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None
+    cached_tokens: int
 
 
 class ServingSetupError(ValueError):

@@ -30,8 +30,8 @@ from llmopt.config import RunConfig
 from llmopt.serve import (
     GenerationEngine,
     GenerationRequest,
-    SamplingParams,
     SessionCacheManager,
+    TokenChunk,
     stream_interval,
 )
 from serve_apps._metrics import ReplicaMetrics
@@ -239,25 +239,18 @@ class LLMServer:
             queue.put_nowait(exc)
             queue.ended.set()
 
-    async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Generate one request; yields a ``start`` record, then one record per generated token.
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
+        """Generate one request; yields a chunk of new tokens at a time, the last one ``finished``.
 
         Args:
-            payload: ``request_id``, ``prompt_ids``, ``params`` (SamplingParams fields), ``adapter`` (or None)
-                and ``session`` ({"owner", "id"} or None) — built and validated by the ingress.
+            request: Built and validated by the ingress (prompt ids, sampling, adapter, session).
         """
         model_id = serve.get_multiplexed_model_id()
         if model_id:
             await self._route(model_id)
-        request = GenerationRequest(
-            payload["request_id"],
-            list(payload["prompt_ids"]),
-            SamplingParams(**payload["params"]),
-            adapter=payload.get("adapter"),
-        )
-        session = payload.get("session")
+        session = request.session
         if session is not None and self.sessions is not None:
-            entry = self.sessions.lookup(session["owner"], session["id"], request.prompt_ids)
+            entry = self.sessions.lookup(session.owner, session.id, request.prompt_ids)
             request.prefix_cache = entry.cache if entry is not None else None
             request.keep_cache = True
         queue = await self._admit(request)
@@ -282,20 +275,19 @@ class LLMServer:
                 last = items[-1]
                 finished = last.finished
                 if finished and last.cache is not None and session is not None and self.sessions is not None:
-                    self.sessions.store(session["owner"], session["id"], last.cache_token_ids, last.cache)
+                    self.sessions.store(session.owner, session.id, last.cache_token_ids, last.cache)
                     self.metrics.cache(self.sessions.stats().to_dict())
                 text = "".join(item.text for item in items)
                 # Until some text went out, flush at once: a first token that decodes to nothing visible (a
                 # partial character) must not delay the first text by a whole interval.
                 first, last_sent = first and not text, time.monotonic()
-                yield {
-                    "type": "token",
-                    "token_ids": [item.token_id for item in items],
-                    "text": text,
-                    "finished": finished,
-                    "finish_reason": last.finish_reason,
-                    "cached_tokens": last.cached_tokens,
-                }
+                yield TokenChunk(
+                    token_ids=[item.token_id for item in items],
+                    text=text,
+                    finished=finished,
+                    finish_reason=last.finish_reason,
+                    cached_tokens=last.cached_tokens,
+                )
         finally:
             if not finished:  # the caller went away (or failed): free its batch slot at the next step
                 self._queues.pop(request.request_id, None)

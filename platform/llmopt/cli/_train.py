@@ -1,0 +1,168 @@
+"""`llmopt finetune`, `llmopt eval` and `llmopt runs ...`: training, evaluation and run directories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from llmopt.cli._app import (
+    Overrides,
+    _fail,
+    _load,
+    _quiet_transformers,
+    app,
+    console,
+    runs_app,
+)
+from llmopt.config import (
+    ConfigError,
+)
+
+
+@app.command("eval")
+def eval_command(
+    config_file: Annotated[Path | None, typer.Option("--config", "-c", help="Run config YAML.")] = None,
+    overrides: Overrides = None,
+    split: Annotated[str | None, typer.Option(help="Split to evaluate; default data.eval_split.")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Write the result as JSON (with --ray: default outputs/eval/NAME.json)."
+        ),
+    ] = None,
+    on_ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray/--here",
+            help="Run as a Ray task sized from the config's resources (the embedded cluster, or "
+            "RAY_ADDRESS's) instead of in this process.",
+        ),
+    ] = False,
+) -> dict[str, Any]:
+    """Exact match and response loss of the config's model on the held-out split (`python -m jobs.evaluate`
+    is this command with --ray)."""
+    from llmopt.data import DatasetError
+    from llmopt.devices import DeviceError
+    from llmopt.evaluation import evaluate_here, evaluate_on_ray
+    from llmopt.models import ModelLoadError
+
+    config = _load(config_file, overrides)
+    _quiet_transformers()
+    try:
+        result = evaluate_on_ray(config, split) if on_ray else evaluate_here(config, split)
+    except (DeviceError, ConfigError) as exc:
+        raise _fail(str(exc), 2) from None
+    except (ModelLoadError, DatasetError) as exc:
+        raise _fail(str(exc)) from None
+    split = split or config.data.eval_split
+    console.print(
+        f"{config.model.name_or_path} on {config.data.dataset}/{split}: "
+        f"exact match {result['exact_match']:.1%} ({result['num_correct']}/{result['num_examples']}), "
+        f"loss {result['loss']:.4f} "
+        f"({result['seconds']:.1f} s on {result['device']}, {result['torch_threads']} thread(s))",
+        highlight=False,
+    )
+    for sample in result["samples"][:3]:
+        console.print(f"  expected {sample['expected']!r}, got {sample['completion']!r}", highlight=False)
+    output = output or (Path(f"outputs/eval/{config.name}.json") if on_ray else None)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        record = {"config": config.model_dump(mode="json"), "split": split, **result}
+        output.write_text(json.dumps(record, indent=2))
+        console.print(f"written: {output}", highlight=False)
+    return result
+
+
+@app.command("finetune")
+def finetune_command(
+    config_file: Annotated[Path | None, typer.Option("--config", "-c", help="Run config YAML.")] = None,
+    overrides: Overrides = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Run directory (default: output_dir/name-time).")
+    ] = None,
+):
+    """Fine-tune on Ray Train + DeepSpeed (the embedded local cluster, or RAY_ADDRESS's; `python -m
+    jobs.finetune` is this command)."""
+    from llmopt.train import finetune
+
+    config = _load(config_file, overrides)
+    _quiet_transformers()
+    try:
+        result = finetune(config, run_dir=run_dir)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    if not result.ok:
+        raise _fail(f"fine-tuning failed: {result.error}; run directory {result.run_dir}")
+    m = result.metrics
+    console.print(
+        f"finished {m.get('step')} steps in {result.seconds:.0f} s: loss {m.get('loss', float('nan')):.4f}, "
+        f"held-out loss {m.get('eval_loss', float('nan')):.4f}, "
+        f"exact match {m.get('eval_exact_match', 0):.1%}, "
+        f"{m.get('tokens_per_s', 0):.0f} tokens/s, {m.get('trainable_parameters', 0):,} trainable parameters",
+        highlight=False,
+    )
+    _print_run(result.run_dir)
+    console.print(f"run directory: {result.run_dir}", highlight=False)
+    return result
+
+
+def _print_run(run_dir: Path) -> None:
+    from llmopt.train import show_run
+
+    info = show_run(run_dir)
+    table = Table("field", "value", title=info["run"])
+    for key, value in info.items():
+        if value is None or key == "run":
+            continue
+        if isinstance(value, float):
+            value = f"{value:.1%}" if key == "eval_exact_match" else f"{value:.4g}"
+        table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
+    console.print(table)
+
+
+@runs_app.command("list")
+def runs_list(
+    output_dir: Annotated[Path, typer.Option(help="Where run directories live.")] = Path("runs"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List fine-tuning runs, newest first."""
+    from llmopt.train import list_runs
+
+    runs = list_runs(output_dir)
+    if as_json:
+        print(json.dumps(runs, indent=2))
+        return
+    if not runs:
+        console.print(f"no runs under {output_dir}", highlight=False)
+        return
+    table = Table("run", "model", "method", "status", "steps", "loss", "held-out EM", "tokens/s")
+    for r in runs:
+        em = r["eval_exact_match"]
+        table.add_row(
+            r["run"],
+            r["model"],
+            r["method"],
+            str(r["status"]),
+            str(r["steps"] or "-"),
+            f"{r['loss']:.4f}" if r["loss"] is not None else "-",
+            f"{em:.1%}" if em is not None else "-",
+            f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-",
+        )
+    console.print(table)
+
+
+@runs_app.command("show")
+def runs_show(
+    run: Annotated[str, typer.Argument(help="Run directory, or its name under --output-dir.")],
+    output_dir: Annotated[Path, typer.Option(help="Where run directories live.")] = Path("runs"),
+) -> None:
+    """Show one run's status, final figures and artifacts."""
+    path = Path(run) if Path(run).is_dir() else output_dir / run
+    try:
+        _print_run(path)
+    except FileNotFoundError as exc:
+        raise _fail(str(exc)) from None
