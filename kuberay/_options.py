@@ -16,7 +16,7 @@ DEFAULT_IMAGE = "llmopt:0.1.0"  # the tag kuberay/Dockerfile documents; push it 
 API_KEYS_ENV = "LLMOPT_API_KEYS"  # serving.api_keys_env set on the cluster when the config sets none
 API_KEYS_SECRET_KEY = "api-keys"  # the key inside the Secret holding comma-separated API keys
 LLM_APP = "serve_apps.llm:app"
-LLM_APPS = (LLM_APP, "serve_apps.llm:app_builder")
+LLM_APPS = (LLM_APP,)
 # KubeRay appends 6 characters to RayJob and RayService names for their RayClusters (max 53).
 MAX_NAME_LENGTH = {"RayCluster": 53, "RayJob": 47, "RayService": 47}
 

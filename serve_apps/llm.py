@@ -55,5 +55,3 @@ def app(args: dict[str, Any]) -> Application:
     server = LLMServer.options(**options[SERVER]).bind(data)
     return LLMIngress.options(**options[INGRESS]).bind(server, data)
 
-
-app_builder = app  # the name earlier releases documented

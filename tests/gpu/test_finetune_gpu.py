@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import math
 import threading
-import time
 
-import psutil
 import pytest
 import torch
 
 from jobs.finetune import main as finetune_job
+from tests._faults import kill_train_worker_at
 
 SHORT = [
     "model.max_seq_len=64",
@@ -59,25 +58,9 @@ def _check(result, steps: int = 20) -> dict:
     return m
 
 
-def _kill_worker_after_checkpoint(run_root, step: int, killed: list) -> None:
-    """SIGKILL the Ray Train worker once `step` is reported and the controller holds a checkpoint."""
-    deadline = time.time() + 300
-    while time.time() < deadline and not killed:
-        for metrics in run_root.glob("*/metrics.jsonl"):
-            snapshot = metrics.parent / "ray" / "train" / "checkpoint_manager_snapshot.json"
-            steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line]
-            if snapshot.is_file() and "step-0000" in snapshot.read_text() and max(steps, default=0) >= step:
-                for proc in psutil.process_iter(["cmdline"]):
-                    if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
-                        proc.kill()
-                        killed.append(proc.pid)
-                        return
-        time.sleep(0.05)
-
-
 def test_lora_bf16_on_nccl_resumes_on_the_gpu_after_a_worker_dies(gpu_ray_cluster, tmp_path):
     killed: list[int] = []
-    killer = threading.Thread(target=_kill_worker_after_checkpoint, args=(tmp_path, 15, killed), daemon=True)
+    killer = threading.Thread(target=kill_train_worker_at, args=(tmp_path, 15, killed), daemon=True)
     killer.start()
     # Enough steps that the killer sees step 15 before the end: tiny GPU steps take milliseconds.
     result = _run(

@@ -8,13 +8,12 @@ CPU machines this project runs on (fp32, one torch thread per worker).
 import json
 import math
 import threading
-import time
 
-import psutil
 import pytest
 
 from llmopt.config import load_config
 from llmopt.train import finetune, read_metrics
+from tests._faults import kill_train_worker_at
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -97,37 +96,9 @@ def test_gradient_checkpointing_gives_the_same_losses(reference, tmp_path):
     )
 
 
-def _checkpoint_registered(run_dir) -> bool:
-    """Whether Ray Train's controller has registered a checkpoint of this run.
-
-    A worker's checkpointed report reaches the controller at its next poll (every 2 s), so a kill
-    right after the report loses it and the run restarts from step 0; the test waits for the
-    controller's snapshot to name a checkpoint before it kills.
-    """
-    snapshot = run_dir / "ray" / "train" / "checkpoint_manager_snapshot.json"
-    return snapshot.is_file() and "step-0000" in snapshot.read_text()
-
-
-def _kill_a_worker_at(run_root, step, killed):
-    """SIGKILL one RayTrainWorker process once the run has reported `step` and a checkpoint is kept."""
-    deadline = time.time() + 240
-    while time.time() < deadline and not killed:
-        for metrics in run_root.glob("*/metrics.jsonl"):
-            lines = metrics.read_text().splitlines()
-            if _checkpoint_registered(metrics.parent) and any(
-                json.loads(line)["step"] >= step for line in lines if line
-            ):
-                for proc in psutil.process_iter(["cmdline"]):
-                    if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
-                        proc.kill()
-                        killed.append(proc.pid)
-                        return
-        time.sleep(0.05)
-
-
 def test_killed_worker_is_replaced_and_the_run_resumes_the_same_curve(reference, tmp_path):
     killed: list[int] = []
-    killer = threading.Thread(target=_kill_a_worker_at, args=(tmp_path, 6, killed), daemon=True)
+    killer = threading.Thread(target=kill_train_worker_at, args=(tmp_path, 6, killed), daemon=True)
     killer.start()
     result = _run(tmp_path, "killed", "checkpointing.policy=none", "parallelism.max_failures=2")
     killer.join(timeout=1)

@@ -42,7 +42,7 @@ def _import_app(app_path: str, app_dir: Path):
     except (ImportError, AttributeError, ValueError) as exc:
         raise _fail(
             f"cannot import --app {app_path!r}: {exc}; give `module:attribute` importable from "
-            f"--app-dir {str(app_dir)!r} (run from the repository root, or pass --app-dir)",
+            f"--app-dir {str(app_dir)!r} (or pass --app-dir)",
             2,
         ) from None
 

@@ -559,7 +559,7 @@ static void layer_out(float *x, long rows, long hidden, long attn_width, long in
 /* A whole batched decode step of a Llama model in one call, without the GIL: every layer (RMSNorm, fused
  * q|k|v product, RoPE + cache write + attention, output product, RMSNorm, fused gate|up product, SiLU * up,
  * down product, both residuals), then the final RMSNorm and the output head into logits [batch, vocab].
- * Called through ctypes, which releases the GIL for the whole step: the engine thread no longer waits for
+ * Called through ctypes, which releases the GIL for the whole step: the engine thread does not wait for
  * the serving replica's event loop between ~60 torch and native calls per step.
  *
  * x [batch, hidden] holds the new tokens' embeddings and is overwritten. Per layer l, `weights[10 l ..]`
