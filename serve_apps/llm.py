@@ -54,4 +54,3 @@ def app(args: dict[str, Any]) -> Application:
     data = config.model_dump(mode="json")
     server = LLMServer.options(**options[SERVER]).bind(data)
     return LLMIngress.options(**options[INGRESS]).bind(server, data)
-
