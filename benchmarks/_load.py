@@ -225,9 +225,10 @@ async def stream_completion(client: httpx.AsyncClient, url: str, body: dict[str,
 
 
 async def load_point(
-    url: str, prompts: list[str], max_tokens: int, concurrency: int
+    url: str, prompts: list[str], max_tokens: int, concurrency: int, extra: dict[str, Any] | None = None
 ) -> tuple[list[dict[str, Any]], float]:
-    """Send every prompt (greedy, ``ignore_eos``) with at most ``concurrency`` in flight.
+    """Send every prompt (greedy, ``ignore_eos``, plus ``extra`` body fields) with at most ``concurrency``
+    in flight.
 
     Returns:
         One record per request (see :func:`stream_completion`) and the wall time of the whole point.
@@ -240,7 +241,13 @@ async def load_point(
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
 
         async def one(prompt: str) -> dict[str, Any]:
-            body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+            body = {
+                "prompt": prompt,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+                **(extra or {}),
+            }
             async with semaphore:
                 try:
                     return await stream_completion(client, url, body)

@@ -7,6 +7,7 @@
     python -m jobs.benchmark serve                       # ~7 min on 2 CPU cores (+ base-100m build once)
     python -m jobs.benchmark serve --no-base             # tiny preset only
     python -m jobs.benchmark serve --quick               # smoke run: tiny preset, c=1 and 4 (~1-2 min)
+    python -m jobs.benchmark choices                     # n=1 against n=4 at concurrency 32 (~3 min)
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.benchmark serve
 
 `train` measures, in one run on the tiny dense preset: full fine-tune vs LoRA vs QLoRA, gradient
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from benchmarks.choices import add_choices_parser, run_choices
 from benchmarks.serve import add_serve_parser, run_serve
 from benchmarks.train import run_train
 
@@ -53,8 +55,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train.add_argument("--out", default="outputs/benchmark", help="Output directory.")
     train.add_argument("--quick", action="store_true", help="Only LoRA and its plain-torch reference.")
     add_serve_parser(sub)
+    add_choices_parser(sub)
     args = parser.parse_args(argv)
-    return run_serve(args) if args.benchmark == "serve" else run_train(args)
+    runs = {"serve": run_serve, "choices": run_choices, "train": run_train}
+    return runs[args.benchmark](args)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ body validation that names every problem, and overload."""
 from __future__ import annotations
 
 import json
+import logging
+import uuid
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -12,7 +14,22 @@ from pydantic import BaseModel, ValidationError
 
 from llmopt.serve import error_body
 
-__all__ = ["Reject", "install_handlers", "openai_finish_reason", "overloaded", "parse_body"]
+__all__ = [
+    "GenerationFailed",
+    "Reject",
+    "error_event",
+    "install_handlers",
+    "internal_error",
+    "openai_finish_reason",
+    "overloaded",
+    "parse_body",
+]
+
+logger = logging.getLogger("ray.serve")
+
+
+class GenerationFailed(RuntimeError):
+    """The replica finished a request with an error (its batch went on)."""
 
 
 class Reject(Exception):
@@ -27,8 +44,8 @@ class Reject(Exception):
 def parse_body(raw: bytes, schema: type[BaseModel]) -> BaseModel:
     """Validate a JSON body against ``schema``; every problem is named in one 400 message."""
     try:
-        data = json.loads(raw or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = json.loads(raw or b"null", parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise Reject(
             400, f"The body is not valid JSON ({exc}); send a JSON object.", code="invalid_json"
         ) from None
@@ -38,14 +55,39 @@ def parse_body(raw: bytes, schema: type[BaseModel]) -> BaseModel:
         return schema.model_validate(data)
     except ValidationError as exc:
         problems, param = [], None
-        for err in exc.errors():
+        errors = exc.errors()
+        for err in errors[:10]:
             where = ".".join(str(p) for p in err["loc"]) or "body"
             param = param or where
             message = "unknown field; remove it" if err["type"] == "extra_forbidden" else err["msg"]
             problems.append(f"{where}: {message}")
+        more = f"; and {len(errors) - 10} more" if len(errors) > 10 else ""
         raise Reject(
-            400, "Invalid request: " + "; ".join(problems), param=param, code="invalid_request"
+            400, "Invalid request: " + "; ".join(problems) + more, param=param, code="invalid_request"
         ) from None
+
+
+def internal_error(exc: BaseException) -> Reject:
+    """HTTP 500 for an unexpected failure: a message and an error id for the client, the traceback (under the
+    same id) in the log. A replica's exception carries its traceback, file paths and node address."""
+    error_id = uuid.uuid4().hex[:12]
+    if isinstance(exc, GenerationFailed):
+        logger.error("llmopt request failed [error %s]: %s", error_id, exc)
+        message = f"Generation failed: {exc} (error id {error_id})."
+    else:
+        logger.error("llmopt request failed [error %s]", error_id, exc_info=exc)
+        message = f"Generation failed (error id {error_id}); the server log has the details."
+    return Reject(500, message, code="internal_error")
+
+
+def error_event(exc: BaseException) -> str:
+    """The server-sent event that ends a stream which failed after its headers went out."""
+    reject = exc if isinstance(exc, Reject) else internal_error(exc)
+    return f"data: {json.dumps(error_body(reject.status, reject.message, reject.param, reject.code))}\n\n"
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def overloaded() -> Reject:

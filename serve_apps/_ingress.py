@@ -9,13 +9,16 @@ caller's key and session id, so a session's turns return to the replica holding 
 import asyncio
 import hashlib
 import json
+import logging
+import re
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
@@ -23,23 +26,226 @@ from ray.serve.handle import DeploymentHandle
 from llmopt.config import RunConfig
 from llmopt.data import encode_prompt
 from llmopt.serve import (
+    SESSION_ID_PATTERN,
     BatchGenerateRequest,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     GenerateRequest,
     GenerationRequest,
+    InvalidRequest,
+    Limits,
+    LogprobFormatter,
     SamplingParams,
     SessionKey,
     TokenChunk,
-    error_body,
+    TokenizeRequest,
+    check_request,
     load_api_keys,
     owner_of,
+    sampling_params,
 )
-from serve_apps._errors import Reject, install_handlers, openai_finish_reason, overloaded, parse_body
+from serve_apps._errors import (
+    GenerationFailed,
+    Reject,
+    error_event,
+    install_handlers,
+    internal_error,
+    openai_finish_reason,
+    overloaded,
+    parse_body,
+)
 from serve_apps._metrics import IngressMetrics
 
 fastapi_app = FastAPI(title="llmopt LLM server")
 install_handlers(fastapi_app)
+
+logger = logging.getLogger("ray.serve")
+
+
+def _seed_result(result: dict[str, Any]) -> dict[str, Any]:
+    """The seed API's result shape: text, finish reason and usage."""
+    return {k: result[k] for k in ("text", "finish_reason", "usage")}
+
+
+def openapi_body(model) -> dict[str, Any]:
+    """A route's declared JSON request body: the routes read and check bodies themselves (for the size
+    limit and OpenAI-style errors), so FastAPI cannot infer it. The schemas go in the components."""
+    _BODIES[model.__name__] = model
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+_BODIES: dict[str, Any] = {}
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's document, with the request bodies' JSON schemas (every field, type and range)."""
+    if fastapi_app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        document = get_openapi(title=fastapi_app.title, version="1", routes=fastapi_app.routes)
+        components = document.setdefault("components", {}).setdefault("schemas", {})
+        for name, model in _BODIES.items():
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(schema.pop("$defs", {}))
+            components[name] = schema
+        fastapi_app.openapi_schema = document
+    return fastapi_app.openapi_schema
+
+
+fastapi_app.openapi = _openapi
+
+
+class _Reply:
+    """The OpenAI response of one request: whole, or as server-sent events merged from its choices' streams.
+
+    Choice ``p * n + j`` is the j-th choice of prompt p (OpenAI's numbering); with ``best_of`` the n most
+    likely of each prompt's choices are kept.
+    """
+
+    def __init__(self, ingress, body, chat: bool, prompts: list[tuple[list[int], str]], n: int, echo: bool):
+        self.body, self.chat, self.prompts, self.n, self.echo = body, chat, prompts, n, echo
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = body.model or ingress.model_id
+        self.format = LogprobFormatter(ingress.token_text)
+        self.logprobs = bool(body.logprobs) if chat else body.logprobs is not None
+        self.prompt_tokens = sum(len(ids) for ids, _ in prompts)
+        self.prompt_logprobs: dict[int, list] = {}  # per prompt, from its choice 0 (echo with logprobs)
+
+    # ---- whole -------------------------------------------------------------------------------------------
+    def whole(self, results: list[list[dict[str, Any]]]) -> dict[str, Any]:
+        """The response from each prompt's choices (``results[p][i]``)."""
+        choices = []
+        for p, group in enumerate(results):
+            self.prompt_logprobs[p] = group[0]["prompt_logprobs"]
+            if len(group) > self.n:  # best_of: the n choices of highest total log-probability
+                group = sorted(group, key=lambda r: -sum(lp for lp, _ in r["logprobs"]))[: self.n]
+            for j, result in enumerate(group):
+                choices.append(self._choice(p * self.n + j, p, result))
+        completion = sum(r["usage"]["completion_tokens"] for group in results for r in group)
+        cached = sum(r["usage"]["cached_tokens"] for group in results for r in group)
+        return {
+            "id": self.id,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": {**self._usage(completion), "prompt_tokens_details": {"cached_tokens": cached}},
+        }
+
+    def _choice(self, index: int, p: int, result: dict[str, Any]) -> dict[str, Any]:
+        reason = openai_finish_reason(result["finish_reason"])
+        records = [
+            (t, lp, alts) for t, (lp, alts) in zip(result["token_ids"], result["logprobs"], strict=False)
+        ]
+        if self.chat:
+            message = {"role": "assistant", "content": result["text"]}
+            logprobs = self.format.chat(records) if self.logprobs else None
+            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
+        text = result["text"]
+        if self.echo:
+            text = self.prompts[p][1] + text
+            records = self._prompt_records(p) + records
+        logprobs = self.format.completion(records, 0)[0] if self.logprobs else None
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+
+    def _prompt_records(self, p: int) -> list:
+        ids, prompt_logprobs = self.prompts[p][0], self.prompt_logprobs.get(p)
+        records = []
+        for i, token in enumerate(ids):
+            entry = prompt_logprobs[i] if prompt_logprobs and i < len(prompt_logprobs) else None
+            records.append((token, None, []) if entry is None else (token, entry[0], entry[1]))
+        return records
+
+    def _usage(self, completion: int) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
+
+    # ---- streamed ----------------------------------------------------------------------------------------
+    def _event(self, choices: list, **extra) -> str:
+        event = {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
+        return f"data: {json.dumps(event)}\n\n"
+
+    async def events(self, streams: list[tuple[int, AsyncIterator[TokenChunk]]]) -> AsyncIterator[str]:
+        """Server-sent events of every prompt's choices as their tokens come (choice ``p * n + i``); a failure
+        ends the stream with an error event, then ``[DONE]``."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(p: int, tokens: AsyncIterator[TokenChunk]) -> None:
+            try:
+                async for item in tokens:
+                    await queue.put((p * self.n + item.index, p, item))
+            except Exception as exc:
+                await queue.put((p * self.n, p, exc))
+            finally:
+                await queue.put((p * self.n, p, None))
+
+        tasks = [asyncio.create_task(pump(*stream)) for stream in streams]
+        options = self.body.stream_options
+        include_usage = options is not None and bool(options.include_usage)
+        continuous = options is not None and bool(options.continuous_usage_stats)
+        started: set[int] = set()
+        offsets: dict[int, int] = {}
+        live, completion, cached = len(tasks), 0, 0
+        try:
+            while live:
+                index, p, item = await queue.get()
+                if item is None:
+                    live -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish_reason == "error":
+                    raise GenerationFailed(item.error or "the replica gave no reason")
+                completion += len(item.token_ids)
+                if index not in started:
+                    cached += item.cached_tokens
+                choice = self._delta(index, p, item, started, offsets)
+                extra = {"usage": self._usage(completion)} if continuous else {}
+                yield self._event([choice], **extra)
+            if include_usage:
+                usage = {**self._usage(completion), "prompt_tokens_details": {"cached_tokens": cached}}
+                yield self._event([], usage=usage)
+        except Exception as exc:  # headers are sent already: report the failure in-band
+            yield error_event(exc)
+        finally:
+            for task in tasks:
+                task.cancel()  # a choice still generating stops (its stream is cancelled)
+        yield "data: [DONE]\n\n"
+
+    def _delta(
+        self, index: int, p: int, item: TokenChunk, started: set[int], offsets: dict[int, int]
+    ) -> dict:
+        first = index not in started
+        started.add(index)
+        reason = openai_finish_reason(item.finish_reason)
+        records = [(t, lp, alts) for t, (lp, alts) in zip(item.token_ids, item.logprobs or [], strict=False)]
+        if self.chat:
+            delta = {"role": "assistant", "content": item.text} if first else {"content": item.text}
+            logprobs = self.format.chat(records) if self.logprobs else None
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+        text = item.text
+        if item.prompt_logprobs is not None:
+            self.prompt_logprobs[p] = item.prompt_logprobs  # choice 0's first chunk comes before the others'
+        if first and self.echo:
+            text = self.prompts[p][1] + text
+            records = self._prompt_records(p) + records
+        logprobs = None
+        if self.logprobs:
+            logprobs, offsets[index] = self.format.completion(records, offsets.get(index, 0))
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
 
 # serve.ingress pickles the FastAPI app (and the globals its routes reference) when the class is decorated:
@@ -55,7 +261,7 @@ class LLMIngress:
     """
 
     def __init__(self, llm: DeploymentHandle, config: dict[str, Any]):
-        from llmopt.models import load_tokenizer
+        from llmopt.models import load_tokenizer, model_info
 
         self.llm = llm
         self.config = RunConfig.model_validate(config)
@@ -66,6 +272,19 @@ class LLMIngress:
         self.max_seq_len = self.config.model.max_seq_len
         self.keys = load_api_keys(serving.api_keys_env, serving.api_keys_file)
         self.metrics = IngressMetrics()
+        self.vocab_size = model_info(self.model_id).vocab_size
+        self.limits = Limits.from_serving(serving, self.vocab_size)
+        self._token_texts: dict[int, str] = {}
+        self._metrics_url: str | None = None
+
+    def token_text(self, token: int) -> str:
+        """One token's text, as OpenAI's logprobs name tokens (cached: a request's tokens repeat)."""
+        text = self._token_texts.get(token)
+        if text is None:
+            if len(self._token_texts) > 200_000:
+                self._token_texts.clear()
+            text = self._token_texts[token] = self.tokenizer.decode([token])
+        return text
 
     # ---- request checks ------------------------------------------------------------------------------
     async def _read(self, request: Request) -> tuple[str, bytes]:
@@ -111,10 +330,12 @@ class LLMIngress:
             code="model_not_found",
         )
 
-    def _request(
-        self, body, prompt_ids: list[int], owner: str, session_id: str | None
-    ) -> tuple[GenerationRequest, str]:
-        """The replica's request and the multiplexed model id (adapter, plus session digest) for routing."""
+    def _fit(self, prompt_ids: list[int], asked: int | None, param: str) -> int:
+        """Tokens a choice may generate: ``asked`` (default ``serving.max_new_tokens``) within the context.
+
+        Raises:
+            Reject: 400 when the prompt fills the context or ``asked`` does not fit beside it.
+        """
         if len(prompt_ids) >= self.max_seq_len:
             raise Reject(
                 400,
@@ -123,18 +344,41 @@ class LLMIngress:
                 code="context_length_exceeded",
             )
         room = self.max_seq_len - len(prompt_ids)
-        if body.max_tokens is not None and body.max_tokens > room:
+        if asked is not None and asked > room:
             raise Reject(
                 400,
-                f"max_tokens={body.max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds "
+                f"{param}={asked} plus the prompt's {len(prompt_ids)} tokens exceeds "
                 f"the context of {self.max_seq_len}; ask for at most {room} tokens.",
-                param="max_tokens",
+                param=param,
                 code="context_length_exceeded",
             )
+        return min(asked or self.config.serving.max_new_tokens, room)
+
+    def _generation(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        adapter: str | None,
+        owner: str,
+        session_id: str | None,
+    ) -> tuple[GenerationRequest, str]:
+        """The replica's request and the multiplexed model id (adapter, plus session digest) for routing."""
+        session = SessionKey(owner, session_id) if session_id else None
+        route = adapter or ""
+        if session:
+            route = f"{adapter or 'base'}|{hashlib.sha256(f'{owner}:{session_id}'.encode()).hexdigest()[:16]}"
+        request = GenerationRequest(uuid.uuid4().hex, prompt_ids, params, adapter=adapter, session=session)
+        return request, route
+
+    def _request(
+        self, body, prompt_ids: list[int], owner: str, session_id: str | None
+    ) -> tuple[GenerationRequest, str]:
+        """The seed API's request (one choice; its fields are a subset of the OpenAI ones)."""
+        max_tokens = self._fit(prompt_ids, body.max_tokens, "max_tokens")
         adapter = self._adapter(body.model)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         params = SamplingParams(
-            max_tokens=min(body.max_tokens or self.config.serving.max_new_tokens, room),
+            max_tokens=max_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
             top_k=body.top_k,
@@ -142,12 +386,7 @@ class LLMIngress:
             stop=stop,
             ignore_eos=body.ignore_eos,
         )
-        session = SessionKey(owner, session_id) if session_id else None
-        route = adapter or ""
-        if session:
-            route = f"{adapter or 'base'}|{hashlib.sha256(f'{owner}:{session_id}'.encode()).hexdigest()[:16]}"
-        request = GenerationRequest(uuid.uuid4().hex, prompt_ids, params, adapter=adapter, session=session)
-        return request, route
+        return self._generation(prompt_ids, params, adapter, owner, session_id)
 
     def _prompt_ids(self, text: str) -> list[int]:
         ids = encode_prompt(text, self.tokenizer)
@@ -169,16 +408,20 @@ class LLMIngress:
             return chunk, stream, start
         raise RuntimeError("the replica ended the stream before the first token")
 
-    async def _tokens(self, first: TokenChunk, stream, start: float, route: str) -> AsyncIterator[TokenChunk]:
-        """Yield token records (the first one included); record latency metrics at the end."""
+    async def _tokens(
+        self, first: TokenChunk, stream, start: float, route: str, choices: int = 1
+    ) -> AsyncIterator[TokenChunk]:
+        """Yield token records (the first one included) until each of the request's ``choices`` finished (or
+        one failed); record latency metrics at the end."""
         ttft = time.perf_counter() - start
-        count, done = 0, False
+        count, done, left = 0, False, choices
         try:
             item = first
             while True:
                 count += len(item.token_ids)
                 yield item
-                if item.finished:
+                left -= item.finished
+                if left <= 0 or item.finish_reason == "error":
                     done = True
                     return
                 item = await stream.__anext__()
@@ -187,27 +430,46 @@ class LLMIngress:
                 stream.cancel()  # the client went away: stop generating for it
             self.metrics.generation(route, ttft, time.perf_counter() - start, count)
 
-    async def _collect(self, request: GenerationRequest, route: str, name: str) -> dict[str, Any]:
+    async def _collect(self, request: GenerationRequest, route: str, name: str) -> list[dict[str, Any]]:
+        """Run a request (all its choices) to its end: each choice's text, tokens, log-probabilities and
+        usage, in choice order.
+
+        Raises:
+            GenerationFailed: The replica finished it with an error.
+        """
         first, stream, start = await self._open(request, route)
-        text, reason, tokens = [], None, 0
-        async for item in self._tokens(first, stream, start, name):
-            text.append(item.text)
-            tokens += len(item.token_ids)
-            reason = item.finish_reason
+        choices = request.params.n
+        results = [
+            {"text": [], "finish_reason": None, "token_ids": [], "logprobs": [], "prompt_logprobs": None}
+            for _ in range(choices)
+        ]
+        cached = [0] * choices
+        async for item in self._tokens(first, stream, start, name, choices):
+            if item.finish_reason == "error":
+                raise GenerationFailed(item.error or "the replica gave no reason")
+            result = results[item.index]
+            result["text"].append(item.text)
+            result["token_ids"] += item.token_ids
+            result["logprobs"] += item.logprobs or []
+            result["finish_reason"] = item.finish_reason
+            if item.prompt_logprobs is not None:
+                result["prompt_logprobs"] = item.prompt_logprobs
+            cached[item.index] = max(cached[item.index], item.cached_tokens)
         prompt = len(request.prompt_ids)
-        return {
-            "text": "".join(text),
-            "finish_reason": reason,
-            "usage": {
+        for result, hit in zip(results, cached, strict=True):
+            result["text"] = "".join(result["text"])
+            tokens = len(result["token_ids"])
+            result["usage"] = {
                 "prompt_tokens": prompt,
                 "completion_tokens": tokens,
                 "total_tokens": prompt + tokens,
-                "cached_tokens": first.cached_tokens,
-            },
-        }
+                "cached_tokens": hit,
+            }
+        return results
 
     async def _guard(self, route: str, work):
-        """Run a route's work, counting its response status; unexpected failures become HTTP 500."""
+        """Run a route's work, counting its response status; unexpected failures become HTTP 500 with an
+        error id (the traceback goes to the log, never to the client)."""
         try:
             response = await work
         except Reject as exc:
@@ -218,9 +480,7 @@ class LLMIngress:
             raise overloaded() from None
         except Exception as exc:  # a failing request must never take the replica down
             self.metrics.response(route, 500)
-            raise Reject(
-                500, f"Generation failed: {type(exc).__name__}: {exc}", code="internal_error"
-            ) from None
+            raise internal_error(exc) from None
         self.metrics.response(route, getattr(response, "status_code", 200))
         return response
 
@@ -244,22 +504,38 @@ class LLMIngress:
         self._owner(request)
         return await self.llm.stats.remote()
 
-    @fastapi_app.post("/v1/completions")
+    @fastapi_app.get("/metrics")
+    async def metrics(self, request: Request):
+        """Prometheus metrics of this node (Ray's metrics agent: Serve's and llmopt's series)."""
+        self._owner(request)
+        return await self._guard("metrics", self._node_metrics())
+
+    @fastapi_app.post("/tokenize", openapi_extra=openapi_body(TokenizeRequest))
+    async def tokenize(self, request: Request):
+        """vLLM's tokenizer endpoint: a prompt's (or a chat's) token ids."""
+        return await self._guard("tokenize", self._tokenize(request))
+
+    @fastapi_app.post("/detokenize", openapi_extra=openapi_body(DetokenizeRequest))
+    async def detokenize(self, request: Request):
+        """vLLM's detokenizer endpoint: the text of token ids."""
+        return await self._guard("detokenize", self._detokenize(request))
+
+    @fastapi_app.post("/v1/completions", openapi_extra=openapi_body(CompletionRequest))
     async def completions(self, request: Request):
         """OpenAI text completion, whole or streamed as server-sent events."""
         return await self._guard("completions", self._openai(request, chat=False))
 
-    @fastapi_app.post("/v1/chat/completions")
+    @fastapi_app.post("/v1/chat/completions", openapi_extra=openapi_body(ChatCompletionRequest))
     async def chat_completions(self, request: Request):
         """OpenAI chat completion through the tokenizer's chat template, whole or streamed."""
         return await self._guard("chat", self._openai(request, chat=True))
 
-    @fastapi_app.post("/api/v1/model/generate")
+    @fastapi_app.post("/api/v1/model/generate", openapi_extra=openapi_body(GenerateRequest))
     async def generate(self, request: Request):
         """Seed API: chunked text (JSON with `stream: false`); `X-Session-ID` reuses the session's cache."""
         return await self._guard("generate", self._seed_generate(request))
 
-    @fastapi_app.post("/api/v1/model/batch-generate")
+    @fastapi_app.post("/api/v1/model/batch-generate", openapi_extra=openapi_body(BatchGenerateRequest))
     async def batch_generate(self, request: Request):
         """Seed API: several prompts generated concurrently (batched on the replicas); results in order."""
         return await self._guard("batch_generate", self._seed_batch(request))
@@ -268,91 +544,193 @@ class LLMIngress:
     async def _openai(self, request: Request, chat: bool):
         owner, raw = await self._read(request)
         body = parse_body(raw, ChatCompletionRequest if chat else CompletionRequest)
-        if chat:
-            messages = [m.model_dump() for m in body.messages]
-            prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:
-            prompt = body.prompt
-        request, route = self._request(body, self._prompt_ids(prompt), owner, body.session_id)
-        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{request.request_id}"
-        created = int(time.time())
+        try:
+            check_request(body, self.limits)
+        except InvalidRequest as exc:
+            raise Reject(400, exc.message, param=exc.param, code=exc.code) from None
+        user = body.user or (body.safety_identifier if chat else None)
+        if user or (chat and body.metadata):
+            logger.info("llmopt request user=%r metadata=%r", user, body.metadata if chat else None)
+        adapter = self._adapter(body.model)
+        prompts = self._chat_prompt(body) if chat else self._completion_prompts(body)
+        n = body.n or 1
+        asked, param = body.max_tokens, "max_tokens"
+        if chat and body.max_completion_tokens is not None:
+            asked, param = body.max_completion_tokens, "max_completion_tokens"
+        echo = not chat and bool(body.echo)
+        jobs = []  # one request per prompt, carrying its choices (the replica expands them)
+        for p, (ids, _) in enumerate(prompts):
+            params = sampling_params(body, self._fit(ids, asked, param))
+            if echo and body.logprobs is not None:
+                params.prompt_logprobs = body.logprobs
+            session_id = body.session_id if p == 0 else None  # one writer per session
+            jobs.append(self._generation(ids, params, adapter, owner, session_id))
+        reply = _Reply(self, body, chat, prompts, n, echo)
         name = "chat" if chat else "completions"
         if not body.stream:
-            result = await self._collect(request, route, name)
-            reason = openai_finish_reason(result["finish_reason"])
-            if chat:
-                message = {"role": "assistant", "content": result["text"]}
-                choice = {"index": 0, "message": message, "finish_reason": reason}
+            results = await asyncio.gather(*(self._collect(req, route, name) for req, route in jobs))
+            return reply.whole(results)
+        opened = await asyncio.gather(
+            *(self._open(req, route) for req, route in jobs), return_exceptions=True
+        )
+        failure = next((o for o in opened if isinstance(o, BaseException)), None)
+        if failure is not None:  # nothing was sent yet: answer with a real status, free the rest
+            for o in opened:
+                if not isinstance(o, BaseException):
+                    o[1].cancel()
+            raise failure
+        streams = [
+            (p, self._tokens(first, stream, start, name, req.params.n))
+            for p, ((req, _), (first, stream, start)) in enumerate(zip(jobs, opened, strict=True))
+        ]
+        return StreamingResponse(reply.events(streams), media_type="text/event-stream")
+
+    def _completion_prompts(self, body: CompletionRequest) -> list[tuple[list[int], str]]:
+        """Each prompt of a completions body as (token ids, text)."""
+        prompt = body.prompt
+        if isinstance(prompt, str):
+            items: list = [prompt]
+        elif prompt and isinstance(prompt[0], int):
+            items = [prompt]
+        else:
+            items = list(prompt)
+        if not items:
+            raise Reject(400, "prompt: the list is empty; pass at least one prompt.", param="prompt")
+        limit = self.config.serving.max_prompts
+        if len(items) > limit:
+            raise Reject(
+                400,
+                f"prompt: {len(items)} prompts are above this server's limit serving.max_prompts={limit}.",
+                param="prompt",
+            )
+        out = []
+        for item in items:
+            if isinstance(item, str):
+                if body.add_special_tokens is False:
+                    ids = self.tokenizer.encode(item, add_special_tokens=False)
+                else:
+                    ids = encode_prompt(item, self.tokenizer)
+                if not ids:
+                    raise Reject(400, "prompt: a prompt has no tokens; pass at least one.", param="prompt")
+                out.append((ids, item))
+                continue
+            if not item:
+                raise Reject(400, "prompt: a token-id prompt is empty; pass at least one id.", param="prompt")
+            bad = [t for t in item if t >= self.vocab_size]
+            if bad:
+                raise Reject(
+                    400,
+                    f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size}).",
+                    param="prompt",
+                    code="invalid_token",
+                )
+            out.append((list(item), self.tokenizer.decode(item)))
+        return out
+
+    def _chat_prompt(self, body) -> list[tuple[list[int], str]]:
+        """The conversation through the tokenizer's chat template, as one (token ids, text) prompt."""
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in body.messages
+        ]
+        add_generation = True if body.add_generation_prompt is None else body.add_generation_prompt
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation
+            )
+        except Exception as exc:  # the template refuses this conversation (e.g. roles out of order)
+            raise Reject(
+                400, f"messages: the model's chat template refused them: {exc}", param="messages"
+            ) from None
+        if body.add_special_tokens is None:  # the template's BOS, else one added (as training saw it)
+            ids = encode_prompt(text, self.tokenizer)
+        else:
+            ids = self.tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+        return [(ids, text)]
+
+    async def _tokenize(self, request: Request) -> dict[str, Any]:
+        self._owner(request)
+        _, raw = await self._read(request)
+        body = parse_body(raw, TokenizeRequest)
+        self._adapter(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise Reject(400, "Pass exactly one of prompt and messages.", param="prompt")
+        if body.prompt is not None:
+            if body.add_special_tokens is False:
+                ids = self.tokenizer.encode(body.prompt, add_special_tokens=False)
             else:
-                choice = {"index": 0, "text": result["text"], "finish_reason": reason, "logprobs": None}
-            usage = dict(result["usage"])
-            usage["prompt_tokens_details"] = {"cached_tokens": usage.pop("cached_tokens")}  # OpenAI's place
-            return {
-                "id": request_id,
-                "object": "chat.completion" if chat else "text_completion",
-                "created": created,
-                "model": body.model or self.model_id,
-                "choices": [choice],
-                "usage": usage,
-            }
-        first, stream, start = await self._open(request, route)
-        tokens = self._tokens(first, stream, start, name)
-
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-
-        def chunk(choices: list, **extra) -> str:
-            event = {
-                "id": request_id,
-                "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": created,
-                "model": body.model or self.model_id,
-                "choices": choices,
-                **extra,
-            }
-            return f"data: {json.dumps(event)}\n\n"
-
-        async def events() -> AsyncIterator[str]:
-            opening, completion = True, 0
+                ids = encode_prompt(body.prompt, self.tokenizer)
+        else:
+            chat = ChatCompletionRequest(
+                messages=body.messages,
+                add_generation_prompt=body.add_generation_prompt,
+                add_special_tokens=body.add_special_tokens,
+            )
             try:
-                async for item in tokens:
-                    completion += len(item.token_ids)
-                    reason = openai_finish_reason(item.finish_reason)
-                    if chat:
-                        delta = (
-                            {"role": "assistant", "content": item.text} if opening else {"content": item.text}
-                        )
-                        choice = {"index": 0, "delta": delta, "finish_reason": reason}
-                    else:
-                        choice = {"index": 0, "text": item.text, "finish_reason": reason, "logprobs": None}
-                    opening = False
-                    yield chunk([choice])
-                if include_usage:
-                    prompt = len(request.prompt_ids)
-                    usage = {
-                        "prompt_tokens": prompt,
-                        "completion_tokens": completion,
-                        "total_tokens": prompt + completion,
-                        "prompt_tokens_details": {"cached_tokens": first.cached_tokens},
-                    }
-                    yield chunk([], usage=usage)
-            except Exception as exc:  # headers are sent already: report the failure in-band
-                yield f"data: {json.dumps(error_body(500, f'Generation failed: {exc}'))}\n\n"
-            yield "data: [DONE]\n\n"
+                check_request(chat, self.limits)
+            except InvalidRequest as exc:
+                raise Reject(400, exc.message, param=exc.param, code=exc.code) from None
+            ids = self._chat_prompt(chat)[0][0]
+        strs = [self.token_text(t) for t in ids] if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": self.max_seq_len, "tokens": ids, "token_strs": strs}
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+    async def _detokenize(self, request: Request) -> dict[str, Any]:
+        _, raw = await self._read(request)
+        body = parse_body(raw, DetokenizeRequest)
+        self._adapter(body.model)
+        bad = [t for t in body.tokens if t >= self.vocab_size]
+        if bad:
+            raise Reject(
+                400,
+                f"tokens: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size}).",
+                param="tokens",
+                code="invalid_token",
+            )
+        return {"prompt": self.tokenizer.decode(body.tokens)}
+
+    async def _node_metrics(self) -> PlainTextResponse:
+        if self._metrics_url is None:
+            import ray
+
+            node = ray.get_runtime_context().get_node_id()
+            info = next((n for n in ray.nodes() if n["NodeID"] == node), None)
+            port = info and info.get("MetricsExportPort")
+            if not port:
+                raise Reject(
+                    503,
+                    "Ray's metrics agent is not running on this node; see the Ray dashboard's metrics page.",
+                    code="metrics_unavailable",
+                )
+            self._metrics_url = f"http://{info['NodeManagerAddress']}:{port}/metrics"
+
+        def fetch() -> bytes:
+            with urllib.request.urlopen(self._metrics_url, timeout=10) as response:
+                return response.read()
+
+        try:
+            text = await asyncio.to_thread(fetch)
+        except OSError as exc:
+            raise Reject(
+                503,
+                f"Ray's metrics agent at {self._metrics_url} did not answer ({exc}).",
+                code="metrics_unavailable",
+            ) from None
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def _seed_generate(self, request: Request):
         owner, raw = await self._read(request)
         body = parse_body(raw, GenerateRequest)
         session_id = request.headers.get("x-session-id") or body.session_id
-        if session_id is not None and not 0 < len(session_id) <= 128:
-            raise Reject(400, "X-Session-ID must have 1 to 128 characters.", param="X-Session-ID")
+        if session_id is not None and not re.fullmatch(SESSION_ID_PATTERN, session_id):
+            raise Reject(
+                400, "X-Session-ID must have 1 to 128 visible ASCII characters.", param="X-Session-ID"
+            )
         request, route = self._request(body, self._prompt_ids(body.prompt), owner, session_id)
         headers = {"X-Prompt-Tokens": str(len(request.prompt_ids))}
         if session_id:
             headers["X-Session-ID"] = session_id
         if not body.stream:
-            result = await self._collect(request, route, "generate")
+            result = _seed_result((await self._collect(request, route, "generate"))[0])
             headers["X-Cached-Tokens"] = str(result["usage"]["cached_tokens"])
             return JSONResponse({**result, "session_id": session_id}, headers=headers)
         first, stream, start = await self._open(request, route)
@@ -360,9 +738,14 @@ class LLMIngress:
         tokens = self._tokens(first, stream, start, "generate")
 
         async def chunks() -> AsyncIterator[str]:
-            async for item in tokens:
-                if item.text:
-                    yield item.text
+            try:
+                async for item in tokens:
+                    if item.finish_reason == "error":
+                        raise GenerationFailed(item.error or "the replica gave no reason")
+                    if item.text:
+                        yield item.text
+            except Exception as exc:  # plain text has no events: the stream ends with a marked error line
+                yield f"\n[llmopt error] {internal_error(exc).message}\n"
 
         return StreamingResponse(chunks(), media_type="text/plain; charset=utf-8", headers=headers)
 
@@ -370,7 +753,10 @@ class LLMIngress:
         owner, raw = await self._read(request)
         body = parse_body(raw, BatchGenerateRequest)
         jobs = [self._request(body, self._prompt_ids(p), owner, None) for p in body.prompts]
-        results = await asyncio.gather(*(self._collect(p, r, "batch_generate") for p, r in jobs))
+        results = [
+            _seed_result(r[0])
+            for r in await asyncio.gather(*(self._collect(p, r, "batch_generate") for p, r in jobs))
+        ]
         usage = {
             k: sum(r["usage"][k] for r in results)
             for k in ("prompt_tokens", "completion_tokens", "total_tokens")

@@ -32,6 +32,7 @@ from llmopt.serve import (
     GenerationRequest,
     SessionCacheManager,
     TokenChunk,
+    expand_choices,
     stream_interval,
 )
 from serve_apps._metrics import ReplicaMetrics
@@ -39,21 +40,27 @@ from serve_apps._metrics import ReplicaMetrics
 logger = logging.getLogger("ray.serve")
 
 
-def _done(item) -> bool:
-    return isinstance(item, BaseException) or item.finished
-
-
 class _Stream(asyncio.Queue):
-    """One request's outputs, with `ended` set when its last output (or its error) is queued.
+    """One request's outputs (all its choices'), with `ended` set when its last output or an error is queued.
 
     A stream waiting out its interval wakes on `ended`, so a finished request's last chunk goes out at once:
     with 32 streams each waited up to 0.16 s (`stream_interval`) after its request had finished, which kept
     the client's next request, and the batch slot it would fill, waiting as long.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, choices: list[GenerationRequest]) -> None:
         super().__init__()
         self.ended = asyncio.Event()
+        self.index = {choice.request_id: i for i, choice in enumerate(choices)}
+        self.live = set(self.index)  # choices not finished yet
+
+
+def _by_choice(items: list) -> list[tuple[str, list]]:
+    """Outputs grouped by request id (choice), in order of first appearance."""
+    groups: dict[str, list] = {}
+    for item in items:
+        groups.setdefault(item.request_id, []).append(item)
+    return list(groups.items())
 
 
 async def _sleep_unless(event: asyncio.Event, delay_s: float) -> None:
@@ -163,13 +170,17 @@ class LLMServer:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _admit(self, requests: list[GenerationRequest]) -> list[_Stream]:
-        """Queue a batch of concurrently arriving requests for the engine; one output queue each."""
-        queues = []
+        """Queue a batch of concurrently arriving requests (each expanded into its choices) for the engine;
+        one output queue per request."""
+        queues, choices = [], []
         for request in requests:
-            queue = _Stream()
-            self._queues[request.request_id] = queue
+            expanded = expand_choices(request)
+            queue = _Stream(expanded)
+            for choice in expanded:
+                self._queues[choice.request_id] = queue
             queues.append(queue)
-        self._inbox.put(("add", requests))
+            choices += expanded
+        self._inbox.put(("add", choices))
         if self._engine_thread is None or not self._engine_thread.is_alive():
             loop = asyncio.get_running_loop()
             self._engine_thread = threading.Thread(
@@ -202,6 +213,7 @@ class LLMServer:
                 try:
                     outputs = self.engine.step()
                 except Exception as exc:  # a broken step fails the live requests, never the replica
+                    logger.exception("llmopt engine step failed; its requests fail, the replica goes on")
                     self._new_engine()
                     loop.call_soon_threadsafe(self._fail_all, exc)
                     continue
@@ -222,7 +234,9 @@ class LLMServer:
             if queue is not None:
                 queue.put_nowait(out)
                 if out.finished:
-                    queue.ended.set()
+                    queue.live.discard(out.request_id)
+                    if not queue.live:
+                        queue.ended.set()
             elif not out.finished:  # its caller left between the step and now
                 self._inbox.put(("cancel", out.request_id))
             if out.finished:
@@ -265,33 +279,55 @@ class LLMServer:
                 interval = stream_interval(
                     serving.stream_interval_s, serving.stream_events_per_s, len(self._queues)
                 )
-                if not first and interval and not _done(items[-1]):
+                if not first and interval and not queue.ended.is_set():
                     await _sleep_unless(queue.ended, last_sent + interval - time.monotonic())
-                while not _done(items[-1]) and not queue.empty():
+                while not queue.empty():
                     items.append(queue.get_nowait())
+                failure = next((item for item in items if isinstance(item, BaseException)), None)
+                if failure is not None:  # the engine refused or lost it: an error chunk, no traceback
+                    finished = True
+                    error = f"{type(failure).__name__}: {failure}"
+                    yield TokenChunk([], "", True, "error", 0, error=error)
+                    return
+                finished = not queue.live
+                chunks = [self._chunk(queue.index[rid], group, request) for rid, group in _by_choice(items)]
                 for item in items:
-                    if isinstance(item, BaseException):
-                        raise item
-                last = items[-1]
-                finished = last.finished
-                if finished and last.cache is not None and session is not None and self.sessions is not None:
-                    self.sessions.store(session.owner, session.id, last.cache_token_ids, last.cache)
-                    self.metrics.cache(self.sessions.stats().to_dict())
-                text = "".join(item.text for item in items)
+                    if item.cache is not None and session is not None and self.sessions is not None:
+                        self.sessions.store(session.owner, session.id, item.cache_token_ids, item.cache)
+                        self.metrics.cache(self.sessions.stats().to_dict())
                 # Until some text went out, flush at once: a first token that decodes to nothing visible (a
                 # partial character) must not delay the first text by a whole interval.
-                first, last_sent = first and not text, time.monotonic()
-                yield TokenChunk(
-                    token_ids=[item.token_id for item in items],
-                    text=text,
-                    finished=finished,
-                    finish_reason=last.finish_reason,
-                    cached_tokens=last.cached_tokens,
-                )
+                first, last_sent = first and not any(c.text for c in chunks), time.monotonic()
+                for chunk in chunks:
+                    yield chunk
         finally:
-            if not finished:  # the caller went away (or failed): free its batch slot at the next step
-                self._queues.pop(request.request_id, None)
-                self._inbox.put(("cancel", request.request_id))
+            if not finished:  # the caller went away (or failed): free its batch slots at the next step
+                for request_id in queue.live:
+                    self._queues.pop(request_id, None)
+                    self._inbox.put(("cancel", request_id))
+
+    @staticmethod
+    def _chunk(index: int, items: list, request: GenerationRequest) -> TokenChunk:
+        """One choice's outputs since its previous chunk, as one record."""
+        last = items[-1]
+        produced = [item for item in items if item.token_id is not None]
+        logprobs = None
+        if request.params.logprobs is not None:
+            logprobs = [(item.logprob, item.top_logprobs or []) for item in produced]
+        prompt_logprobs = next(
+            (item.prompt_logprobs for item in items if item.prompt_logprobs is not None), None
+        )
+        return TokenChunk(
+            token_ids=[item.token_id for item in produced],
+            text="".join(item.text for item in items),
+            finished=last.finished,
+            finish_reason=last.finish_reason,
+            cached_tokens=last.cached_tokens,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            error=last.error,
+            index=index,
+        )
 
     async def stats(self) -> dict[str, Any]:
         """This replica's engine settings, batch sizes so far and session-cache counters."""

@@ -16,11 +16,11 @@ from llmopt.serve import (
 
 
 def test_bodies_reject_unknown_fields_and_bad_ranges():
-    assert CompletionRequest(prompt="hi").temperature == 1.0
+    assert CompletionRequest(prompt="hi").temperature is None  # OpenAI's default (1) applies
     assert GenerateRequest(prompt="hi").stream is True and GenerateRequest(prompt="hi").temperature == 0.0
     with pytest.raises(ValidationError, match="extra"):
         CompletionRequest(prompt="hi", bogus=1)
-    for bad in ({"max_tokens": 0}, {"top_p": 0}, {"temperature": 3}, {"top_k": -1}, {"session_id": ""}):
+    for bad in ({"max_tokens": 0}, {"top_p": 0}, {"temperature": 3}, {"top_k": -2}, {"session_id": ""}):
         with pytest.raises(ValidationError):
             CompletionRequest(prompt="hi", **bad)
 

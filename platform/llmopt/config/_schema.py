@@ -385,6 +385,19 @@ class ServingConfig(StrictModel):
     max_body_bytes: int = Field(
         1_000_000, ge=1024, description="Largest accepted request body; bigger ones get HTTP 413."
     )
+    # Per-request limits of the OpenAI endpoints: a request past one gets HTTP 400 naming the limit, so no
+    # single body can take a replica's whole batch, memory or time.
+    max_n: int = Field(
+        16, ge=1, le=1024, description="Most choices one request may ask for (`n`, `best_of`)."
+    )
+    max_logprobs: int = Field(
+        20, ge=0, le=1000, description="Most alternatives per token (`logprobs`, `top_logprobs`)."
+    )
+    max_prompts: int = Field(64, ge=1, le=4096, description="Most prompts in one completions request.")
+    max_stop: int = Field(
+        16, ge=0, le=1024, description="Most stop strings (and `stop_token_ids`) per request."
+    )
+    max_logit_bias: int = Field(1024, ge=0, description="Most `logit_bias` entries per request.")
 
     @model_validator(mode="after")
     def _ongoing_covers_batch(self) -> ServingConfig:

@@ -6,7 +6,13 @@ imports llmopt.train or llmopt.tune.
 """
 
 from llmopt.serve._auth import load_api_keys, owner_of
-from llmopt.serve._engine import GenerationEngine, GenerationRequest, SamplingParams, StepOutput
+from llmopt.serve._engine import (
+    GenerationEngine,
+    GenerationRequest,
+    SamplingParams,
+    StepOutput,
+    expand_choices,
+)
 from llmopt.serve._loading import (
     ServingPrecisionError,
     load_adapters,
@@ -14,29 +20,44 @@ from llmopt.serve._loading import (
     resolve_adapter,
     serving_dtype,
 )
+from llmopt.serve._openai import (
+    InvalidRequest,
+    Limits,
+    LogprobFormatter,
+    check_request,
+    sampling_params,
+)
 from llmopt.serve._protocol import (
+    SESSION_ID_PATTERN,
     BatchGenerateRequest,
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
+    DetokenizeRequest,
     GenerateRequest,
     ServingSetupError,
     SessionKey,
     TokenChunk,
+    TokenizeRequest,
     error_body,
     stream_interval,
 )
 from llmopt.serve._sessions import CacheStats, SessionCacheManager, SessionEntry, cache_nbytes, crop_cache
 
 __all__ = [
+    "SESSION_ID_PATTERN",
     "BatchGenerateRequest",
     "CacheStats",
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
+    "DetokenizeRequest",
     "GenerateRequest",
     "GenerationEngine",
     "GenerationRequest",
+    "InvalidRequest",
+    "Limits",
+    "LogprobFormatter",
     "SamplingParams",
     "ServingPrecisionError",
     "ServingSetupError",
@@ -45,14 +66,18 @@ __all__ = [
     "SessionKey",
     "StepOutput",
     "TokenChunk",
+    "TokenizeRequest",
     "cache_nbytes",
+    "check_request",
     "crop_cache",
     "error_body",
+    "expand_choices",
     "load_adapters",
     "load_api_keys",
     "load_serving_model",
     "owner_of",
     "resolve_adapter",
+    "sampling_params",
     "serving_dtype",
     "stream_interval",
 ]

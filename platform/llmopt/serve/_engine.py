@@ -21,8 +21,9 @@ Example::
 from __future__ import annotations
 
 import inspect
+import logging
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tokenizers import Tokenizer
@@ -33,6 +34,12 @@ from transformers.cache_utils import DynamicLayer
 from llmopt.serve._protocol import SessionKey
 from llmopt.serve._sessions import crop_cache
 from llmopt.serve.native import LlamaDecodeStep, unsupported_reason
+
+logger = logging.getLogger(__name__)
+
+# Temperatures below this sample greedily (vLLM's threshold): dividing scores by 1e-300, which is 0 in
+# float32, would leave no distribution to sample from.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -47,6 +54,22 @@ class SamplingParams:
         seed: Seed of the request's own random generator (same seed, same tokens, alone or batched).
         stop: Strings that end the completion; the returned text stops before the first one.
         ignore_eos: Keep generating past end-of-sequence tokens until ``max_tokens`` (benchmarks).
+        min_p: Drop tokens less likely than ``min_p`` times the most likely one (after temperature).
+        presence_penalty: Subtracted from the logit of every token generated so far (OpenAI's).
+        frequency_penalty: Subtracted from a token's logit once per time it was generated (OpenAI's).
+        repetition_penalty: Divides positive (multiplies negative) logits of every token of the prompt and the
+            output so far (Hugging Face's and vLLM's); 1 turns it off.
+        logit_bias: Token id -> value added to its logit before sampling (greedy included).
+        min_tokens: End-of-sequence, stop tokens and stop strings do not end the completion before this many
+            tokens.
+        stop_token_ids: Token ids that end the completion (their text excluded).
+        logprobs: Report each generated token's log-probability under the model and this many most likely
+            alternatives (0: the token's only); None reports nothing.
+        prompt_logprobs: The same for every prompt token but the first, on the request's first output.
+        skip_special_tokens: Leave special tokens out of the text.
+        include_stop_str_in_output: Keep the stop string (or stop token's text) that ended the completion.
+        n: Choices of the request. The engine runs one sequence per request: a serving replica turns a
+            request of n choices into n engine requests with :func:`expand_choices`.
     """
 
     max_tokens: int = 64
@@ -56,6 +79,27 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_tokens: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    n: int = 1
+
+    def shapes_logits(self) -> bool:
+        """Whether a logits processor (penalties, bias) changes this request's scores at every step."""
+        return bool(
+            self.logit_bias
+            or self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+        )
 
 
 @dataclass
@@ -94,12 +138,18 @@ class StepOutput:
         token_id: The token sampled at this step.
         text: Newly decoded text (a delta; stop strings and held-back partial characters excluded).
         finished: Whether the request is done (it has left the batch).
-        finish_reason: "stop", "length" or "eos" when finished, else None.
+        finish_reason: "stop", "length" or "eos" when finished, "error" when this request failed (the
+            others of its batch go on), else None.
         logits: The last-position logits row that produced ``token_id`` (only with ``keep_logits=True``).
         cache: On the final output of a ``keep_cache`` request: a batch-1 ``DynamicCache`` over
             ``cache_token_ids`` (no padding), ready to be a later request's ``prefix_cache``.
         cache_token_ids: The tokens ``cache`` covers: the prompt and every generated token but the last.
         cached_tokens: Prompt tokens that came from the request's ``prefix_cache`` (not prefilled).
+        logprob: ``token_id``'s log-probability under the model (with ``params.logprobs`` set).
+        top_logprobs: The ``params.logprobs`` most likely tokens and their log-probabilities.
+        prompt_logprobs: On a request's first output with ``params.prompt_logprobs`` set: for each prompt
+            token, None for the first, else (its log-probability, the most likely alternatives).
+        error: Why the request failed (with ``finish_reason="error"``).
     """
 
     request_id: str
@@ -111,6 +161,10 @@ class StepOutput:
     cache: DynamicCache | None = None
     cache_token_ids: list[int] | None = None
     cached_tokens: int = 0
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -122,6 +176,9 @@ class _Sequence:
     cached_tokens: int = 0
     stream: DecodeStream | None = None  # the generated tokens' text, decoded as they come
     text: str = ""  # what `stream` has decoded so far
+    prompt_logprobs: list | None = None  # computed at admission, sent with the first output
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (ids, values) on the device
+    error: str | None = None  # set at admission when the request cannot run
 
 
 class GenerationEngine:
@@ -170,6 +227,7 @@ class GenerationEngine:
             {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(forward).parameters else {}
         )
         self.device = next(model.parameters()).device
+        self.vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
         # Decode steps of a Llama model with the native kernel run the lean step (the same logits to 1e-5,
         # without transformers' per-module Python); prefills and everything else go through transformers.
         reason = unsupported_reason(model) if lean_decode else "turned off"
@@ -222,11 +280,32 @@ class GenerationEngine:
             raise ValueError(
                 f"Request {request.request_id!r} has an empty prompt; pass at least one token id."
             )
-        if p.max_tokens < 1 or p.temperature < 0 or not 0 < p.top_p <= 1 or p.top_k < 0:
+        if (
+            p.max_tokens < 1
+            or not p.temperature >= 0
+            or not 0 < p.top_p <= 1
+            or p.top_k < 0
+            or not 0 <= p.min_p <= 1
+            or not p.repetition_penalty > 0
+            or p.min_tokens < 0
+            or (p.logprobs is not None and p.logprobs < 0)
+            or (p.prompt_logprobs is not None and p.prompt_logprobs < 0)
+        ):
             raise ValueError(
                 f"Request {request.request_id!r} has invalid sampling params {p}; need max_tokens >= 1, "
-                "temperature >= 0, 0 < top_p <= 1 and top_k >= 0."
+                "temperature >= 0, 0 < top_p <= 1, top_k >= 0, 0 <= min_p <= 1, repetition_penalty > 0, "
+                "min_tokens >= 0 and logprobs >= 0."
             )
+        vocab = self.vocab_size
+        for name, ids in (
+            ("prompt_ids", request.prompt_ids),
+            ("logit_bias", p.logit_bias),
+            ("stop_token_ids", p.stop_token_ids),
+        ):
+            if vocab is not None and any(not 0 <= int(i) < vocab for i in ids):
+                raise ValueError(
+                    f"Request {request.request_id!r} has {name} outside the vocabulary [0, {vocab})."
+                )
         if any(s.request.request_id == request.request_id for s in (*self._waiting, *self._running)):
             raise ValueError(
                 f"Request id {request.request_id!r} is already live; use a unique id per request."
@@ -252,9 +331,16 @@ class GenerationEngine:
             if p.seed is None:
                 generator.seed()
             else:
-                generator.manual_seed(p.seed)
-        stream = DecodeStream(skip_special_tokens=True) if self._backend is not None else None
-        self._waiting.append(_Sequence(request, generator, stream=stream))
+                generator.manual_seed(p.seed % 2**64)  # any integer seeds; torch takes 64 bits
+        stream = (
+            DecodeStream(skip_special_tokens=p.skip_special_tokens) if self._backend is not None else None
+        )
+        seq = _Sequence(request, generator, stream=stream)
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=self.device)
+            values = torch.tensor(list(p.logit_bias.values()), dtype=torch.float32, device=self.device)
+            seq.bias = (ids, values)
+        self._waiting.append(seq)
 
     def cancel(self, request_id: str) -> bool:
         """Drop a waiting or running request (e.g. its client went away); True if it was live."""
@@ -304,6 +390,13 @@ class GenerationEngine:
 
         room = self.max_batch_size - len(self._running) if admit else 0
         newcomers = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+        for seq in [s for s in newcomers if s.request.params.prompt_logprobs is not None]:
+            try:
+                seq.prompt_logprobs = self._prompt_logprobs(seq)
+            except Exception as exc:  # this request fails; the rest of the batch goes on
+                logger.exception("llmopt engine: prompt logprobs of %s failed", seq.request.request_id)
+                newcomers.remove(seq)
+                outputs.append(_failed(seq, exc))
         if newcomers and not self.use_cache:
             logits = self._recompute(newcomers)
             outputs += self._advance_rows(newcomers, logits)
@@ -364,6 +457,26 @@ class GenerationEngine:
         self._merge([seq], cache, torch.ones(1, len(seq.request.prompt_ids), dtype=torch.long))
         return True
 
+    def _prompt_logprobs(self, seq: _Sequence) -> list:
+        """Log-probabilities of each prompt token given the ones before it (one forward pass of the whole
+        prompt with every position's logits, outside the batch: echo with logprobs is rare)."""
+        prompt = seq.request.prompt_ids
+        ids = torch.tensor([prompt], device=self.device)
+        out = self.model(input_ids=ids, use_cache=False, **_adapter_kwargs([seq], self._peft))
+        scores = out.logits[0, :-1].float().log_softmax(dim=-1)
+        chosen = scores.gather(1, ids[0, 1:].unsqueeze(1)).squeeze(1).tolist()
+        k = seq.request.params.prompt_logprobs
+        top = scores.topk(k, dim=-1) if k else None
+        result: list = [None]
+        for i, value in enumerate(chosen):
+            alternatives = (
+                list(zip(top.indices[i].tolist(), top.values[i].tolist(), strict=True))
+                if top is not None
+                else []
+            )
+            result.append((value, alternatives))
+        return result
+
     def _prefill_prefix(self, seq: _Sequence) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
         """Prefill the part of a prompt its ``prefix_cache`` does not cover; the cache grows in place."""
         cache, seq.request.prefix_cache = seq.request.prefix_cache, None
@@ -391,6 +504,8 @@ class GenerationEngine:
 
     def _export(self, out: StepOutput) -> None:
         """Attach a finished ``keep_cache`` request's own cache (its row, padding removed) to ``out``."""
+        if out.finish_reason == "error":
+            return
         row = next(i for i, s in enumerate(self._running) if s.request.request_id == out.request_id)
         seq = self._running[row]
         if not seq.request.keep_cache:
@@ -469,27 +584,53 @@ class GenerationEngine:
         """`_advance` each sequence with its row of ``logits`` [rows, vocab]; the greedy picks of all rows
         come from one argmax (one per row cost ~4 us each: at 32 rows, a few percent of a tiny step)."""
         greedy = logits.argmax(dim=1).tolist()
-        return [self._advance(s, row, g) for s, row, g in zip(seqs, logits, greedy, strict=True)]
+        # A row whose logits are not finite (a numerical failure of the model on that row) cannot be
+        # sampled: it alone finishes with an error. One check for the batch keeps the common case cheap.
+        finite = torch.isfinite(logits).all(dim=1).tolist()
+        outputs = []
+        for seq, row, pick, ok in zip(seqs, logits, greedy, finite, strict=True):
+            try:
+                if not ok:
+                    raise FloatingPointError("the model's logits for this request are not finite")
+                outputs.append(self._advance(seq, row, pick))
+            except Exception as exc:  # one request's failure never fails the others of its batch
+                logger.exception("llmopt engine: request %s failed", seq.request.request_id)
+                outputs.append(_failed(seq, exc))
+        return outputs
 
     def _advance(self, seq: _Sequence, logits: torch.Tensor, greedy: int) -> StepOutput:
-        """Pick the next token of ``seq`` (``greedy``, its row's argmax, at temperature 0; else sampled from
-        its logits row), update its text, decide if it stops."""
+        """Pick the next token of ``seq`` (``greedy``, its row's argmax, at temperature 0 when no processor
+        shapes its scores; else from its processed logits row), update its text, decide if it stops."""
         params = seq.request.params
-        token = greedy if params.temperature == 0 else _sample(logits, params, seq.generator)
+        generated = len(seq.token_ids)
+        early = generated < params.min_tokens
+        scores = logits
+        if params.shapes_logits() or early:
+            scores = self._process(seq, logits, early)
+            greedy = int(scores.argmax())
+        token = greedy if params.temperature < GREEDY_BELOW else _sample(scores, params, seq.generator)
+        logprob = top = None
+        if params.logprobs is not None:
+            logprob, top = _logprobs(logits, token, params.logprobs)
         seq.token_ids.append(token)
         reason = None
-        if token in self.eos_token_ids and not params.ignore_eos:
-            reason = "eos"
+        ends = not early and (
+            (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids
+        )
+        if ends:
+            reason = "eos" if token in self.eos_token_ids and not params.ignore_eos else "stop"
         elif len(seq.token_ids) >= params.max_tokens:
             reason = "length"
-        text = self._decode(seq, reason)
-        stops = [i for i in (text.find(s) for s in params.stop if s) if i >= 0]
+        text = self._decode(seq, reason, drop_last=ends and not params.include_stop_str_in_output)
+        stops = [] if early else [(i, s) for i, s in ((text.find(s), s) for s in params.stop if s) if i >= 0]
         if stops:
-            text, reason = text[: min(stops)], "stop"
+            at, stop = min(stops)
+            text, reason = text[: at + len(stop) if params.include_stop_str_in_output else at], "stop"
         elif reason is None:
             text = _hold_back(text, params.stop)
         delta = text[len(seq.emitted) :] if text.startswith(seq.emitted) else ""
         seq.emitted += delta
+        prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
         return StepOutput(
             request_id=seq.request.request_id,
             token_id=token,
@@ -498,22 +639,103 @@ class GenerationEngine:
             finish_reason=reason,
             logits=logits.clone() if self.keep_logits else None,
             cached_tokens=seq.cached_tokens,
+            logprob=logprob,
+            top_logprobs=top,
+            prompt_logprobs=prompt_logprobs,
         )
 
-    def _decode(self, seq: _Sequence, reason: str | None) -> str:
-        """The text of ``seq``'s generated tokens, its newest one included (an EOS ending it excluded)."""
+    def _process(self, seq: _Sequence, logits: torch.Tensor, early: bool) -> torch.Tensor:
+        """``logits`` with the request's processors applied: min_tokens, logit bias, then the repetition,
+        frequency and presence penalties (vLLM's order)."""
+        params = seq.request.params
+        scores = logits.clone()
+        if early:
+            ends = [*self.eos_token_ids, *params.stop_token_ids] if not params.ignore_eos else []
+            ends = [t for t in ends if t < scores.numel()]
+            if ends:
+                scores[ends] = float("-inf")
+        if seq.bias is not None:
+            ids, values = seq.bias
+            scores.index_add_(0, ids, values)
+        if params.repetition_penalty != 1.0:
+            seen = torch.tensor(seq.request.prompt_ids + seq.token_ids, device=scores.device).unique()
+            picked = scores[seen]
+            penalty = params.repetition_penalty
+            scores[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+        if (params.presence_penalty or params.frequency_penalty) and seq.token_ids:
+            generated = torch.tensor(seq.token_ids, device=scores.device)
+            counts = torch.bincount(generated, minlength=scores.numel())[: scores.numel()].to(scores.dtype)
+            scores -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(
+                scores.dtype
+            )
+        return scores
+
+    def _decode(self, seq: _Sequence, reason: str | None, drop_last: bool = False) -> str:
+        """The text of ``seq``'s generated tokens, its newest one included (unless ``drop_last``: an EOS or
+        stop token ending it)."""
+        params = seq.request.params
         if reason is None and seq.stream is not None:
             seq.text += seq.stream.step(self._backend, seq.token_ids[-1]) or ""  # None: a character is split
             return seq.text
-        ids = seq.token_ids[:-1] if reason == "eos" else seq.token_ids
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        ids = seq.token_ids[:-1] if drop_last or reason == "eos" else seq.token_ids
+        return self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
+
+
+def expand_choices(request: GenerationRequest) -> list[GenerationRequest]:
+    """The engine requests of a request's ``params.n`` choices, choice 0 first.
+
+    Choice i samples with ``seed + i`` (a fresh random seed each without a seed), so the choices differ and
+    the same seed repeats them all. Choice 0 keeps the request's id, session and prefix cache (and stores the
+    session back), and alone computes the prompt's log-probabilities; the others, ids ``<id>/<i>``, start
+    from a copy of the prefix cache, so a session's history is prefilled once for all of them.
+    """
+    n = request.params.n
+    if n <= 1:
+        return [request]
+    choices = []
+    for i in range(n):
+        seed = None if request.params.seed is None else request.params.seed + i
+        # The prompt's log-probabilities are the same for every choice: choice 0 computes them.
+        prompt_logprobs = request.params.prompt_logprobs if i == 0 else None
+        params = replace(request.params, n=1, seed=seed, prompt_logprobs=prompt_logprobs)
+        if i == 0:
+            choices.append(replace(request, params=params))
+            continue
+        prefix = request.prefix_cache
+        choices.append(
+            replace(
+                request,
+                request_id=f"{request.request_id}/{i}",
+                params=params,
+                prefix_cache=_copy_cache(prefix) if prefix is not None else None,
+                keep_cache=False,
+                session=None,
+            )
+        )
+    return choices
+
+
+def _copy_cache(cache: DynamicCache) -> DynamicCache:
+    copy = DynamicCache()
+    for index, layer in enumerate(cache.layers):
+        copy.update(layer.keys.clone(), layer.values.clone(), index)
+    return copy
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Pick one token id from a logits row: argmax, or temperature / top-k / top-p sampling."""
-    if params.temperature == 0:
+    """Pick one token id from a logits row: argmax, or temperature / top-k / top-p / min-p sampling.
+
+    Every filter keeps the most likely token, and the scores are shifted so that the best is 0 before the
+    temperature divides them, so no top_p or min_p however small or large, and no temperature, leaves a
+    distribution of NaNs (``top_p=1e-300`` is 0 in float32 and keeps the most likely token alone).
+    """
+    if params.temperature < GREEDY_BELOW:
         return int(logits.argmax())
-    scores = logits / params.temperature
+    best = logits.max()
+    if not torch.isfinite(best):
+        raise FloatingPointError("no token has a finite score")
+    scores = (logits - best) / params.temperature
+    scores = scores.nan_to_num(nan=float("-inf"), neginf=float("-inf"))
     if 0 < params.top_k < scores.numel():
         kth = torch.topk(scores, params.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -521,9 +743,36 @@ def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Gener
         sorted_scores, order = scores.sort(descending=True)
         probs = sorted_scores.softmax(dim=-1)
         drop = probs.cumsum(dim=-1) - probs >= params.top_p  # the token that crosses top_p is kept
+        drop[0] = False
         scores = scores.scatter(0, order[drop], float("-inf"))
     probs = scores.softmax(dim=-1)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """``token``'s log-probability under the model's distribution (the raw logits: no temperature or
+    penalty) and the ``k`` most likely tokens with theirs."""
+    scores = logits.float().log_softmax(dim=-1)
+    top = scores.topk(k) if k else None
+    alternatives = (
+        list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
+    )
+    return float(scores[token]), alternatives
+
+
+def _failed(seq: _Sequence, exc: BaseException) -> StepOutput:
+    """The last output of a request that failed: finished with an error, no token."""
+    return StepOutput(
+        request_id=seq.request.request_id,
+        token_id=None,
+        text="",
+        finished=True,
+        finish_reason="error",
+        cached_tokens=seq.cached_tokens,
+        error=f"{type(exc).__name__}: {exc}",
+    )
 
 
 def _hold_back(text: str, stop: list[str]) -> str:
