@@ -162,6 +162,8 @@ def test_min_tokens_stop_token_ids_and_stop_string_in_output(model, tok):
         {"temperature": 1.0, "min_p": 1.0, "top_k": 1},
         {"temperature": 2.0, "seed": 2**64 + 5},
         {"temperature": 1.0, "seed": -(2**63)},
+        {"temperature": 1.0, "repetition_penalty": 5e-324},
+        {"temperature": 0.0, "repetition_penalty": 5e-324, "logit_bias": {3: -100.0}},
     ],
 )
 def test_hostile_sampling_values_sample_and_leave_the_batch_alone(model, tok, hostile):

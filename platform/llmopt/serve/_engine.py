@@ -668,7 +668,11 @@ class GenerationEngine:
             scores -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(
                 scores.dtype
             )
-        return scores
+        # A repetition penalty of 5e-324 divides a logit into infinity: keep every score finite (or -inf,
+        # ruled out), so the most likely tokens stay comparable and sampleable.
+        return scores.nan_to_num(
+            nan=float("-inf"), posinf=torch.finfo(scores.dtype).max, neginf=float("-inf")
+        )
 
     def _decode(self, seq: _Sequence, reason: str | None, drop_last: bool = False) -> str:
         """The text of ``seq``'s generated tokens, its newest one included (unless ``drop_last``: an EOS or
