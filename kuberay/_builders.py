@@ -259,9 +259,18 @@ def build_rayjob(
     }
 
 
-def llm_application(config_path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """The Serve `applications` entry of `serve_apps.llm:app` for a run config (as in llm.yaml)."""
-    args: dict[str, Any] = {"config": config_path}
+def llm_application(config_path: str | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The Serve `applications` entry of `serve_apps.llm:app` for a run config (as in llm.yaml).
+
+    Args:
+        config_path: The run config's path where the application runs (inside the image); `None` for the
+            built-in default run config, which the application builder loads when `args` names none.
+        overrides: `a.b=value` overrides of that config.
+
+    Returns:
+        The application entry, with no deployment options yet.
+    """
+    args: dict[str, Any] = {} if config_path is None else {"config": config_path}
     if overrides:
         args["overrides"] = list(overrides)
     return {"name": "llm", "route_prefix": "/", "import_path": LLM_APP, "args": args, "deployments": []}
@@ -289,11 +298,12 @@ def build_rayservice(
 ) -> dict[str, Any]:
     """A RayService serving `application` (an entry of a Serve config's `applications`) with autoscaling.
 
-    The application must be `serve_apps.llm:app` with `args.config` a path inside the image; `config`
-    is that run config with the application's overrides applied. Deployment options the application
-    leaves out are filled from the run config, as the application builder would: the model
-    deployment's `autoscaling_config` (or `num_replicas`), `user_config` and `ray_actor_options`, one
-    model replica per worker pod; the ingress asks for no CPU so it can run anywhere, the head included.
+    The application must be `serve_apps.llm:app` with `args.config` a path inside the image (or no
+    `args.config`: the default run config); `config` is that run config with the application's overrides
+    applied. Deployment options the application leaves out are filled from the run config by
+    `llmopt.deployment.deployment_options`, the application builder's own mapping, in the pod layout: the
+    model deployment's `autoscaling_config` (or `num_replicas`), `user_config` and `ray_actor_options`,
+    one model replica per worker pod; the ingress asks for no CPU so it can run anywhere, the head included.
     The worker group spans the model deployment's replica bounds and Ray's autoscaler follows Serve's.
     With `options.auth`, the API keys come from a Secret through `serving.api_keys_env`.
 
@@ -320,17 +330,15 @@ def build_rayservice(
     if options.throughput_optimized:  # read by Serve's processes when they start: on every pod
         env += [{"name": key, "value": value} for key, value in SERVE_THROUGHPUT_ENV.items()]
 
-    # The application's own options win; the rest come from the run config as the app builder derives them.
-    derived = deployment_options(config)
+    # The application's own options win; the rest come from the run config through the mapping the app
+    # builder uses, in its pod layout (one model replica per worker pod, an ingress that asks for no CPU).
+    derived = deployment_options(config, kuberay=True)
     server = _deployment(app, SERVER)
     replicas = {"num_replicas", "autoscaling_config"}
     for key, value in derived[SERVER].items():
-        if key not in replicas or not replicas & server.keys():
+        if key not in replicas or not replicas & server.keys():  # a fixed count or bounds, never both
             server.setdefault(key, copy.deepcopy(value))
-    server.setdefault("max_replicas_per_node", 1)  # each worker pod is sized for one model replica
     ingress = _deployment(app, INGRESS)
-    # The head advertises no CPUs (workloads stay off the GCS): the ingress asks for none to run anywhere.
-    ingress.setdefault("ray_actor_options", {"num_cpus": 0})
     for key, value in derived[INGRESS].items():
         ingress.setdefault(key, copy.deepcopy(value))
     serve_config = {

@@ -74,14 +74,15 @@ def rayservice_from_files(
     options: KubeRayOptions | None = None,
     repo_root: Path = REPO,
 ) -> dict[str, Any]:
-    """A RayService from a run config file, or from a Serve config (serve_apps/configs/llm.yaml).
+    """A RayService from a run config file, a Serve config (serve_apps/configs/llm.yaml), or neither.
 
     A Serve config must hold one `serve_apps.llm:app` application whose `args.config` is relative to
     the repository root (as the shipped one); its deployment options are kept, and `overrides` are
-    appended to its `args.overrides`.
+    appended to its `args.overrides`. With neither, the default run config is served (as `llmopt serve`
+    without `--config` serves it): the application names no config file, so the pods build the same one.
     """
-    if (config_file is None) == (serve_config is None):
-        raise ValueError("give either a run config (--config) or a Serve config (--serve-config)")
+    if config_file is not None and serve_config is not None:
+        raise ValueError("give a run config (--config) or a Serve config (--serve-config), not both")
     if serve_config is not None:
         data = read_yaml(serve_config)
         apps = data.get("applications") or []
@@ -105,7 +106,8 @@ def rayservice_from_files(
         application["args"] = args
     else:
         config = load_config(config_file, overrides)
-        application = llm_application(image_path(config_file, repo_root), overrides)
+        path = None if config_file is None else image_path(config_file, repo_root)
+        application = llm_application(path, overrides)
     return build_rayservice(config, application, options)
 
 

@@ -67,7 +67,12 @@ def _client(context: str | None) -> KubeRayClient:
 def render(
     kind: Annotated[str, typer.Argument(help="rayjob, rayservice or raycluster.")],
     overrides: Annotated[list[str] | None, typer.Argument(help="Config overrides a.b=value.")] = None,
-    config_file: Annotated[Path | None, typer.Option("--config", "-c", help="Run config YAML.")] = None,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="Run config YAML (RayService, RayCluster: default config if unset)."
+        ),
+    ] = None,
     serve_config: Annotated[
         Path | None, typer.Option(help="RayService from this Serve config (serve_apps/configs/llm.yaml).")
     ] = None,

@@ -16,7 +16,7 @@ SERVER = "LLMServer"
 INGRESS = "LLMIngress"
 
 
-def deployment_options(config: RunConfig) -> dict[str, dict[str, Any]]:
+def deployment_options(config: RunConfig, *, kuberay: bool = False) -> dict[str, dict[str, Any]]:
     """Options of both deployments (`LLMServer`, `LLMIngress`), as `Deployment.options` and a Serve
     config's `deployments` entries take them.
 
@@ -26,6 +26,9 @@ def deployment_options(config: RunConfig) -> dict[str, dict[str, Any]]:
 
     Args:
         config: The run config (`serving` and `resources`).
+        kuberay: The pod layout of a rendered RayService: each worker pod is sized for one model replica
+            (`max_replicas_per_node: 1`), and the ingress asks for no CPU, since the head advertises none
+            and a worker pod's CPUs are its model replica's.
 
     Returns:
         `{"LLMServer": {...}, "LLMIngress": {...}}`; plain data, safe to dump as YAML.
@@ -53,6 +56,8 @@ def deployment_options(config: RunConfig) -> dict[str, dict[str, Any]]:
     ingress = {
         "num_replicas": 1,
         "max_ongoing_requests": scaling.max_replicas * (ongoing + queued) + 16,
-        "ray_actor_options": {"num_cpus": 0.1},
+        "ray_actor_options": {"num_cpus": 0 if kuberay else 0.1},
     }
+    if kuberay:
+        server["max_replicas_per_node"] = 1
     return {SERVER: server, INGRESS: ingress}

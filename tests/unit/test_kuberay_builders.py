@@ -370,10 +370,11 @@ def test_rayservice_of_the_default_config_carries_the_app_builders_options():
 
     for overrides in ([], ["resources.accelerator=gpu"]):
         config = load_config(None, overrides)
-        service = build_rayservice(config, llm_application(IN_IMAGE, overrides), KubeRayOptions(auth=False))
+        service = build_rayservice(config, llm_application(None, overrides), KubeRayOptions(auth=False))
         (application,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+        assert "config" not in application["args"]  # the pods load the default run config too
         deployments = {d["name"]: d for d in application["deployments"]}
-        derived = deployment_options(config)
+        derived = deployment_options(config, kuberay=True)
         server = deployments[SERVER]
         assert server["user_config"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.0}
         for key, value in derived[SERVER].items():
@@ -386,3 +387,63 @@ def test_rayservice_of_the_default_config_carries_the_app_builders_options():
         (group,) = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert limits.get("nvidia.com/gpu") == ("1" if gpus else None)
+
+
+class _Bound:
+    """Stands in for a deployment of `serve_apps.llm`: records the options the app builder gives it."""
+
+    def __init__(self) -> None:
+        self.options_given: dict | None = None
+
+    def options(self, **options):
+        self.options_given = options
+        return self
+
+    def bind(self, *args):
+        return self
+
+
+@pytest.mark.parametrize(
+    "config_file",
+    [None, *sorted((REPO / "jobs" / "configs").glob("*.yaml"))],
+    ids=lambda p: "default" if p is None else p.stem,
+)
+def test_rendered_deployments_are_the_app_builders_deployment_options(config_file, monkeypatch):
+    """One mapping from a run config to Serve options (`deployment_options`), two users: the RayService that
+    `llmopt kuberay render rayservice` writes holds exactly its options (in the pod layout), and
+    `serve_apps.llm:app`, built from the rendered args, binds exactly its options (in the local layout)."""
+    import serve_apps.llm as llm
+    from llmopt.deployment import INGRESS, SERVER, deployment_options
+
+    source = [] if config_file is None else ["--config", str(config_file)]
+    result = CliRunner().invoke(kuberay_app, ["render", "rayservice", *source])
+    assert result.exit_code == 0, result.output
+    (application,) = yaml.safe_load(yaml.safe_load(result.stdout)["spec"]["serveConfigV2"])["applications"]
+    args = dict(application["args"])
+    if config_file is None:
+        assert "config" not in args
+    else:
+        assert args["config"] == image_path(config_file, REPO)
+        args["config"] = str(config_file)  # the image's copy of it
+    config = load_config(config_file, args.get("overrides", []))
+    rendered = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in application["deployments"]}
+    assert rendered == deployment_options(config, kuberay=True)
+    assert None not in rendered[SERVER]["user_config"].values()
+
+    bound = {SERVER: _Bound(), INGRESS: _Bound()}
+    monkeypatch.setattr(llm, "LLMServer", bound[SERVER])
+    monkeypatch.setattr(llm, "LLMIngress", bound[INGRESS])
+    llm.app(args)
+    local = deployment_options(config)
+    assert {name: b.options_given for name, b in bound.items()} == local
+    # The two layouts differ in placement only: one model replica per worker pod, an ingress without CPU.
+    assert rendered[SERVER] == {**local[SERVER], "max_replicas_per_node": 1}
+    assert rendered[INGRESS] == {**local[INGRESS], "ray_actor_options": {"num_cpus": 0}}
+
+
+def test_render_rayservice_takes_a_run_config_or_a_serve_config_not_both():
+    result = CliRunner().invoke(
+        kuberay_app,
+        ["render", "rayservice", "--config", str(TINY), "--serve-config", "serve_apps/configs/llm.yaml"],
+    )
+    assert result.exit_code == 2 and "not both" in result.output
