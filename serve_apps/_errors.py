@@ -17,6 +17,7 @@ from llmopt.serve import error_body
 __all__ = [
     "GenerationFailed",
     "Reject",
+    "ReplicaLost",
     "error_event",
     "install_handlers",
     "internal_error",
@@ -39,6 +40,26 @@ class Reject(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = headers or {}
+
+
+class ReplicaLost(Reject):
+    """The model replica generating a request was lost (its process died, or Ray cannot reach it) and the
+    request could not move to another one: HTTP 503 with Retry-After, since a retry finds a live replica
+    (Serve replaces the lost one), or the error event of a stream already under way.
+
+    Attributes:
+        retryable: Whether the request may still run again from its start (nothing of it reached the client
+            and it has not used up its replica losses).
+    """
+
+    def __init__(self, detail: str, retryable: bool = False):
+        super().__init__(
+            503,
+            "The model replica serving this request stopped; retry after Retry-After seconds.",
+            code="replica_unavailable",
+            headers={"Retry-After": "1"},
+        )
+        self.detail, self.retryable = detail, retryable
 
 
 def parse_body(raw: bytes, schema: type[BaseModel]) -> BaseModel:

@@ -7,6 +7,7 @@ caller's key and session id, so a session's turns return to the replica holding 
 """
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -20,6 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -48,6 +50,7 @@ from llmopt.serve import (
 from serve_apps._errors import (
     GenerationFailed,
     Reject,
+    ReplicaLost,
     error_event,
     install_handlers,
     internal_error,
@@ -248,6 +251,129 @@ class _Reply:
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
 
+# A request survives the loss of one replica (its process died, or Ray cannot reach it): it moves to another.
+# One only: a request that itself kills replicas must not take the others down one retry at a time.
+REPLICA_LOSSES_ABSORBED = 1
+
+
+class _ReplicaStream:
+    """One request's token records from the ``LLMServer`` replicas, moved to another replica when the one
+    generating it is lost (a SIGKILLed or crashed replica fails its in-flight calls with ``ActorDiedError``).
+
+    Before its first record the request is simply sent again. After some, it continues where it stopped when
+    that gives the same tokens: one choice, no stop strings (their matching spans the text already sent), no
+    presence or frequency penalties (they count the generated tokens only), greedy or unseeded. The prompt
+    plus the tokens generated so far goes to another replica for the rest (a full prefill), and the text is
+    then decoded here from all the tokens: the new replica decodes only its own, and a token's text depends
+    on the ones before it (a word's leading space, a character split across tokens). Otherwise, or past
+    ``losses`` lost replicas, it raises :class:`ReplicaLost`.
+    """
+
+    def __init__(self, llm: DeploymentHandle, tokenizer, request: GenerationRequest, route: str, losses: int):
+        self.llm, self.tokenizer, self.request, self.route = llm, tokenizer, request, route
+        self.losses_left = losses
+        self.received = 0  # records received
+        self.generated: list[int] = []  # choice 0's tokens so far
+        self.emitted = ""  # choice 0's text as passed on
+        self.cached = 0
+        self.resumed = False
+        self._stream = self._send(request)
+
+    def _send(self, request: GenerationRequest):
+        handle = self.llm.options(stream=True, multiplexed_model_id=self.route)
+        return handle.generate.remote(request)  # overload (BackPressureError) shows on the first record
+
+    def __aiter__(self) -> "_ReplicaStream":
+        return self
+
+    async def __anext__(self) -> TokenChunk:
+        while True:
+            try:
+                chunk = await self._stream.__anext__()
+            except RayActorError as exc:
+                self._stream.cancel()  # a replica that Ray merely cannot reach may still be generating it
+                self._move(exc)
+                continue
+            except BackPressureError:
+                if not self.received:
+                    raise  # answered as a real 503 (nothing was sent yet)
+                raise overloaded() from None  # resent mid-stream to replicas that are all full
+            return self._record(chunk)
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+
+    def _resumable(self) -> bool:
+        p = self.request.params
+        return (
+            p.n == 1
+            and not p.stop
+            and not (p.presence_penalty or p.frequency_penalty)
+            and (p.seed is None or p.temperature == 0)
+        )
+
+    def _move(self, exc: RayActorError) -> None:
+        """Send the request (or its rest) to another replica, or raise :class:`ReplicaLost`."""
+        detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if self.losses_left <= 0 or (self.received and not self._resumable()):
+            logger.warning(
+                "llmopt request %s lost its replica after %d records and cannot continue on another: %s",
+                self.rid,
+                self.received,
+                detail,
+            )
+            raise ReplicaLost(detail, retryable=self.losses_left > 0) from None
+        self.losses_left -= 1
+        request = self.request
+        if self.received:
+            done, p = len(self.generated), request.params
+            params = dataclasses.replace(
+                p,
+                max_tokens=p.max_tokens - done,
+                min_tokens=max(0, p.min_tokens - done),
+                prompt_logprobs=None,
+            )
+            request = dataclasses.replace(
+                request, prompt_ids=request.prompt_ids + self.generated, params=params
+            )
+            self.resumed = True
+        logger.warning(
+            "llmopt request %s lost its replica after %d tokens; continuing on another: %s",
+            self.rid,
+            len(self.generated),
+            detail,
+        )
+        # A fresh id: a replica that Ray could not reach may still hold the old one.
+        self._stream = self._send(dataclasses.replace(request, request_id=uuid.uuid4().hex))
+
+    @property
+    def rid(self) -> str:
+        return self.request.request_id
+
+    def _record(self, chunk: TokenChunk) -> TokenChunk:
+        self.received += 1
+        if self.received == 1:
+            self.cached = chunk.cached_tokens
+        if chunk.index != 0:
+            return chunk
+        self.generated += chunk.token_ids
+        if not self.resumed:
+            self.emitted += chunk.text
+            return chunk
+        p = self.request.params
+        ids = self.generated
+        if chunk.finish_reason == "eos" or (
+            chunk.finish_reason == "stop" and not p.include_stop_str_in_output
+        ):
+            ids = ids[:-1]  # as the engine does: an end-of-sequence or stop token has no text
+        text = self.tokenizer.decode(ids, skip_special_tokens=p.skip_special_tokens)
+        if not chunk.finished:
+            text = text.rstrip("\ufffd")  # a character split across tokens waits for its last token
+        delta = text[len(self.emitted) :] if text.startswith(self.emitted) else ""
+        self.emitted += delta
+        return dataclasses.replace(chunk, text=delta, cached_tokens=self.cached)
+
+
 # serve.ingress pickles the FastAPI app (and the globals its routes reference) when the class is decorated:
 # everything the routes use is defined or imported above.
 @serve.deployment
@@ -395,16 +521,17 @@ class LLMIngress:
         return ids
 
     # ---- talking to the replicas --------------------------------------------------------------------
-    async def _open(self, request: GenerationRequest, route: str) -> tuple[TokenChunk, Any, float]:
+    async def _open(
+        self, request: GenerationRequest, route: str, losses: int = REPLICA_LOSSES_ABSORBED
+    ) -> tuple[TokenChunk, Any, float]:
         """Start a generation; return its first token record, the stream and the start time.
 
-        Waiting for the first token before answering lets admission failures (overload) become real HTTP
-        statuses even for streamed responses.
+        Waiting for the first token before answering lets admission failures (overload, a replica lost
+        before it answered) become real HTTP statuses even for streamed responses.
         """
         start = time.perf_counter()
-        handle = self.llm.options(stream=True, multiplexed_model_id=route)
-        stream = handle.generate.remote(request)  # overload (BackPressureError) is answered by _guard
-        async for chunk in stream:
+        stream = _ReplicaStream(self.llm, self.tokenizer, request, route, losses)
+        async for chunk in stream:  # overload (BackPressureError) is answered by _guard
             return chunk, stream, start
         raise RuntimeError("the replica ended the stream before the first token")
 
@@ -432,12 +559,28 @@ class LLMIngress:
 
     async def _collect(self, request: GenerationRequest, route: str, name: str) -> list[dict[str, Any]]:
         """Run a request (all its choices) to its end: each choice's text, tokens, log-probabilities and
-        usage, in choice order.
+        usage, in choice order. A whole response has sent nothing yet, so a request whose replica was lost
+        and that cannot continue elsewhere (several choices, stop strings) runs again from its start.
 
         Raises:
             GenerationFailed: The replica finished it with an error.
+            ReplicaLost: Its replicas were lost more often than a request may survive.
         """
-        first, stream, start = await self._open(request, route)
+        try:
+            return await self._collect_once(request, route, name, REPLICA_LOSSES_ABSORBED)
+        except ReplicaLost as exc:
+            if not exc.retryable:
+                raise
+            logger.warning(
+                "llmopt request %s lost its replica; running it again: %s", request.request_id, exc.detail
+            )
+            again = dataclasses.replace(request, request_id=uuid.uuid4().hex)
+            return await self._collect_once(again, route, name, REPLICA_LOSSES_ABSORBED - 1)
+
+    async def _collect_once(
+        self, request: GenerationRequest, route: str, name: str, losses: int
+    ) -> list[dict[str, Any]]:
+        first, stream, start = await self._open(request, route, losses)
         choices = request.params.n
         results = [
             {"text": [], "finish_reason": None, "token_ids": [], "logprobs": [], "prompt_logprobs": None}
@@ -502,7 +645,7 @@ class LLMIngress:
     async def stats(self, request: Request) -> dict[str, Any]:
         """Engine settings, batch sizes and session-cache counters of the replica that answers."""
         self._owner(request)
-        return await self.llm.stats.remote()
+        return await self._guard("stats", self._stats())
 
     @fastapi_app.get("/metrics")
     async def metrics(self, request: Request):
@@ -688,6 +831,14 @@ class LLMIngress:
             )
         return {"prompt": self.tokenizer.decode(body.tokens)}
 
+    async def _stats(self) -> dict[str, Any]:
+        for _ in range(REPLICA_LOSSES_ABSORBED + 1):
+            try:
+                return await self.llm.stats.remote()
+            except RayActorError as exc:  # that replica died: ask another (Serve no longer routes to it)
+                lost = exc
+        raise ReplicaLost(type(lost).__name__)
+
     async def _node_metrics(self) -> PlainTextResponse:
         if self._metrics_url is None:
             import ray
@@ -745,7 +896,8 @@ class LLMIngress:
                     if item.text:
                         yield item.text
             except Exception as exc:  # plain text has no events: the stream ends with a marked error line
-                yield f"\n[llmopt error] {internal_error(exc).message}\n"
+                reject = exc if isinstance(exc, Reject) else internal_error(exc)
+                yield f"\n[llmopt error] {reject.message}\n"
 
         return StreamingResponse(chunks(), media_type="text/plain; charset=utf-8", headers=headers)
 
