@@ -136,6 +136,7 @@ def serve_and_ask(config, run_dir: Path, console: Console, samples: int = 16) ->
 
     from llmopt.data import load_rows, normalize_answer, render
     from llmopt.models import load_tokenizer
+    from llmopt.processes import run_bounded
     from serve_apps.llm import app
 
     with socket.socket() as sock:
@@ -172,7 +173,8 @@ def serve_and_ask(config, run_dir: Path, console: Console, samples: int = 16) ->
             answers = list(pool.map(ask, jobs))
         stats = httpx.get(f"{url}/api/v1/stats", timeout=30).json()
     finally:
-        serve.shutdown()
+        # Bounded: after a stop signal to the whole process group, Serve's controller no longer answers.
+        run_bounded(serve.shutdown, 10)
     expected = [normalize_answer(r) for _, r in prompts]
     base_answers, tuned_answers = answers[0::2], answers[1::2]
     result = {
@@ -203,4 +205,8 @@ def serve_and_ask(config, run_dir: Path, console: Console, samples: int = 16) ->
 
 
 if __name__ == "__main__":
-    main()
+    from llmopt.processes import ray_session
+
+    # Ctrl-C or SIGTERM at any step ends the demo within seconds, its cluster and server with it.
+    with ray_session("llmopt demo"):
+        main()

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from llmopt.config import ConfigError, ConfigIssue, RunConfig
 
 __all__ = [
+    "HAPROXY_BINARY_ENV",
     "HAPROXY_PORT_ENV",
     "SERVE_THROUGHPUT_ENV",
     "check_resources",
@@ -23,8 +24,9 @@ __all__ = [
 # takes the Python HTTP proxy's place and forwards to the ingress replicas, which listen themselves ("direct
 # ingress"); deployments call each other over gRPC, and user code runs on the replica's own event loop.
 SERVE_THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
-# HAProxy's stats and Prometheus listeners, which Ray binds on every interface at fixed ports by default.
+# HAProxy's stats and Prometheus listeners, at fixed ports by default (on the HTTP host: `llmopt-haproxy`).
 HAPROXY_PORT_ENV = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
+HAPROXY_BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
 
 
 def init_ray(address: str | None = None, **kwargs: Any):
@@ -73,11 +75,33 @@ def use_serve_throughput_mode(joined: bool = False) -> dict[str, int]:
         )
     for name, value in SERVE_THROUGHPUT_ENV.items():
         os.environ.setdefault(name, value)
+    _use_haproxy_wrapper()
     # An ingress replica that stops keeps answering for this long so that load balancers in front can take it
     # out first (Ray's default: 30 s, for every `serve.delete` or shutdown). Here the only one in front is the
     # cluster's own HAProxy, which learns of the change within a tenth of a second.
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
     return {name: int(os.environ.get(name, default)) for name, default in HAPROXY_PORT_ENV.items()}
+
+
+def _use_haproxy_wrapper() -> None:
+    """Have Serve start HAProxy through `llmopt-haproxy` (listeners on the HTTP host, dies with its parent).
+
+    A binary the user named in RAY_SERVE_HAPROXY_BINARY_PATH stays the one that runs, behind the wrapper.
+    Without the console script (llmopt not installed, only imported), Ray's own way is kept.
+    """
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from llmopt.haproxy import REAL_BINARY_ENV
+
+    wrapper = Path(sys.executable).parent / "llmopt-haproxy"
+    wrapper = str(wrapper) if wrapper.exists() else shutil.which("llmopt-haproxy")
+    if wrapper is None or os.environ.get(HAPROXY_BINARY_ENV) == wrapper:
+        return
+    if os.environ.get(HAPROXY_BINARY_ENV):
+        os.environ.setdefault(REAL_BINARY_ENV, os.environ[HAPROXY_BINARY_ENV])
+    os.environ[HAPROXY_BINARY_ENV] = wrapper
 
 
 # GPUs without native bf16 (compute capability below 8.0), as Ray names them in its `accelerator_type:<name>`

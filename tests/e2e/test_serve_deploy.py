@@ -336,7 +336,9 @@ def test_llmopt_serve_port_in_use_exits_2_before_ray(no_ray, monkeypatch):
         port = busy.getsockname()[1]
         result = CliRunner().invoke(cli_app, ["serve", "--port", str(port), "--app-dir", str(REPO)])
     assert result.exit_code == 2, result.output
-    assert f"127.0.0.1:{port}" in result.output and "--port" in result.output
+    output = " ".join(result.output.split())  # rich wraps long lines
+    assert f"127.0.0.1:{port}" in output and "--port" in output
+    assert f"held by {psutil.Process().name()} (pid {os.getpid()})" in output  # the holder, by name
 
 
 def test_llmopt_serve_refuses_gpu_replicas_on_a_cluster_without_gpus(head_node, serve_port):

@@ -92,15 +92,12 @@ def _stop_serve(name: str, joined: bool, serve_ran: bool) -> None:
 
 
 def _check_port_free(host: str, port: int, fix: str = "pass a free --port") -> None:
-    """Fail fast, before a local cluster starts, when Serve could not listen on host:port."""
-    import socket
+    """Fail fast, before a local cluster starts, when Serve could not listen on host:port; name the holder."""
+    from llmopt.processes import port_problem
 
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no conflict
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise _fail(f"cannot listen on {host}:{port} ({exc.strerror}); {fix}", 2) from None
+    problem = port_problem(host, port)
+    if problem:
+        raise _fail(f"{problem}; {fix}", 2)
 
 
 @app.command("serve")
@@ -125,22 +122,24 @@ def serve_command(
     name: Annotated[str, typer.Option(help="Serve application name.")] = "llm",
     route_prefix: Annotated[str, typer.Option(help="Route prefix of the application.")] = "/",
     dashboard: Annotated[
-        bool, typer.Option(help="Start the Ray dashboard with a local cluster (`serve status` needs it).")
+        bool,
+        typer.Option(
+            help="Start the Ray dashboard (127.0.0.1:8265) with a local cluster (`serve status` needs it)."
+        ),
     ] = True,
     throughput_optimized: Annotated[
         bool,
         typer.Option(
             help="Start the local cluster in Ray Serve's high-throughput mode: HAProxy instead of the "
             "Python proxy, ingress replicas listening directly, gRPC between deployments "
-            "(RAY_SERVE_THROUGHPUT_OPTIMIZED=1, RAY_SERVE_ENABLE_HA_PROXY=1). A joined cluster keeps the "
-            "mode it was started with."
+            "(RAY_SERVE_THROUGHPUT_OPTIMIZED=1, RAY_SERVE_ENABLE_HA_PROXY=1). HAProxy's stats page and "
+            "Prometheus exporter listen on --host, ports 8404 and 9101 (RAY_SERVE_HAPROXY_STATS_PORT, "
+            "RAY_SERVE_HAPROXY_METRICS_PORT). A joined cluster keeps the mode it was started with."
         ),
     ] = False,
 ) -> None:
-    """Serve the config's model over HTTP on Ray Serve until Ctrl-C (the embedded cluster, or --address)."""
-    import signal
-    import time
-
+    """Serve the config's model over HTTP on Ray Serve until Ctrl-C or SIGTERM (the embedded cluster, or
+    --address). Listens on --host:--port only; a busy port fails the start, naming its holder."""
     from llmopt.cluster import use_serve_throughput_mode
 
     # Every check that can fail runs before Ray starts: config, ports, import path, application builder.
@@ -155,33 +154,53 @@ def serve_command(
             raise _fail(str(exc), 2) from None
     if not joined:
         _check_port_free(host, port)
-    for variable, side_port in side_ports.items():
-        _check_port_free("0.0.0.0", side_port, f"set {variable} to a free port")
+    for variable, side_port in side_ports.items():  # HAProxy's stats and metrics, on the HTTP host
+        _check_port_free(host, side_port, f"set {variable} to a free port")
     target = _import_app(app_path, app_dir)
     args = {"config": str(config_file.resolve()) if config_file else None, "overrides": list(overrides or [])}
     application = _build_app(target, args)
 
-    import ray
-    from ray import serve
-
-    from llmopt.cluster import check_resources, init_ray
+    from llmopt.cluster import check_resources
+    from llmopt.processes import ray_session
 
     if not joined:
         # Replicas import the app too; the workers of a local cluster inherit this environment. (A
         # joined cluster must import it already: start it from the repository, or with PYTHONPATH.)
         paths = [str(app_dir.resolve()), os.environ.get("PYTHONPATH", "")]
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    init_ray(address, **({} if joined else {"include_dashboard": dashboard}))
-    try:  # replicas the cluster cannot place would leave Serve waiting for resources forever
-        check_resources(config, "serving")
-    except ConfigError as exc:
-        ray.shutdown()
-        raise _fail(str(exc), 2) from None
+    # Any stop (Ctrl-C, SIGTERM to this process or its whole group, a second signal, the embedded cluster
+    # dying) ends the command within seconds, with no process of its own left behind (llmopt.processes).
+    with ray_session(
+        "llmopt serve", address, **({} if joined else {"include_dashboard": dashboard})
+    ) as guard:
+        try:  # replicas the cluster cannot place would leave Serve waiting for resources forever
+            check_resources(config, "serving")
+        except ConfigError as exc:
+            raise _fail(str(exc), 2) from None
+        _serve_until_stopped(guard, application, app_path, config, name, route_prefix, host, port, joined)
+    if guard is not None and guard.cluster_died:
+        guard.leave(_fail("the Ray cluster stopped underneath the server (its GCS or raylet died)").exit_code)
+    console.print("stopped.", highlight=False)
+    if guard is not None:
+        guard.leave(0)
 
-    def _interrupt(signum, frame):
-        raise KeyboardInterrupt  # SIGTERM (docker stop, kill) stops the server as Ctrl-C does
 
-    signal.signal(signal.SIGTERM, _interrupt)
+def _serve_until_stopped(
+    guard, application, app_path, config, name, route_prefix, host, port, joined
+) -> None:
+    """Start Serve and the app, print where it answers, and wait for a stop; then stop Serve, bounded."""
+    import time
+
+    from ray import serve
+
+    from llmopt.processes import run_bounded
+
+    def bounded(step, timeout_s: float) -> None:
+        if guard is None:  # Ray was running in this process already: its owner handles stops
+            run_bounded(step, timeout_s)
+        else:
+            guard.bounded(step, timeout_s)
+
     serve_ran = joined and bool(serve.status().proxies)
     try:
         try:
@@ -190,7 +209,7 @@ def serve_command(
         except KeyboardInterrupt:
             raise
         except Exception as exc:
-            _stop_serve(name, joined, serve_ran)
+            bounded(lambda: _stop_serve(name, joined, serve_ran), 6)
             # Ray has logged the whole traceback already: its last line says what went wrong.
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
             raise _fail(f"Serve failed to start or deploy {app_path}: {reason}") from None
@@ -203,7 +222,6 @@ def serve_command(
             time.sleep(3600)
     except KeyboardInterrupt:
         console.print("shutting down...", highlight=False)
-        _stop_serve(name, joined, serve_ran)
-    finally:
-        ray.shutdown()  # stops the embedded cluster; only disconnects from a joined one
-    console.print("stopped.", highlight=False)
+        # Skipped when the embedded cluster is gone (SIGTERM to the process group reaches Ray's processes
+        # first): Serve's shutdown would wait for a controller that no longer answers.
+        bounded(lambda: _stop_serve(name, joined, serve_ran), 6)

@@ -86,15 +86,19 @@ def finetune_command(
     ] = None,
 ):
     """Fine-tune on Ray Train + DeepSpeed (the embedded local cluster, or RAY_ADDRESS's; `python -m
-    jobs.finetune` is this command)."""
+    jobs.finetune` is this command). A local cluster's dashboard listens on 127.0.0.1:8265; Ctrl-C or
+    SIGTERM stops the run and its workers within seconds (exit 130 or 143)."""
+    from llmopt.processes import ray_session
     from llmopt.train import finetune
 
     config = _load(config_file, overrides)
     _quiet_transformers()
-    try:
-        result = finetune(config, run_dir=run_dir)
-    except ConfigError as exc:
-        raise _fail(str(exc), 2) from None
+    # A stop signal ends the run within seconds, its workers and embedded cluster with it (exit 130/143).
+    with ray_session("llmopt finetune"):
+        try:
+            result = finetune(config, run_dir=run_dir)
+        except ConfigError as exc:
+            raise _fail(str(exc), 2) from None
     if not result.ok:
         raise _fail(f"fine-tuning failed: {result.error}; run directory {result.run_dir}")
     m = result.metrics

@@ -264,8 +264,10 @@ def tune_command(
 ):
     """Search the fine-tuning strategy with Ray Tune (short real fine-tunes) against the rule-based
     baseline; writes best.yaml, trials.csv/json, pareto.png and summary.json (`python -m jobs.tune` is this
-    command)."""
+    command). A local cluster's dashboard listens on 127.0.0.1:8265; Ctrl-C or SIGTERM stops the search and
+    its trials within seconds (exit 130 or 143)."""
     from llmopt.models import ModelLoadError
+    from llmopt.processes import ray_session
     from llmopt.tune import (
         SearchSettings,
         default_space_path,
@@ -313,9 +315,12 @@ def tune_command(
         space_path = space or default_space_path(model_shape(config.model.name_or_path).is_moe)
         if space_path is None:
             raise _fail("no search space found (tune_spaces/ is not here); pass --space FILE", 2)
-        result = run_search(
-            config, load_space(space_path), settings, out or Path("outputs/tune") / config.name, resume=resume
-        )
+        space_data = load_space(space_path)
+        # A stop signal ends the search within seconds, its trials and embedded cluster with it.
+        with ray_session("llmopt tune"):
+            result = run_search(
+                config, space_data, settings, out or Path("outputs/tune") / config.name, resume=resume
+            )
     except (ConfigError, ModelLoadError) as exc:
         raise _fail(str(exc), 2) from None
     _report(result)

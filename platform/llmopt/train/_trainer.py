@@ -89,6 +89,33 @@ def _progress(sink, total: int | None, stop: threading.Event) -> None:
     bar.close()
 
 
+def _fit(trainer: Any) -> Any:
+    """`trainer.fit()`, run in a thread when called from the main thread, which waits for it.
+
+    From the main thread, Ray Train's `fit` installs a SIGINT handler of its own (a graceful abort that
+    needs three Ctrl-Cs to force) in place of the command's (`llmopt.processes.StopGuard`, which bounds the
+    exit and leaves no process behind). From another thread it installs none, as under Ray Tune; the
+    main thread then stays free to take the signal.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the main thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def finetune(config: RunConfig, run_dir: Path | None = None, progress: bool = True) -> FinetuneResult:
     """Fine-tune on Ray Train with DeepSpeed workers, as the config says.
 
@@ -169,14 +196,22 @@ def finetune(config: RunConfig, run_dir: Path | None = None, progress: bool = Tr
         watcher.start()
     start = time.perf_counter()
     try:
-        result = trainer.fit()
+        result = _fit(trainer)
         error = None
     except Exception as exc:  # TrainingFailedError and friends: keep the run directory and say why
         result, error = None, f"{type(exc).__name__}: {exc}"
-    finally:
-        stop.set()
-        if watcher:
-            watcher.join(timeout=5)
+    except KeyboardInterrupt:  # a stop signal: the run directory says so, the caller ends the cluster
+        summary = {
+            "status": "interrupted",
+            "error": "stopped by a signal",
+            "seconds": time.perf_counter() - start,
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        stop.set()  # the bar's thread is a daemon: no wait for it on a stop
+        raise
+    stop.set()
+    if watcher:
+        watcher.join(timeout=5)
     seconds = time.perf_counter() - start
     if result is not None and result.error is not None:
         error = f"{type(result.error).__name__}: {result.error}"
