@@ -8,6 +8,9 @@
     python -m jobs.benchmark serve --no-base             # tiny preset only
     python -m jobs.benchmark serve --quick               # smoke run: tiny preset, c=1 and 4 (~1-2 min)
     python -m jobs.benchmark choices                     # n=1 against n=4 at concurrency 32 (~3 min)
+    python -m jobs.benchmark churn                       # 10,000 sessions through a 16 MiB cache (~11 min)
+    python -m jobs.benchmark faults                      # a replica SIGKILLed under load; a burst (~3 min)
+    python -m jobs.benchmark stops                       # every way of stopping each command (~10 min)
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.benchmark serve
 
 `train` measures, in one run on the tiny dense preset: full fine-tune vs LoRA vs QLoRA, gradient
@@ -32,6 +35,8 @@ bf16: engine decode tokens/s at batch 1 and 8, held-out loss), then prints its t
 pass/fail; continuous batching is compared with batching off at concurrency 1 (the target) and at
 concurrency 32. Writes serve.json and serve.png; any failed case or request fails the run (files written
 first).
+
+`choices`, `churn`, `faults` and `stops` are described in their modules under benchmarks/.
 """
 
 from __future__ import annotations
@@ -40,7 +45,10 @@ import argparse
 from typing import Any
 
 from benchmarks.choices import add_choices_parser, run_choices
+from benchmarks.churn import add_churn_parser, run_churn
+from benchmarks.faults import add_faults_parser, run_faults
 from benchmarks.serve import add_serve_parser, run_serve
+from benchmarks.stops import add_stops_parser, run_stops
 from benchmarks.train import run_train
 
 
@@ -56,8 +64,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train.add_argument("--quick", action="store_true", help="Only LoRA and its plain-torch reference.")
     add_serve_parser(sub)
     add_choices_parser(sub)
+    add_churn_parser(sub)
+    add_faults_parser(sub)
+    add_stops_parser(sub)
     args = parser.parse_args(argv)
-    runs = {"serve": run_serve, "choices": run_choices, "train": run_train}
+    runs = {
+        "serve": run_serve,
+        "choices": run_choices,
+        "churn": run_churn,
+        "train": run_train,
+        "faults": run_faults,
+        "stops": run_stops,
+    }
     return runs[args.benchmark](args)
 
 
