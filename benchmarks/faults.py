@@ -319,15 +319,20 @@ def _outcome_of_error(status: int, headers, text: str) -> dict[str, Any]:
     }
 
 
-async def _completion(client, url: str, prompt: str, max_tokens: int, stream: bool) -> dict[str, Any]:
-    """One greedy ``/v1/completions`` request, whole or streamed; the stream must end with ``[DONE]``."""
-    body = {
+def _greedy_body(prompt: str, max_tokens: int, stream: bool) -> dict[str, Any]:
+    """A request body both APIs take: greedy, exactly ``max_tokens`` tokens, so outputs can be compared."""
+    return {
         "prompt": prompt,
         "max_tokens": max_tokens,
         "temperature": 0,
         "ignore_eos": True,
         "stream": stream,
     }
+
+
+async def _completion(client, url: str, prompt: str, max_tokens: int, stream: bool) -> dict[str, Any]:
+    """One greedy ``/v1/completions`` request, whole or streamed; the stream must end with ``[DONE]``."""
+    body = _greedy_body(prompt, max_tokens, stream)
     record: dict[str, Any] = {"api": "openai", "prompt": prompt}
     async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
         if response.status_code != 200:
@@ -366,13 +371,7 @@ async def _seed_generate(
     client, url: str, prompt: str, max_tokens: int, stream: bool, session_id: str | None
 ) -> dict[str, Any]:
     """One greedy seed-API request (chunked text or JSON), in a session when ``session_id`` is given."""
-    body = {
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": stream,
-    }
+    body = _greedy_body(prompt, max_tokens, stream)
     headers = {"X-Session-ID": session_id} if session_id else {}
     record: dict[str, Any] = {"api": "seed", "prompt": prompt}
     async with client.stream("POST", f"{url}/api/v1/model/generate", json=body, headers=headers) as response:

@@ -4,7 +4,7 @@ Each case starts a command (`llmopt serve`, `llmopt serve --throughput-optimized
 `llmopt tune`, the demo) in a session of its own, as a terminal or a supervisor would, waits until it is
 doing its work, then stops it one way: SIGINT or SIGTERM to the command alone or to its whole process
 group, the same signal twice, or its embedded cluster's raylet killed underneath it. Reported per case: the
-exit status, the seconds from the signal to the exit, the processes of the session still running a second
+exit status, the seconds from the signal to the exit, the processes of the session still running 5 s
 later, the ports it listened on that are still held, and which of its named listeners (HTTP, HAProxy's
 stats and metrics, the dashboard) were open beyond loopback. Prints a table and writes stops.json and
 stops.png.
@@ -38,6 +38,7 @@ CONFIG = "jobs/configs/tiny-llama-reverse.yaml"
 SERVE_READY = "Press Ctrl-C to stop."
 # The limit the issue sets for any stop; shown as a line on the chart, never asserted by a test.
 EXIT_LIMIT_S = 15.0
+LEFT_AFTER_S = 5.0
 
 
 def free_port() -> int:
@@ -121,6 +122,13 @@ def _session(sid: int) -> list[psutil.Process]:
     return found
 
 
+def _describe(proc: psutil.Process) -> str:
+    try:
+        return f"{proc.name()}({proc.pid}): {' '.join(proc.cmdline())[:100]}"
+    except psutil.Error:
+        return f"({proc.pid})"
+
+
 def _listeners(pids: set[int]) -> list[tuple[str, int, int]]:
     try:
         conns = psutil.net_connections("inet")
@@ -193,9 +201,14 @@ def run_case(case: Case, workdir: Path, ready_timeout_s: float = 600, exit_timeo
             result["exit_s"] = round(time.monotonic() - start, 2)
         except subprocess.TimeoutExpired:
             result.update(rc=None, exit_s=None, error=f"still running {exit_timeout_s:g} s after the stop")
-        time.sleep(1.0)
-        left = _session(sid)
-        result["left"] = [f"{p.name()}({p.pid})" for p in left if p.is_running()]
+        # What the command's stop set going may take a moment to end after it (a Ray worker handling its own
+        # SIGTERM after the command was ended by Ray itself): left behind is what still runs 5 s later.
+        deadline = time.monotonic() + LEFT_AFTER_S
+        while (left := _session(sid)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if result["exit_s"] is not None and not left:
+            result["session_empty_s"] = round(time.monotonic() - start - result["exit_s"], 2)
+        result["left"] = [_describe(p) for p in left]
         # Only the named ports: Ray's own ports are random, and another cluster on the machine may take
         # one of them as soon as it is freed.
         result["ports_held"] = sorted(p for p in named if _held(p))
