@@ -64,7 +64,7 @@ class Case:
 # A signal to the whole process group reaches Ray's raylet too. The command's Ray core worker (C++) ends
 # the process itself, with status 1, when it then loses its connection to the raylet's object store, which
 # can come before the command's own stop is through: 1 is an expected status there. Nothing is left
-# either way (Ray's processes got the signal too, HAProxy dies with its parent).
+# either way: the command's reaper process stops what remains (llmopt.processes.start_reaper).
 CASES = {
     "serve-int": ("serve", "process", signal.SIGINT, False, (0,)),
     "serve-term-group": ("serve", "group", signal.SIGTERM, False, (0, 1)),
@@ -201,8 +201,8 @@ def run_case(case: Case, workdir: Path, ready_timeout_s: float = 600, exit_timeo
             result["exit_s"] = round(time.monotonic() - start, 2)
         except subprocess.TimeoutExpired:
             result.update(rc=None, exit_s=None, error=f"still running {exit_timeout_s:g} s after the stop")
-        # What the command's stop set going may take a moment to end after it (a Ray worker handling its own
-        # SIGTERM after the command was ended by Ray itself): left behind is what still runs 5 s later.
+        # When Ray ended the command itself, its reaper stops what remains just after it: left behind is
+        # what still runs 5 s later.
         deadline = time.monotonic() + LEFT_AFTER_S
         while (left := _session(sid)) and time.monotonic() < deadline:
             time.sleep(0.2)

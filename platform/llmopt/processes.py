@@ -25,6 +25,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -44,9 +45,12 @@ __all__ = [
     "port_problem",
     "ray_session",
     "run_bounded",
+    "start_reaper",
 ]
 
 _PR_SET_CHILD_SUBREAPER = 36
+# Descendants that a stop leaves running: the reaper below, which must outlive the command.
+_SPARED: set[int] = set()
 
 
 def become_subreaper() -> bool:
@@ -79,7 +83,9 @@ def kill_descendants(timeout_s: float = 2.0, force: bool = False) -> list[str]:
     stopped: list[str] = []
     for _ in range(5):
         try:
-            procs = [p for p in psutil.Process().children(recursive=True) if _running(p)]
+            procs = [
+                p for p in psutil.Process().children(recursive=True) if _running(p) and p.pid not in _SPARED
+            ]
         except psutil.Error:
             break
         if not procs:
@@ -349,6 +355,7 @@ def ray_session(name: str, address: str | None = None, **init_kwargs: Any) -> It
         guard.arm()  # after ray.init: its core worker installs a SIGTERM handler that aborts the process
         if not joined:
             guard.watch_cluster()
+            start_reaper()
         code = None
         try:
             yield guard
@@ -367,6 +374,80 @@ def ray_session(name: str, address: str | None = None, **init_kwargs: Any) -> It
             guard.shutdown_ray()
     if code is not None:
         guard.leave(code)
+
+
+def start_reaper() -> int | None:
+    """Start a process that ends this command's embedded cluster after the command, however it ends.
+
+    The command's own stop kills its process tree, but Ray can end the command before that runs: when a
+    signal to the whole group takes the raylet's object store, Ray's core worker exits the process at once
+    (status 1). Workers the draining raylet started after the signal then run on, orphaned, for half a
+    minute. The reaper (`python -m llmopt.processes`) ignores the stop signals, follows the command's tree
+    while the command lives, and when it is gone stops what is left of it and every process of its Ray
+    session, then exits.
+
+    Returns:
+        The reaper's pid, or None when this process runs no Ray cluster of its own.
+    """
+    import subprocess
+
+    try:
+        import ray
+
+        node = ray._private.worker._global_node  # private: the node this driver started, if any
+        session_dir = node.get_session_dir_path() if node is not None and node.head else None
+    except Exception:  # another Ray version: the command's own stop is all there is
+        session_dir = None
+    if not session_dir:
+        return None
+    reaper = subprocess.Popen(
+        [sys.executable, "-m", "llmopt.processes", str(os.getpid()), session_dir],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _SPARED.add(reaper.pid)
+    return reaper.pid
+
+
+def _reap(command_pid: int, session_dir: str, poll_s: float = 0.5) -> None:
+    """The reaper's work (see `start_reaper`)."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    me = os.getpid()
+    try:
+        command = psutil.Process(command_pid)
+        tree: list[psutil.Process] = []
+        while _running(command):
+            with contextlib.suppress(psutil.Error):
+                tree = [p for p in command.children(recursive=True) if p.pid != me]
+            time.sleep(poll_s)
+    except psutil.Error:
+        tree = []
+
+    ours = re.compile(re.escape(session_dir.rstrip("/")) + r"(?![\w.-])")  # not session_..._123 of _1234
+
+    def of_session() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if proc.pid != me and any(ours.search(arg) for arg in proc.cmdline()):
+                    found.append(proc)
+        return found
+
+    for _ in range(3):  # a raylet still draining may start workers meanwhile
+        procs = [p for p in {*tree, *of_session()} if _running(p)]
+        tree = []
+        if not procs:
+            return
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=2.0)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=2.0)
 
 
 def _running(proc: psutil.Process) -> bool:
@@ -408,3 +489,7 @@ def port_problem(host: str, port: int) -> str | None:
             held = f"; held by {holder}" if holder else ""
             return f"cannot listen on {host}:{port} ({exc.strerror}){held}"
     return None
+
+
+if __name__ == "__main__":  # the reaper: python -m llmopt.processes COMMAND_PID RAY_SESSION_DIR
+    _reap(int(sys.argv[1]), sys.argv[2])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -131,3 +132,47 @@ def test_kill_descendants_takes_grandchildren_and_stubborn_ones():
     assert report["tree"] == 2
     assert report["stopped"] >= 2
     assert report["left"] == []
+
+
+def test_the_reaper_ends_a_dead_command_s_tree_and_its_ray_session(tmp_path):
+    """As when Ray's core worker exits the command at once: its children, and processes of its Ray session
+    that are not its descendants (workers a raylet started), are stopped; another session's are not."""
+    session = tmp_path / "session_2026-12-05_1"
+    sleeper = [sys.executable, "-c", "import sys, time; time.sleep(120)"]
+    decoy = subprocess.Popen([*sleeper, f"{session}0/sockets/raylet"])  # another session: _10
+    outsider = subprocess.Popen([*sleeper, f"--store={session}/sockets/plasma_store"])
+    command = textwrap.dedent(
+        f"""
+        import os, subprocess, sys, time
+        child = subprocess.Popen({sleeper!r})
+        subprocess.Popen([sys.executable, "-m", "llmopt.processes", str(os.getpid()), {str(session)!r}])
+        print(child.pid, flush=True)
+        time.sleep(2)  # the reaper takes its first look at the tree
+        os._exit(1)
+        """
+    )
+    try:
+        out = subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, timeout=60)
+        child = int(out.stdout.split()[0])
+        assert outsider.wait(timeout=30) == -signal.SIGTERM
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _alive(child):
+            time.sleep(0.2)
+        assert not _alive(child)
+        assert decoy.poll() is None  # a session whose name merely starts the same is not ours
+    finally:
+        for proc in (decoy, outsider):
+            proc.kill()
+            proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[-1][0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
