@@ -93,16 +93,37 @@ def kill_descendants(timeout_s: float = 2.0, force: bool = False) -> list[str]:
         for proc in procs:
             with contextlib.suppress(psutil.Error):
                 stopped.append(f"{proc.name()}({proc.pid})")
-                proc.kill() if force else proc.terminate()
-        _, alive = psutil.wait_procs(procs, timeout=0 if force else timeout_s)
-        for proc in alive:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-        psutil.wait_procs(alive, timeout=max(timeout_s, 1.0))
+        _stop(procs, timeout_s, force)
     # Orphans re-parented here by the subreaper flag end as this process's zombies: collect them by pid.
     with contextlib.suppress(psutil.Error):
         psutil.wait_procs(psutil.Process().children(), timeout=0)
     return stopped
+
+
+def _stop(procs: list[psutil.Process], timeout_s: float, force: bool = False) -> None:
+    """SIGTERM each process (SIGKILL with `force`), SIGKILL those still running after `timeout_s`; wait."""
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.kill() if force else proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=0 if force else timeout_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=max(timeout_s, 1.0))
+
+
+def _own_node() -> Any:
+    """The Ray node this process started in-process, or None (Ray not initialized, or a joined cluster).
+
+    Ray's private API (`ray._private.worker._global_node`): only a node of its own can be checked and
+    cleaned up after without asking the cluster, which may hang.
+    """
+    import ray
+
+    node = ray._private.worker._global_node
+    if node is None or not ray.is_initialized() or not getattr(node, "head", False):
+        return None
+    return node
 
 
 def run_bounded(
@@ -146,10 +167,8 @@ def embedded_cluster_alive() -> bool:
     its own can be checked without asking the cluster itself, which may hang.
     """
     try:
-        import ray
-
-        node = ray._private.worker._global_node  # private: the node this driver started, if any
-        if node is None or not ray.is_initialized() or not getattr(node, "head", False):
+        node = _own_node()
+        if node is None:
             return True
         for kind in ("gcs_server", "raylet"):
             for info in node.all_processes.get(kind, []):
@@ -392,10 +411,8 @@ def start_reaper() -> int | None:
     import subprocess
 
     try:
-        import ray
-
-        node = ray._private.worker._global_node  # private: the node this driver started, if any
-        session_dir = node.get_session_dir_path() if node is not None and node.head else None
+        node = _own_node()
+        session_dir = node.get_session_dir_path() if node is not None else None
     except Exception:  # another Ray version: the command's own stop is all there is
         session_dir = None
     if not session_dir:
@@ -440,14 +457,7 @@ def _reap(command_pid: int, session_dir: str, poll_s: float = 0.5) -> None:
         tree = []
         if not procs:
             return
-        for proc in procs:
-            with contextlib.suppress(psutil.Error):
-                proc.terminate()
-        _, alive = psutil.wait_procs(procs, timeout=2.0)
-        for proc in alive:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-        psutil.wait_procs(alive, timeout=2.0)
+        _stop(procs, 2.0)
 
 
 def _running(proc: psutil.Process) -> bool:
