@@ -3,6 +3,7 @@
 import ctypes
 import gc
 import json
+import os
 
 import pytest
 import torch
@@ -245,3 +246,126 @@ def test_checkpoint_layer_choice_is_one_function_for_training_and_the_cost_model
     assert checkpointed_layers(config, per_layer, inputs, 0.0) == [0, 1]
     with pytest.raises(ValueError, match="per-layer byte figures for all 4 layers"):
         checkpoint_layers(budget, 4, per_layer[:2], inputs[:2])
+
+
+def test_denser_plans_halve_what_is_left_until_every_layer():
+    from llmopt.train._checkpointing import denser_plan
+
+    def chain(layers: list[int], n: int, policy: str = "uniform") -> list[list[int]]:
+        plans, plan = [], CheckpointingPlan(policy, layers, n)
+        while (plan := denser_plan(plan)) is not None:
+            plans.append(plan.layers)
+        return plans
+
+    assert chain([], 4, "none") == [[0, 2], [0, 1, 2, 3]]
+    assert chain([0, 4], 8) == [[0, 2, 4, 6], list(range(8))]  # every 4th -> every 2nd -> every layer
+    assert chain([0, 3], 4) == [[0, 1, 2, 3]]  # k=3 -> k//2=1
+    assert chain([0], 6) == [[0, 3], [0, 1, 2, 3, 4, 5]]  # a lone layer 0 is every 6th
+    assert chain([], 1, "none") == [[0]]
+    assert chain([0, 1, 2, 3], 4) == []
+    # An irregular (memory_budget) choice gains every second layer it leaves out.
+    assert chain([1, 2], 6, "memory_budget") == [[0, 1, 2, 4], [0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5]]
+    assert denser_plan(CheckpointingPlan("none", [], 4)).policy == "uniform"
+    assert denser_plan(CheckpointingPlan("memory_budget", [1, 2], 6)).policy == "memory_budget"
+
+
+def test_denser_plan_keeps_the_measured_figures_and_predicts_less(llama):
+    from llmopt.train._checkpointing import denser_plan
+
+    _reset(llama)
+    batch = _batch(4)
+    acts, inputs, outside = measure_layer_activations(llama, batch)
+    roomy = plan_checkpointing(llama, _cfg("memory_budget", memory_budget_gb=2 * sum(acts) / GIB), batch)
+    assert roomy.layers == []
+    plans = [roomy]
+    while (plan := denser_plan(plans[-1])) is not None:
+        plans.append(plan)
+    assert [p.layers for p in plans] == [[], [0, 2], [0, 1, 2, 3]]
+    predicted = [p.predicted_activation_bytes for p in plans]
+    assert predicted[0] == sum(acts) + outside and predicted[-1] == sum(inputs) + outside
+    assert predicted[0] > predicted[1] > predicted[2]
+    # Every layer saves about the same, so every second layer checkpointed roughly halves the layers' part.
+    layers_part = [p - outside for p in predicted]
+    assert 0.4 < layers_part[1] / layers_part[0] < 0.6
+    for p in plans:
+        assert p.activation_bytes_per_layer == acts and p.budget_bytes == roomy.budget_bytes and p.fits
+        apply_checkpointing(llama, p)
+        a, _, o = measure_layer_activations(llama, batch)
+        assert abs(sum(a) + o - p.predicted_activation_bytes) <= 0.1 * p.predicted_activation_bytes
+    _reset(llama)
+
+
+def test_memory_budget_and_ceiling_arithmetic():
+    import psutil
+
+    from llmopt.config import load_config
+    from llmopt.train._checkpointing import memory_budget_bytes, memory_ceiling_bytes
+
+    def config(*overrides):
+        return load_config(None, list(overrides))
+
+    both = config("resources.memory_budget_gb=2", "resources.memory_gb_per_worker=3")
+    assert memory_budget_bytes(both.resources) == 2 * GIB  # the budget wins over the reservation
+    assert memory_budget_bytes(config("resources.memory_gb_per_worker=3").resources) == 3 * GIB
+    assert memory_budget_bytes(config().resources) == psutil.virtual_memory().total
+    assert memory_ceiling_bytes(both) == int(0.9 * 2 * GIB)  # monitor.memory_ceiling defaults to 0.9
+    low = config("resources.memory_budget_gb=2", "monitor.memory_ceiling=0.25")
+    assert memory_ceiling_bytes(low, "cpu") == GIB // 2
+    if torch.cuda.is_available():  # a GPU worker's budget is its device, not the host's memory
+        total = torch.cuda.get_device_properties(0).total_memory
+        assert memory_budget_bytes(config("resources.memory_gb_per_worker=3").resources, "cuda:0") == total
+        assert memory_budget_bytes(both.resources, "cuda:0") == 2 * GIB
+
+
+def test_adaptive_checkpointing_switches_over_the_ceiling_only(llama, caplog):
+    from llmopt.train._checkpointing import AdaptiveCheckpointing
+
+    _reset(llama)
+    batch = _batch(5, seq=256)
+    plan = plan_checkpointing(llama, _cfg("none"))
+    off = AdaptiveCheckpointing(llama, plan, budget_bytes=1000, ceiling=0.5, enabled=False)
+    assert off.ceiling_bytes == 500 and off.decide(10**12) is None and off.plan is plan
+
+    adaptive = AdaptiveCheckpointing(llama, plan, budget_bytes=1000, ceiling=0.5)
+    assert adaptive.decide(500) is None  # at the ceiling is not over it
+    saved = [sum(measure_layer_activations(llama, batch)[0])]
+    switches = []
+    with caplog.at_level("WARNING", logger="llmopt.train._checkpointing"):
+        for _ in range(4):
+            switch = adaptive.decide(501)
+            if switch is not None:
+                switches.append(switch)
+                saved.append(sum(measure_layer_activations(llama, batch)[0]))
+    assert [(s["from_layers"], s["to_layers"]) for s in switches] == [(0, 2), (2, 4)]
+    assert all(s["peak_memory_bytes"] == 501 and s["ceiling_bytes"] == 500 for s in switches)
+    assert "over the ceiling" in switches[0]["reason"] and "[0, 2]" in switches[0]["reason"]
+    json.dumps(switches)
+    assert [layer.gradient_checkpointing for layer in decoder_layers(llama)] == [True] * 4
+    assert saved[0] > saved[1] > saved[2]  # the layers really keep less for backward
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("denser gradient checkpointing" in m for m in messages) == 2
+    assert sum("no denser plan exists" in m for m in messages) == 1  # said once, not at every decision
+    _reset(llama)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's clear_refs")
+def test_peak_memory_window_falls_after_a_restart():
+    from llmopt.train._metrics import PeakMemoryWindow, peak_memory_since_reset
+
+    memory = PeakMemoryWindow("cpu", pressure_bytes=0)  # always under pressure: every reset trims
+    assert memory.resettable
+    size = 256 * 2**20
+    big = torch.ones(size // 4)
+    del big
+    high = memory.measure()
+    assert memory.lifetime >= high >= size
+    memory.restart()
+    assert memory.window == 0
+    low = memory.measure()
+    assert low < high - size // 2  # the freed tensor is no longer in the new window's peak
+    assert memory.lifetime >= high  # ... but stays in the lifetime peak
+    again = torch.ones(size // 4)
+    del again
+    memory.exclude()  # left out of the window, not out of the lifetime
+    assert memory.measure() < high - size // 2 and peak_memory_since_reset() < high - size // 2
+    assert memory.lifetime >= high

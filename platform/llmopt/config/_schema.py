@@ -445,6 +445,23 @@ class ResourcesConfig(StrictModel):
         return self
 
 
+class MonitorConfig(StrictModel):
+    """Ceilings the run watches and acts on while it trains."""
+
+    memory_ceiling: float = Field(
+        0.9,
+        gt=0.0,
+        le=1.0,
+        description="Share of the memory budget (resources.memory_budget_gb, else the device's memory) a "
+        "worker may peak at; training switches to denser checkpointing above it.",
+    )
+    adaptive_checkpointing: bool = Field(
+        True,
+        description="On a peak over memory_ceiling, switch training to a denser checkpointing plan at the "
+        "next checkpoint boundary (logged in metrics.jsonl) instead of running into an out-of-memory error.",
+    )
+
+
 class RunConfig(StrictModel):
     """A whole llmopt run: model, data, strategy, training, serving and resources."""
 
@@ -465,6 +482,9 @@ class RunConfig(StrictModel):
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Optimizer and schedule.")
     serving: ServingConfig = Field(default_factory=ServingConfig, description="Serving.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-worker resources.")
+    monitor: MonitorConfig = Field(
+        default_factory=MonitorConfig, description="Memory ceiling and adaptive checkpointing."
+    )
 
     @model_validator(mode="after")
     def _cross_section(self) -> RunConfig:

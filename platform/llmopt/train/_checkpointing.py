@@ -4,27 +4,39 @@
 layer, or `memory_budget`: the fewest layers whose saved activations fit a budget, measured on a sample
 micro-batch by `measure_layer_activations`). `apply_checkpointing` switches transformers' per-layer
 checkpointing on exactly for the planned layers (non-reentrant `torch.utils.checkpoint`).
+
+`AdaptiveCheckpointing` moves a running model to a denser plan (`denser_plan`) when its memory peaks over
+`monitor.memory_ceiling` of the worker's budget (`memory_budget_bytes`): recomputing more layers trades
+step time for memory, which beats dying of an out-of-memory error.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llmopt.config import CheckpointingConfig, checkpoint_layers
+from llmopt.config import CheckpointingConfig, ResourcesConfig, RunConfig, checkpoint_layers, format_bytes
 from llmopt.config._resolve import GIB, saved_bytes
 
 __all__ = [
+    "AdaptiveCheckpointing",
     "CheckpointingPlan",
     "apply_checkpointing",
     "decoder_layers",
+    "denser_plan",
     "measure_layer_activations",
+    "memory_budget_bytes",
+    "memory_ceiling_bytes",
     "plan_checkpointing",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -263,3 +275,159 @@ def apply_checkpointing(model: nn.Module, plan: CheckpointingPlan) -> None:
         config = getattr(model, "config", None)
         if config is not None:
             config.use_cache = False
+
+
+def _uniform_stride(layers: list[int], num_layers: int) -> int | None:
+    """k when `layers` is exactly every k-th layer from 0 (a lone layer 0 counts as k = num_layers)."""
+    if layers == [0]:
+        return num_layers
+    if len(layers) < 2 or layers[0] != 0:
+        return None
+    k = layers[1] - layers[0]
+    return k if layers == list(range(0, num_layers, k)) else None
+
+
+def denser_plan(plan: CheckpointingPlan) -> CheckpointingPlan | None:
+    """The next denser plan after `plan`, each step roughly halving what the decoder layers keep.
+
+    A checkpointed layer keeps only its input, a small part of what it saves otherwise, so in a stack of
+    similar layers the saved activations follow the share of layers not checkpointed: nothing goes to
+    every second layer (`uniform` k=2), every k-th layer to every (k//2)-th, and an irregular choice
+    (`memory_budget`) adds every second layer it leaves out. Uniform steps keep the plan one a config can
+    state (`checkpointing.policy=uniform`, `every_k_layers`). Measured per-layer figures are carried
+    over and the prediction redone, so a plan stays comparable with the one it replaced.
+
+    Returns:
+        The denser plan, or None when every layer is already checkpointed.
+    """
+    n = plan.num_layers
+    current = sorted(set(plan.layers))
+    if len(current) >= n:
+        return None
+    stride = 2
+    if current:
+        k = _uniform_stride(current, n)
+        stride = None if k is None else max(1, k // 2)
+    if stride is not None:
+        policy, layers = "uniform", list(range(0, n, stride))
+    else:
+        left_out = [i for i in range(n) if i not in current]
+        policy, layers = plan.policy, sorted([*current, *left_out[::2]])
+    predicted, fits = None, True
+    acts, inputs = plan.activation_bytes_per_layer, plan.input_bytes_per_layer
+    if acts is not None and inputs is not None and plan.predicted_activation_bytes is not None:
+        outside = plan.predicted_activation_bytes - saved_bytes(acts, inputs, 0.0, current)
+        predicted = int(saved_bytes(acts, inputs, outside, layers))
+        fits = plan.budget_bytes is None or predicted <= plan.budget_bytes
+    return CheckpointingPlan(
+        policy=policy,
+        layers=layers,
+        num_layers=n,
+        activation_bytes_per_layer=acts,
+        input_bytes_per_layer=inputs,
+        predicted_activation_bytes=predicted,
+        fits=fits,
+        budget_bytes=plan.budget_bytes,
+    )
+
+
+def memory_budget_bytes(resources: ResourcesConfig, device: torch.device | str = "cpu") -> int:
+    """Memory one training worker may peak at: the ceiling `monitor.memory_ceiling` is a share of it.
+
+    `resources.memory_budget_gb` when set (the figure the strategy search prunes with); otherwise the
+    whole GPU on CUDA, and on CPU the worker's Ray reservation (`resources.memory_gb_per_worker`) or,
+    without one, the machine's memory: what the worker can take before the kernel or CUDA refuses.
+    """
+    if resources.memory_budget_gb:
+        return int(resources.memory_budget_gb * GIB)
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    if resources.memory_gb_per_worker:
+        return int(resources.memory_gb_per_worker * GIB)
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+def memory_ceiling_bytes(config: RunConfig, device: torch.device | str = "cpu") -> int:
+    """`monitor.memory_ceiling` x the worker's memory budget, in bytes."""
+    return int(config.monitor.memory_ceiling * memory_budget_bytes(config.resources, device))
+
+
+class AdaptiveCheckpointing:
+    """Switches a training model to a denser checkpointing plan when its memory peaks over a ceiling.
+
+    The caller decides when (at checkpoint boundaries, so a restored checkpoint carries the plan its steps
+    ran with) and on which peak: every rank must pass the same figure (the maximum over ranks), so that
+    all of them change together and their DeepSpeed engines keep running the same computation. The switch
+    flips transformers' per-layer flag, which each layer reads on every forward; it takes effect on a model
+    already wrapped by a DeepSpeed engine (`engine.module`), whose hooks sit outside the layers' forwards.
+
+    Args:
+        model: The model whose decoder layers are flagged (`engine.module` under DeepSpeed).
+        plan: The plan the model runs with now.
+        budget_bytes: The worker's memory budget (`memory_budget_bytes`).
+        ceiling: Share of the budget a peak may reach (`monitor.memory_ceiling`).
+        enabled: False: only report the ceiling, never switch (`monitor.adaptive_checkpointing`).
+        rank: This worker's rank, for the log lines.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        plan: CheckpointingPlan,
+        budget_bytes: int,
+        ceiling: float,
+        enabled: bool = True,
+        rank: int = 0,
+    ):
+        self.model, self.plan, self.enabled, self.rank = model, plan, enabled, rank
+        self.budget_bytes, self.ceiling = int(budget_bytes), ceiling
+        self.ceiling_bytes = int(ceiling * budget_bytes)
+        self._said_densest = False
+
+    def decide(self, peak_bytes: int) -> dict[str, Any] | None:
+        """Switch to the next denser plan if `peak_bytes` is over the ceiling.
+
+        Returns:
+            The switch as metrics.jsonl records it (`from_layers`, `to_layers`, `peak_memory_bytes`,
+            `ceiling_bytes`, `reason`), or None when nothing changed (under the ceiling, disabled, or every
+            layer already checkpointed: said once in the log, and training goes on as it is).
+        """
+        if not self.enabled or peak_bytes <= self.ceiling_bytes:
+            return None
+        denser = denser_plan(self.plan)
+        over = (
+            f"peak memory {format_bytes(peak_bytes)} is over the ceiling {format_bytes(self.ceiling_bytes)} "
+            f"(monitor.memory_ceiling={self.ceiling:g} of a {format_bytes(self.budget_bytes)} budget)"
+        )
+        if denser is None:
+            if not self._said_densest:
+                self._said_densest = True
+                logger.warning(
+                    "rank %d: %s, and all %d decoder layers are already checkpointed: no denser plan exists; "
+                    "lower training.micro_batch_size or model.max_seq_len, or raise the budget",
+                    self.rank,
+                    over,
+                    self.plan.num_layers,
+                )
+            return None
+        apply_checkpointing(self.model, denser)
+        reason = f"{over}; checkpointing layers {denser.layers} of {denser.num_layers}"
+        switch = {
+            "from_layers": len(self.plan.layers),
+            "to_layers": len(denser.layers),
+            "peak_memory_bytes": int(peak_bytes),
+            "ceiling_bytes": self.ceiling_bytes,
+            "reason": reason,
+        }
+        logger.warning(
+            "rank %d: denser gradient checkpointing, %d -> %d layers: %s",
+            self.rank,
+            switch["from_layers"],
+            switch["to_layers"],
+            reason,
+        )
+        self.plan = denser
+        return switch

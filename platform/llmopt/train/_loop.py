@@ -3,7 +3,14 @@
 Every worker builds the model, applies the strategy (QLoRA loading, MoE upcycling and router loss,
 LoRA, gradient checkpointing), trains on its own shard (a DistributedSampler), reports metrics
 through `ray.train.report`, and checkpoints DeepSpeed state (model, optimizer, scheduler, data
-position) so a restarted worker group resumes where the last checkpoint left off.
+position, checkpointing plan) so a restarted worker group resumes where the last checkpoint left off.
+
+Memory pressure does not have to end a run: when a worker's peak goes over `monitor.memory_ceiling` of
+its budget, every rank switches to a denser gradient-checkpointing plan at the next checkpoint boundary
+(`training.checkpoint_every_steps`; a run without checkpoints decides at every logged step), and the
+record of that step says so (`checkpointing_switch`). Deciding at boundaries keeps each saved checkpoint
+and the steps before it on one plan, and the plan travels in the checkpoint, so a restored run does not
+fall back to the plan that ran out of room.
 """
 
 from __future__ import annotations
@@ -26,14 +33,20 @@ from llmopt.data import encode_example, evaluate, load_rows, pack_examples, pad_
 from llmopt.devices import bf16_supported, describe_device
 from llmopt.models import apply_strategy, load_for_training, load_tokenizer
 from llmopt.runtime import set_torch_threads
-from llmopt.train._checkpointing import apply_checkpointing, plan_checkpointing
+from llmopt.train._checkpointing import (
+    AdaptiveCheckpointing,
+    CheckpointingPlan,
+    apply_checkpointing,
+    memory_budget_bytes,
+    plan_checkpointing,
+)
 from llmopt.train._collectives import all_reduce_values
 from llmopt.train._deepspeed import build_deepspeed_config
 from llmopt.train._metrics import (
+    PeakMemoryWindow,
     current_memory_bytes,
     expert_load_metrics,
     expert_token_counts,
-    peak_memory_bytes,
 )
 
 STATE_TAG = "state"
@@ -262,11 +275,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             client_state["epoch"],
             client_state["micro_in_epoch"],
         )
+        if client_state.get("checkpointing_plan"):  # the plan those steps ran with, perhaps a denser one
+            plan = CheckpointingPlan(**client_state["checkpointing_plan"])
+            apply_checkpointing(engine.module, plan)
     resumed_from = step
     eval_rows = load_rows(
         config.data.dataset, config.data.eval_split, config.data.format, config.data.max_eval_samples
     )
     setup_bytes = current_memory_bytes(device)
+    adaptive = AdaptiveCheckpointing(
+        engine.module,
+        plan,
+        memory_budget_bytes(config.resources, device),
+        config.monitor.memory_ceiling,
+        enabled=config.monitor.adaptive_checkpointing,
+        rank=rank,
+    )
+    # Peaks are taken per window between two checkpointing decisions; past a ceiling a window ends with the
+    # heap trimmed, so that the next one measures what its steps need rather than what the allocator kept.
+    memory = PeakMemoryWindow(device, pressure_bytes=adaptive.ceiling_bytes)
     static = {
         "device": describe_device(device),
         "trainable_parameters": strategy.trainable_parameters,
@@ -274,7 +301,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         "world_size": world,
         "torch_threads": threads,
         "precision": precision,
-        "checkpointed_layers": len(plan.layers),
+        "memory_ceiling_bytes": adaptive.ceiling_bytes,
     }
     top_k = getattr(engine.module.config, "num_experts_per_tok", 0) if config.moe.mode != "none" else 0
 
@@ -298,7 +325,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             return
         local = Path(tempfile.mkdtemp(prefix="llmopt-ckpt-"))
         try:
-            state = {"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch, "world_size": world}
+            state = {
+                "step": step,
+                "epoch": epoch,
+                "micro_in_epoch": micro_in_epoch,
+                "world_size": world,
+                "checkpointing_plan": adaptive.plan.to_dict(),
+            }
             engine.save_checkpoint(str(local), tag=STATE_TAG, client_state=state)
             if final_dir is not None and rank == 0:
                 shutil.copytree(final_dir, local, dirs_exist_ok=True)
@@ -314,7 +347,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     steady = {"tokens": 0, "step_tokens": 0, "start": 0.0, "steps": 0, "step_loss": 0.0}
     expert_counts: torch.Tensor | None = None
     last_eval: dict[str, float] = {}
-    metrics: dict[str, Any] = {"step": step, **static}
+    metrics: dict[str, Any] = {"step": step, "checkpointed_layers": len(adaptive.plan.layers), **static}
     while step < total_steps:
         sampler.set_position(epoch, micro_in_epoch)
         for batch in loader:
@@ -358,10 +391,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 # `due` is summed over the ranks so that all of them call ray.train.report (a barrier)
                 # at the same steps.
                 due = float(time.perf_counter() - last_train_report >= interval)
-                loss_sum, aux_sum, tokens, micro_count, step_loss_sum, due = all_reduce_values(
-                    [window["loss"], window["aux"], window["tokens"], window["micro"], last_step_loss, due],
+                # Each rank's peak in its own slot: the sum hands every rank all of them, hence the same max.
+                peaks = [0.0] * world
+                peaks[rank] = float(memory.measure())
+                loss_sum, aux_sum, tokens, micro_count, step_loss_sum, due, *peaks = all_reduce_values(
+                    [
+                        window["loss"],
+                        window["aux"],
+                        window["tokens"],
+                        window["micro"],
+                        last_step_loss,
+                        due,
+                        *peaks,
+                    ],
                     device,
                 )
+                window_peak = int(max(peaks))
                 metrics = {
                     "step": step,
                     "epoch": epoch,
@@ -370,8 +415,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "lr": scheduler.get_last_lr()[0],
                     "tokens_per_s": tokens / elapsed,
                     "step_time_s": elapsed / (window["micro"] / accumulation),
-                    "peak_memory_bytes": peak_memory_bytes(device),
-                    "peak_memory_over_setup_bytes": max(0, peak_memory_bytes(device) - setup_bytes),
+                    "peak_memory_bytes": memory.lifetime,  # this rank, whole process (the window resets)
+                    "peak_memory_over_setup_bytes": max(0, memory.lifetime - setup_bytes),
+                    # The largest peak of any rank since the last checkpointing decision.
+                    "window_peak_memory_bytes": window_peak,
+                    "checkpointed_layers": len(adaptive.plan.layers),  # the plan these steps ran with
                     "resumed_from_step": resumed_from,
                     **static,
                 }
@@ -387,6 +435,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         "eval_step": step,
                     }
                     engine.train()
+                # Without a checkpoint schedule every logged step is a boundary; no step follows the last.
+                boundary = step < total_steps and (wants_checkpoint or not train.checkpoint_every_steps)
+                if boundary:
+                    switch = adaptive.decide(window_peak)  # the same inputs on every rank: the same outcome
+                    if switch is not None:
+                        metrics["checkpointing_switch"] = switch
+                    memory.restart()
+                elif do_eval:
+                    memory.exclude()  # evaluation memory is no step's; checkpointing would not lower it
                 metrics.update(last_eval)
                 if step < total_steps:
                     report(metrics, with_checkpoint=wants_checkpoint, to_train=due > 0 or do_eval)

@@ -90,3 +90,91 @@ class MetricsSink:
 
     def history(self) -> list[dict[str, Any]]:
         return list(self.records)
+
+
+def reset_peak_memory(device: torch.device | str = "cpu", trim: bool = False) -> bool:
+    """Start a new peak for `peak_memory_since_reset`: CUDA's peak statistics, or the process's VmHWM.
+
+    `ru_maxrss` never falls, so a peak read from it cannot show that later steps need less memory. Linux
+    resets the resident high-water mark (VmHWM, which ru_maxrss reads too) when "5" is written to
+    /proc/self/clear_refs. `trim` first returns the heap's free pages to the kernel (glibc `malloc_trim`):
+    otherwise freed activations stay resident in the allocator and the next peak starts at the old one.
+    Trimming costs page faults when the memory is used again, so callers ask for it under pressure only.
+
+    Returns:
+        False where the CPU peak cannot be reset (not Linux, or a read-only /proc): the peak since the
+        "reset" is then the lifetime peak.
+    """
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    if trim:
+        import contextlib
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):  # AttributeError: a libc without malloc_trim
+            ctypes.CDLL(None).malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_memory_since_reset(device: torch.device | str = "cpu") -> int:
+    """Peak memory since `reset_peak_memory`: CUDA max allocated, else VmHWM (ru_maxrss without /proc)."""
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return peak_memory_bytes(device)
+
+
+class PeakMemoryWindow:
+    """Peak memory since the last `restart` (a window), and over the process's life.
+
+    Resetting the peak is what lets a window show that later steps need less; it also lowers what
+    `peak_memory_bytes` reads (CUDA max allocated, ru_maxrss), so the lifetime peak is kept here by folding
+    every window in. `exclude` leaves a stretch (an evaluation) out of the window, not out of the lifetime.
+
+    Args:
+        device: The worker's device.
+        pressure_bytes: A reset after a peak above this trims the heap first (see `reset_peak_memory`).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", pressure_bytes: int | None = None):
+        self.device = torch.device(device)
+        self.pressure_bytes = pressure_bytes
+        self.lifetime = peak_memory_bytes(self.device)
+        self.window = 0
+        self.resettable = self._reset(self.lifetime)
+
+    def _reset(self, peak: int) -> bool:
+        trim = self.pressure_bytes is not None and peak > self.pressure_bytes
+        return reset_peak_memory(self.device, trim=trim)
+
+    def _read(self) -> int:
+        now = peak_memory_since_reset(self.device)
+        self.lifetime = max(self.lifetime, now)
+        return now
+
+    def measure(self) -> int:
+        """The window's peak so far (and the lifetime peak brought up to date)."""
+        self.window = max(self.window, self._read())
+        return self.window
+
+    def exclude(self) -> None:
+        """Keep what ran since the last `measure` out of the window."""
+        self._reset(self._read())
+
+    def restart(self) -> None:
+        """Begin a new window."""
+        peak = max(self.window, self._read())
+        self.window = 0
+        self._reset(peak)

@@ -181,6 +181,9 @@ def trial_config(config: RunConfig, settings: SearchSettings, run_dir: Path, nam
     data["data"]["max_eval_samples"] = settings.eval_samples
     data["parallelism"].update(num_workers=settings.workers, min_workers=None)
     data["resources"]["cpus_per_worker"] = settings.cpus_per_worker
+    # A trial measures the strategy it was given: switching to denser checkpointing mid-trial would score
+    # another plan under this one's name (the budget prunes trials instead).
+    data["monitor"]["adaptive_checkpointing"] = False
     data.update(name=name, output_dir=str(run_dir.parent))
     return validate_config(data)
 
