@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import statistics
 import time
@@ -231,7 +232,8 @@ async def load_point(
     in flight.
 
     Returns:
-        One record per request (see :func:`stream_completion`) and the wall time of the whole point.
+        One record per request (see :func:`stream_completion`, plus ``start_s``: when it was sent, in seconds
+        since the point began) and the wall time of the whole point.
     """
     import httpx
 
@@ -249,10 +251,13 @@ async def load_point(
                 **(extra or {}),
             }
             async with semaphore:
+                # When the request leaves (its slot free), since the point began: places it on a timeline.
+                sent = time.perf_counter() - start
                 try:
-                    return await stream_completion(client, url, body)
+                    record = await stream_completion(client, url, body)
                 except httpx.HTTPError as exc:
-                    return {"error": f"{type(exc).__name__}: {exc}"}
+                    record = {"error": f"{type(exc).__name__}: {exc}"}
+                return {**record, "start_s": sent}
 
         start = time.perf_counter()
         records = await asyncio.gather(*(one(p) for p in prompts))
@@ -290,6 +295,86 @@ def summarize(records: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
         "decode_tokens_per_s_p50": pct(decode, 50),
         "decode_tokens_per_s_mean": statistics.fmean(decode) if decode else None,
     }
+
+
+TIMELINE_WINDOWS_S = (2.0, 5.0, 10.0, 20.0, 30.0, 60.0)
+
+
+def timeline_window_s(wall_s: float, most: int = 30) -> float:
+    """The window for a point's timeline: the shortest of 2, 5, 10, 20, 30 or 60 s giving at most ``most``
+    windows, so that a minutes-long point still has several requests per window."""
+    return next((w for w in TIMELINE_WINDOWS_S if wall_s / w <= most), TIMELINE_WINDOWS_S[-1])
+
+
+def timeline(records: list[dict[str, Any]], wall_s: float, window_s: float | None = None) -> dict[str, Any]:
+    """TTFT, latency and output tokens/s of one load point in consecutive windows of ``window_s`` seconds.
+
+    A point's p50 and p99 hide how they came about: a queue that builds up, a replica that stalls for a
+    few seconds, a slow start. Each figure is counted when it is observed, as a Prometheus histogram would
+    count it: a TTFT in the window of the request's first token, a latency in the window where the request
+    ended. Output tokens are spread over each request's stream: the first at its first token, the others
+    evenly until its end (the client sees only those two instants). Failed requests are counted at the time
+    they were sent.
+
+    Args:
+        records: :func:`load_point`'s records (``start_s``, ``ttft_s``, ``latency_s``, ``completion_tokens``,
+            or ``error``).
+        wall_s: The point's wall time; the last window ends there (and may be shorter than the others).
+        window_s: Window length; :func:`timeline_window_s` of ``wall_s`` when None.
+
+    Returns:
+        ``window_s`` and ``windows``: per window its ``start_s`` and ``end_s`` (since the point began),
+        ``first_tokens`` and ``completed`` (sample counts), ``errors``, ``ttft_p50_s``, ``ttft_p99_s``,
+        ``latency_p50_s``, ``latency_p99_s`` (None without samples) and ``output_tokens_per_s``.
+    """
+    window_s = window_s or timeline_window_s(wall_s)
+    count = max(1, math.ceil(wall_s / window_s - 1e-9))
+    edges = [(i * window_s, min((i + 1) * window_s, wall_s) if i == count - 1 else (i + 1) * window_s)
+             for i in range(count)]  # fmt: skip
+
+    def index(t: float) -> int:
+        return min(count - 1, max(0, int(t // window_s)))
+
+    ttft: list[list[float]] = [[] for _ in edges]
+    latency: list[list[float]] = [[] for _ in edges]
+    tokens, errors = [0.0] * count, [0] * count
+    for r in records:
+        if "start_s" not in r:
+            continue
+        if "error" in r or r.get("ttft_s") is None:
+            errors[index(r["start_s"])] += 1
+            continue
+        first, end = r["start_s"] + r["ttft_s"], r["start_s"] + r["latency_s"]
+        ttft[index(first)].append(r["ttft_s"])
+        latency[index(end)].append(r["latency_s"])
+        n = r.get("completion_tokens") or 0
+        if n >= 1:
+            tokens[index(first)] += 1
+        rest = n - 1
+        if rest > 0 and end <= first:
+            tokens[index(end)] += rest
+        elif rest > 0:
+            for i, (lo, hi) in enumerate(edges):
+                overlap = min(hi if i < count - 1 else math.inf, end) - max(lo if i else -math.inf, first)
+                if overlap > 0:
+                    tokens[i] += rest * overlap / (end - first)
+    windows = []
+    for i, (lo, hi) in enumerate(edges):
+        windows.append(
+            {
+                "start_s": lo,
+                "end_s": hi,
+                "first_tokens": len(ttft[i]),
+                "completed": len(latency[i]),
+                "errors": errors[i],
+                "ttft_p50_s": pct(ttft[i], 50),
+                "ttft_p99_s": pct(ttft[i], 99),
+                "latency_p50_s": pct(latency[i], 50),
+                "latency_p99_s": pct(latency[i], 99),
+                "output_tokens_per_s": tokens[i] / (hi - lo) if hi > lo else 0.0,
+            }
+        )
+    return {"window_s": window_s, "windows": windows}
 
 
 # ------------------------------------------------------------------------------------- server helpers
@@ -464,6 +549,7 @@ def run_case(
             before, load_before = server_stats(url), os.getloadavg()[0]
             records, wall = asyncio.run(load_point(url, prompts, plan.output_tokens, concurrency))
             point = {"concurrency": concurrency, **summarize(records, wall)}
+            point["timeline"] = timeline(records, wall)
             if probe:
                 point["bandwidth_adjacent"] = [*adjacent, probe()]
             point["server_stats"] = after = server_stats(url)

@@ -4,15 +4,16 @@ Every case deploys the application afresh (one replica, fp32 on CPU) with its ow
 it up, then measures it with the client in ``benchmarks/_load.py``: load points of streamed
 ``/v1/completions`` requests with at most C in flight (prompts of an exact token count, fixed output length
 through ``ignore_eos``, temperature 0), or two-turn sessions on the seed API. Per point: requests/s and
-output tokens/s over the point's wall time, TTFT and latency p50/p99, each request's decode rate, and the
-replica's mean batch size (``/api/v1/stats``).
+output tokens/s over the point's wall time, TTFT and latency p50/p99, each request's decode rate, the
+replica's mean batch size (``/api/v1/stats``), and the same over time in windows of a few seconds
+(``timeline``, plotted in serve_timeline.png).
 
 Outside the server (in Ray tasks, ``benchmarks/_precision.py``): the machine's memory bandwidth with the
 replica's thread count (the ceiling of batch-1 decoding, which reads every weight once per token), the
 time of the tiny preset's matrix products alone at the top concurrency (the ceiling of batched throughput)
 and the serving precisions (fp32 / int8 / bf16: engine decode tokens/s at batch 1 and 8, held-out loss).
 
-Any failed case, request or precision run fails the benchmark (after serve.json and serve.png are written).
+Any failed case, request or precision run fails the benchmark (after serve.json and the PNGs are written).
 """
 
 from __future__ import annotations
@@ -260,6 +261,88 @@ def plot_serve(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _timeline_series(points: list[dict[str, Any]], key: str, scale: float = 1.0):
+    """Per load point: window midpoints (on the case's clock, points end to end) and ``key``'s values."""
+    offset, series = 0.0, []
+    for p in points:
+        windows = [w for w in p["timeline"]["windows"] if w.get(key) is not None]
+        series.append(
+            (
+                [offset + (w["start_s"] + w["end_s"]) / 2 for w in windows],
+                [scale * w[key] for w in windows],
+            )
+        )
+        offset += p["timeline"]["windows"][-1]["end_s"]
+    return series
+
+
+def plot_serve_timeline(report: dict[str, Any], path: Path) -> None:
+    """TTFT and latency p50/p99 and output tokens/s over time, one row per load case.
+
+    serve.png gives each load point one number; this shows how the point got there (a queue building up,
+    a stall, a slow first window). A case's points (one per concurrency) run one after another and are laid
+    end to end on its time axis, each marked with its concurrency.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loads = [
+        r for r in report["cases"]
+        if r["kind"] == "load" and r["points"] and all(p.get("timeline") for p in r["points"])
+    ]  # fmt: skip
+    rows = max(1, len(loads))
+    fig, axes = plt.subplots(rows, 3, figsize=(16, 1.2 + 3.1 * rows), squeeze=False)
+    if not loads:
+        for ax in axes[0]:
+            ax.text(0.5, 0.5, "no load point measured", ha="center", transform=ax.transAxes)
+    panels = [
+        ("TTFT", "ms", 1000.0, "ttft"),
+        ("latency", "s", 1.0, "latency"),
+    ]
+    for row, r in zip(axes, loads, strict=False):
+        points = r["points"]
+        for ax, (name, unit, scale, prefix) in zip(row, panels, strict=False):
+            for q, style in (("p50", "o-"), ("p99", "s--")):
+                color = "tab:blue" if q == "p50" else "tab:red"
+                for i, (x, y) in enumerate(_timeline_series(points, f"{prefix}_{q}_s", scale)):
+                    ax.plot(x, y, style, color=color, ms=3, lw=1.2, label=f"{name} {q}" if i == 0 else None)
+            ax.set_ylabel(f"{name} ({unit})")
+            ax.set_title(f"{r['preset']} / {r['label']}: {name}")
+        ax = row[2]
+        for x, y in _timeline_series(points, "output_tokens_per_s"):
+            ax.plot(x, y, "o-", color="tab:green", ms=3, lw=1.2)
+        ax.set_ylabel("output tokens/s")
+        ax.set_title(f"{r['preset']} / {r['label']}: output tokens/s")
+        for ax in row:
+            ax.set_ylim(0, max(ax.get_ylim()[1], 1e-9) * 1.3)  # headroom for the legend and the C= labels
+            offset = 0.0
+            for p in points:
+                ax.axvline(offset, color="gray", lw=0.8, ls=":")
+                ax.annotate(
+                    f"C={p['concurrency']}", (offset, 1.0), xycoords=("data", "axes fraction"),
+                    xytext=(3, -3), textcoords="offset points", va="top", fontsize=8, color="dimgray",
+                )  # fmt: skip
+                offset += p["timeline"]["windows"][-1]["end_s"]
+            ax.set_xlim(0, offset)
+            ax.set_xlabel("time since the case's first load point (s)")
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8, loc="best")
+    sizes = sorted({p["timeline"]["window_s"] for r in loads for p in r["points"]})
+    settings = report["settings"]
+    fig.suptitle(
+        f"llmopt serve benchmark over time (prompt {settings['prompt_tokens']} / output "
+        f"{settings['output_tokens']} tokens): per window of {', '.join(f'{w:g}' for w in sizes) or '-'} s, "
+        "TTFT at each request's first token, latency at its end\n"
+        "one row per load case; its load points (concurrency C) ran one after another and are laid end to end"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------------------------------- driver
 
 
@@ -328,7 +411,8 @@ def _failures(report: dict[str, Any]) -> list[str]:
 
 
 def run_serve(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the `serve` benchmark; write serve.json and serve.png under ``args.out`` and print the results.
+    """Run the `serve` benchmark; write serve.json, serve.png and serve_timeline.png under ``args.out``, and
+    print the results.
 
     Raises:
         RuntimeError: Some case, request or precision run failed (named in the message; the files are
@@ -430,8 +514,9 @@ def run_serve(args: argparse.Namespace) -> dict[str, Any]:
     }
     (out / "serve.json").write_text(json.dumps(report, indent=2))
     plot_serve(report, out / "serve.png")
+    plot_serve_timeline(report, out / "serve_timeline.png")
     print_report(report, console)
-    log(f"written: {out / 'serve.json'}, {out / 'serve.png'}")
+    log(f"written: {out / 'serve.json'}, {out / 'serve.png'}, {out / 'serve_timeline.png'}")
     failed = _failures(report)
     if failed:
         raise RuntimeError(f"the serve benchmark had {len(failed)} failure(s):\n  " + "\n  ".join(failed))

@@ -163,10 +163,33 @@ def runs_list(
 def runs_show(
     run: Annotated[str, typer.Argument(help="Run directory, or its name under --output-dir.")],
     output_dir: Annotated[Path, typer.Option(help="Where run directories live.")] = Path("runs"),
+    plot: Annotated[
+        bool,
+        typer.Option(
+            "--plot/--no-plot",
+            help="Write RUN/report.png: loss, held-out exact match, tokens/s, memory and learning rate over "
+            "steps (from metrics.jsonl).",
+        ),
+    ] = True,
 ) -> None:
-    """Show one run's status, final figures and artifacts."""
+    """Show one run's status, final figures and artifacts, and plot its metrics to RUN/report.png."""
+    from llmopt.train import plot_report, read_metrics, show_run
+
     path = Path(run) if Path(run).is_dir() else output_dir / run
     try:
-        _print_run(path)
+        info = show_run(path)
     except FileNotFoundError as exc:
         raise _fail(str(exc)) from None
+    report = None
+    if plot:
+        history = read_metrics(path)
+        if history:
+            # Before the table, so that the artifacts it lists include the report.
+            report = plot_report(
+                history, path / "report.png", title=f"{info['run']}: {info['model']}, {info['method']}"
+            )
+        else:
+            console.print(f"no metrics recorded in {path / 'metrics.jsonl'}: no report.png", highlight=False)
+    _print_run(path)
+    if report is not None:
+        console.print(f"report: {report}", highlight=False)

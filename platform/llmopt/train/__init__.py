@@ -7,7 +7,7 @@ from llmopt.train._deepspeed import build_deepspeed_config
 from llmopt.train._loop import lr_lambda, prepare, train_loop_per_worker
 from llmopt.train._metrics import expert_load_metrics, expert_token_counts, peak_memory_bytes
 from llmopt.train._reference import endless_batches
-from llmopt.train._runs import list_runs, plot_loss, read_metrics, show_run
+from llmopt.train._runs import list_runs, plot_loss, plot_report, read_metrics, show_run
 from llmopt.train._trainer import FinetuneResult, finetune, new_run_dir
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "peak_memory_bytes",
     "plan_checkpointing",
     "plot_loss",
+    "plot_report",
     "prepare",
     "read_metrics",
     "resolve_precision",
