@@ -6,7 +6,7 @@ One module per command group; importing this package registers every command on 
 
 # isort: off
 from llmopt.cli._app import app
-from llmopt.cli import _tune, _train, _serve, _kuberay, _config, _data  # noqa: F401  (they register commands)
+from llmopt.cli import _tune, _train, _serve, _monitor, _kuberay, _config, _data  # noqa: F401  (they register commands)
 # isort: on
 
 __all__ = ["app", "main"]

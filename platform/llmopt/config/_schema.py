@@ -446,7 +446,34 @@ class ResourcesConfig(StrictModel):
 
 
 class MonitorConfig(StrictModel):
-    """Ceilings the run watches and acts on while it trains."""
+    """Service-level objectives and ceilings: the alert rules (`llmopt monitor rules`) are derived from them,
+    and training acts on the memory ceiling."""
+
+    slo_percentile: float = Field(
+        0.99, gt=0.0, lt=1.0, description="Percentile the latency SLOs hold at (0.99: p99)."
+    )
+    ttft_slo_s: float = Field(2.0, gt=0, description="Time to first token allowed at the SLO percentile (s).")
+    tpot_slo_s: float = Field(
+        0.2, gt=0, description="Time per output token allowed at the SLO percentile (s)."
+    )
+    error_rate_ceiling: float = Field(
+        0.01, ge=0.0, le=1.0, description="Share of requests answered with HTTP 5xx before alerting."
+    )
+    kv_hit_rate_floor: float = Field(
+        0.5, ge=0.0, le=1.0, description="Session KV-cache hit rate under which to alert (sessions in use)."
+    )
+    queue_ceiling: float = Field(
+        0.8, gt=0.0, le=1.0, description="Share of serving.max_queued_requests a replica's queue may reach."
+    )
+    kv_cache_ceiling: float = Field(
+        0.95, gt=0.0, le=1.0, description="Share of serving.kv_cache.budget_mb session caches may hold."
+    )
+    window: str = Field(
+        "5m", pattern=r"^[0-9]+[smh]$", description="Range over which rates and percentiles are taken."
+    )
+    alert_for: str = Field(
+        "2m", pattern=r"^[0-9]+[smh]$", description="How long a condition must hold before its alert fires."
+    )
 
     memory_ceiling: float = Field(
         0.9,
@@ -483,7 +510,7 @@ class RunConfig(StrictModel):
     serving: ServingConfig = Field(default_factory=ServingConfig, description="Serving.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-worker resources.")
     monitor: MonitorConfig = Field(
-        default_factory=MonitorConfig, description="Memory ceiling and adaptive checkpointing."
+        default_factory=MonitorConfig, description="SLOs, ceilings and alert rules; adaptive checkpointing."
     )
 
     @model_validator(mode="after")

@@ -1,0 +1,178 @@
+"""Prometheus recording and alert rules generated from a run config.
+
+The thresholds are the config's (`monitor.*`, `serving.max_queued_requests`, `serving.kv_cache.budget_mb`,
+`serving.autoscaling.max_replicas`), written into the expressions as numbers, so the rule file is the
+config's SLOs as Prometheus evaluates them. Names are as Ray's metrics agent exports them: every
+`ray.util.metrics` series gets a `ray_` prefix; Serve's and the node's own series are Ray's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from llmopt.config import RunConfig
+
+# llmopt's series on Ray's metrics endpoint (serve_apps/_metrics.py creates them; Ray adds `ray_`).
+METRICS = {
+    "requests": "ray_llmopt_requests_total",
+    "errors": "ray_llmopt_errors_total",
+    "ttft": "ray_llmopt_time_to_first_token_seconds",
+    "tpot": "ray_llmopt_time_per_output_token_seconds",
+    "output_tokens": "ray_llmopt_output_tokens_total",
+    "batch_size": "ray_llmopt_batch_size",
+    "queue": "ray_llmopt_queue_length",
+    "running": "ray_llmopt_running_requests",
+    "kv_bytes": "ray_llmopt_kv_cache_bytes",
+    "kv_sessions": "ray_llmopt_kv_cache_sessions",
+    "kv_hit_rate": "ray_llmopt_kv_cache_hit_rate",
+    # Ray's own: Serve's healthy replicas, and the node's memory.
+    "replicas": "ray_serve_deployment_replica_healthy",
+    "node_mem_used": "ray_node_mem_used",
+    "node_mem_total": "ray_node_mem_total",
+}
+
+
+def _pct(q: float) -> str:
+    """`0.99` -> `p99`, `0.995` -> `p99_5` (a valid part of a recording rule's name)."""
+    return "p" + f"{100 * q:g}".replace(".", "_")
+
+
+def _alert(name: str, expr: str, for_: str, severity: str, summary: str, description: str) -> dict[str, Any]:
+    return {
+        "alert": name,
+        "expr": expr,
+        "for": for_,
+        "labels": {"severity": severity, "service": "llmopt"},
+        "annotations": {"summary": summary, "description": description},
+    }
+
+
+def alert_rules(config: RunConfig) -> dict[str, Any]:
+    """The rule file (``{"groups": [...]}``) for `config`'s SLOs and ceilings.
+
+    Groups: ``llmopt-serving-recording`` (latency percentiles, error ratio, tokens/s), ``llmopt-serving``
+    (TTFT/TPOT over SLO, error ratio over its ceiling, queue near ``max_queued_requests``, session KV cache
+    near its budget or hit rate under its floor, replicas at ``max_replicas``) and ``llmopt-cluster`` (a
+    node's memory over ``monitor.memory_ceiling``).
+    """
+    mon, serving = config.monitor, config.serving
+    m, w, for_ = METRICS, mon.window, mon.alert_for
+    p = _pct(mon.slo_percentile)
+    ttft_rec, tpot_rec = f"llmopt:ttft_seconds:{p}", f"llmopt:tpot_seconds:{p}"
+    recording = [
+        {
+            "record": ttft_rec,
+            "expr": f"histogram_quantile({mon.slo_percentile:g}, "
+            f"sum by (le, route) (rate({m['ttft']}_bucket[{w}])))",
+        },
+        {
+            "record": tpot_rec,
+            "expr": f"histogram_quantile({mon.slo_percentile:g}, "
+            f"sum by (le, route) (rate({m['tpot']}_bucket[{w}])))",
+        },
+        {
+            # `or vector(0)`: no 5xx at all is a ratio of 0, not an absent series.
+            "record": "llmopt:error_ratio",
+            "expr": f'(sum(rate({m["errors"]}{{code=~"5.."}}[{w}])) or vector(0)) / '
+            f"sum(rate({m['requests']}[{w}]))",
+        },
+        {"record": "llmopt:output_tokens_per_second", "expr": f"sum(rate({m['output_tokens']}[{w}]))"},
+    ]
+    alerts = [
+        _alert(
+            "LlmoptTTFTOverSLO",
+            f"{ttft_rec} > {mon.ttft_slo_s:g}",
+            for_,
+            "warning",
+            f"Time to first token {p} over its SLO of {mon.ttft_slo_s:g} s",
+            f"{p} TTFT on route {{{{ $labels.route }}}} is {{{{ $value | humanizeDuration }}}} over {w} "
+            f"(monitor.ttft_slo_s={mon.ttft_slo_s:g}).",
+        ),
+        _alert(
+            "LlmoptTPOTOverSLO",
+            f"{tpot_rec} > {mon.tpot_slo_s:g}",
+            for_,
+            "warning",
+            f"Time per output token {p} over its SLO of {mon.tpot_slo_s:g} s",
+            f"{p} TPOT on route {{{{ $labels.route }}}} is {{{{ $value | humanizeDuration }}}} over {w} "
+            f"(monitor.tpot_slo_s={mon.tpot_slo_s:g}).",
+        ),
+        _alert(
+            "LlmoptErrorRateHigh",
+            f"llmopt:error_ratio > {mon.error_rate_ceiling:g}",
+            for_,
+            "critical",
+            "Share of requests answered with HTTP 5xx over its ceiling",
+            f"{{{{ $value | humanizePercentage }}}} of requests failed with 5xx over {w} "
+            f"(monitor.error_rate_ceiling={mon.error_rate_ceiling:g}).",
+        ),
+        _alert(
+            "LlmoptKVCacheNearBudget",
+            f"max({m['kv_bytes']}) > {mon.kv_cache_ceiling * serving.kv_cache.budget_mb * 2**20:.0f}",
+            for_,
+            "info",
+            "Session KV caches near their budget: older sessions are being evicted",
+            f"A replica holds {{{{ $value | humanize1024 }}}}B of session caches, over "
+            f"{mon.kv_cache_ceiling:g} of serving.kv_cache.budget_mb={serving.kv_cache.budget_mb:g}.",
+        ),
+        _alert(
+            "LlmoptKVHitRateLow",
+            f"(min({m['kv_hit_rate']}) < {mon.kv_hit_rate_floor:g}) and on() (sum({m['kv_sessions']}) > 0)",
+            for_,
+            "info",
+            "Session KV-cache hit rate under its floor",
+            f"Hit rate {{{{ $value | humanizePercentage }}}} with sessions in use "
+            f"(monitor.kv_hit_rate_floor={mon.kv_hit_rate_floor:g}): sessions miss their replica or expire.",
+        ),
+    ]
+    if serving.max_queued_requests > 0:
+        limit = mon.queue_ceiling * serving.max_queued_requests
+        alerts.append(
+            _alert(
+                "LlmoptQueueNearLimit",
+                f"max({m['queue']}) > {limit:g}",
+                for_,
+                "warning",
+                "Requests queue near serving.max_queued_requests; new ones will get HTTP 503",
+                f"A replica queues {{{{ $value }}}} requests, over {mon.queue_ceiling:g} of "
+                f"serving.max_queued_requests={serving.max_queued_requests}.",
+            )
+        )
+    scaling = serving.autoscaling
+    if scaling.max_replicas > scaling.min_replicas:
+        alerts.append(
+            _alert(
+                "LlmoptReplicasAtMax",
+                f'sum({m["replicas"]}{{deployment="LLMServer"}}) >= {scaling.max_replicas}',
+                for_,
+                "warning",
+                "The model deployment runs at serving.autoscaling.max_replicas",
+                f"{{{{ $value }}}} healthy LLMServer replicas, the most allowed "
+                f"(serving.autoscaling.max_replicas={scaling.max_replicas}); more load queues.",
+            )
+        )
+    cluster = [
+        _alert(
+            "LlmoptNodeMemoryHigh",
+            f"{m['node_mem_used']} / {m['node_mem_total']} > {mon.memory_ceiling:g}",
+            for_,
+            "warning",
+            "A Ray node's memory is over monitor.memory_ceiling",
+            f"Node {{{{ $labels.ip }}}} uses {{{{ $value | humanizePercentage }}}} of its memory "
+            f"(monitor.memory_ceiling={mon.memory_ceiling:g}).",
+        )
+    ]
+    return {
+        "groups": [
+            {"name": "llmopt-serving-recording", "rules": recording},
+            {"name": "llmopt-serving", "rules": alerts},
+            {"name": "llmopt-cluster", "rules": cluster},
+        ]
+    }
+
+
+def render_rules(config: RunConfig) -> str:
+    """`alert_rules` as the YAML rule file Prometheus loads (`rule_files:`)."""
+    return yaml.safe_dump(alert_rules(config), sort_keys=False, width=1000)
