@@ -1,7 +1,5 @@
 """Prometheus rules from a run config, checked by Prometheus's own `promtool` (Debian's `prometheus`)."""
 
-import os
-import shutil
 import subprocess
 
 import pytest
@@ -9,31 +7,12 @@ import yaml
 
 from llmopt.config import load_config
 from llmopt.monitor import alert_rules, render_rules
-
-
-def _promtool() -> str:
-    """promtool, installing Debian's `prometheus` package first where this runs as root with apt."""
-    found = shutil.which("promtool")
-    if not found and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"],
-            env=env,
-            capture_output=True,
-            timeout=600,
-        )
-        found = shutil.which("promtool")
-    if not found:
-        pytest.skip(
-            "promtool not found and Debian's `prometheus` could not be installed (needs root and apt)"
-        )
-    return found
+from tests._prometheus import prometheus_binary
 
 
 @pytest.fixture(scope="module")
 def promtool():
-    return _promtool()
+    return prometheus_binary("promtool")
 
 
 def _rules(*overrides):
