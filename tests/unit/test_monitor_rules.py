@@ -139,3 +139,46 @@ def test_promtool_unit_tests_the_tpot_and_error_alerts(promtool, tmp_path, slow)
         [promtool, "test", "rules", "tests.yaml"], cwd=tmp_path, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dashboard_is_a_grafana_model_with_valid_promql(promtool, tmp_path):
+    """The dashboard's structure (what Grafana's import needs) and every panel query parsed by Prometheus's
+    own PromQL parser (each written as a recording rule for `promtool check rules`)."""
+    import json
+
+    from llmopt.monitor import dashboard
+
+    out = subprocess.run(
+        ["llmopt", "monitor", "dashboard", "monitor.tpot_slo_s=0.05"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    board = json.loads(out)
+    assert board == dashboard(load_config(None, ["monitor.tpot_slo_s=0.05"]))
+    assert isinstance(board["schemaVersion"], int) and board["title"] and board["uid"]
+    assert [v["name"] for v in board["templating"]["list"]] == ["datasource"]
+    ids = [panel["id"] for panel in board["panels"]]
+    assert len(ids) == len(set(ids)) >= 10
+    exprs = []
+    for panel in board["panels"]:
+        assert panel["type"] == "timeseries" and panel["title"]
+        assert (
+            set(panel["gridPos"]) == {"h", "w", "x", "y"}
+            and panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+        )
+        assert panel["datasource"]["uid"] == "${datasource}"
+        assert panel["targets"] and len({t["refId"] for t in panel["targets"]}) == len(panel["targets"])
+        exprs += [t["expr"] for t in panel["targets"]]
+    tpot = next(p for p in board["panels"] if p["title"] == "Time per output token")
+    assert tpot["fieldConfig"]["defaults"]["thresholds"]["steps"][1]["value"] == 0.05  # the config's SLO
+    # Grafana's $__rate_interval is not PromQL; Prometheus sees a concrete range in its place.
+    records = [
+        {"record": f"dashboard:panel_{i}", "expr": e.replace("$__rate_interval", "1m")}
+        for i, e in enumerate(exprs)
+    ]
+    rules = {"groups": [{"name": "dashboard", "rules": records}]}
+    path = tmp_path / "panels.yaml"
+    path.write_text(yaml.safe_dump(rules))
+    check = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -1,4 +1,4 @@
-"""`llmopt monitor ...`: Prometheus rules from a run config."""
+"""`llmopt monitor ...`: Prometheus rules and a Grafana dashboard from a run config."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typer
 
 from llmopt.cli._app import Overrides, _load, app
 
-monitor_app = typer.Typer(no_args_is_help=True, help="Alert and recording rules from a config's SLOs.")
+monitor_app = typer.Typer(no_args_is_help=True, help="Alert rules and a dashboard from a config's SLOs.")
 app.add_typer(monitor_app, name="monitor")
 
 
@@ -27,3 +27,19 @@ def monitor_rules(
     from llmopt.monitor import render_rules
 
     print(render_rules(_load(config, overrides)), end="")
+
+
+@monitor_app.command("dashboard")
+def monitor_dashboard(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Run config YAML (default: defaults).")
+    ] = None,
+    overrides: Overrides = None,
+) -> None:
+    """Print a Grafana dashboard (JSON) over llmopt's Prometheus series, the config's SLOs as thresholds.
+
+    Import it in Grafana (Dashboards > Import) and pick the Prometheus data source that scrapes Ray.
+    """
+    from llmopt.monitor import render_dashboard
+
+    print(render_dashboard(_load(config, overrides)))
