@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from llmopt.config import RunConfig
-from llmopt.monitor._rules import METRICS, _pct
+from llmopt.monitor._rules import METRICS, _pct, error_ratio_expr, quantile_expr
 
 _DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
@@ -43,7 +43,7 @@ def dashboard(config: RunConfig) -> dict[str, Any]:
     q = f"{mon.slo_percentile:g}"
 
     def quantile(metric: str, level: str) -> str:
-        return f"histogram_quantile({level}, sum by (le, route) (rate({metric}_bucket[{w}])))"
+        return quantile_expr(metric, level, w)
 
     queued = config.serving.max_queued_requests
     queue_limit = mon.queue_ceiling * queued if queued > 0 else None
@@ -55,9 +55,7 @@ def dashboard(config: RunConfig) -> dict[str, Any]:
         ("Requests/s by status", [(f"sum by (code) (rate({m['requests']}[{w}]))", "{{code}}")], "reqps",
          None),
         ("Output tokens/s", [(f"sum(rate({m['output_tokens']}[{w}]))", "tokens/s")], "short", None),
-        ("5xx share of requests", [(f'(sum(rate({m["errors"]}{{code=~"5.."}}[{w}])) or vector(0)) / '
-                                    f"sum(rate({m['requests']}[{w}]))", "5xx")], "percentunit",
-         mon.error_rate_ceiling),
+        ("5xx share of requests", [(error_ratio_expr(w), "5xx")], "percentunit", mon.error_rate_ceiling),
         ("Batch size (mean per step)", [(f"sum(rate({m['batch_size']}_sum[{w}])) / "
                                          f"sum(rate({m['batch_size']}_count[{w}]))", "mean")], "short", None),
         ("Queue and running", [(f"sum({m['queue']})", "queued"), (f"sum({m['running']})", "running")],

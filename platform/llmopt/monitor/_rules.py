@@ -39,6 +39,19 @@ def _pct(q: float) -> str:
     return "p" + f"{100 * q:g}".replace(".", "_")
 
 
+def quantile_expr(metric: str, q: str, window: str) -> str:
+    """The `q` quantile of histogram `metric` over `window`, per route (rules and dashboard alike)."""
+    return f"histogram_quantile({q}, sum by (le, route) (rate({metric}_bucket[{window}])))"
+
+
+def error_ratio_expr(window: str) -> str:
+    """Share of requests answered with 5xx over `window`; no 5xx at all is 0, not an absent series."""
+    return (
+        f'(sum(rate({METRICS["errors"]}{{code=~"5.."}}[{window}])) or vector(0)) / '
+        f"sum(rate({METRICS['requests']}[{window}]))"
+    )
+
+
 def _alert(name: str, expr: str, for_: str, severity: str, summary: str, description: str) -> dict[str, Any]:
     return {
         "alert": name,
@@ -62,22 +75,9 @@ def alert_rules(config: RunConfig) -> dict[str, Any]:
     p = _pct(mon.slo_percentile)
     ttft_rec, tpot_rec = f"llmopt:ttft_seconds:{p}", f"llmopt:tpot_seconds:{p}"
     recording = [
-        {
-            "record": ttft_rec,
-            "expr": f"histogram_quantile({mon.slo_percentile:g}, "
-            f"sum by (le, route) (rate({m['ttft']}_bucket[{w}])))",
-        },
-        {
-            "record": tpot_rec,
-            "expr": f"histogram_quantile({mon.slo_percentile:g}, "
-            f"sum by (le, route) (rate({m['tpot']}_bucket[{w}])))",
-        },
-        {
-            # `or vector(0)`: no 5xx at all is a ratio of 0, not an absent series.
-            "record": "llmopt:error_ratio",
-            "expr": f'(sum(rate({m["errors"]}{{code=~"5.."}}[{w}])) or vector(0)) / '
-            f"sum(rate({m['requests']}[{w}]))",
-        },
+        {"record": ttft_rec, "expr": quantile_expr(m["ttft"], f"{mon.slo_percentile:g}", w)},
+        {"record": tpot_rec, "expr": quantile_expr(m["tpot"], f"{mon.slo_percentile:g}", w)},
+        {"record": "llmopt:error_ratio", "expr": error_ratio_expr(w)},
         {"record": "llmopt:output_tokens_per_second", "expr": f"sum(rate({m['output_tokens']}[{w}]))"},
     ]
     alerts = [
