@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from llmopt.config import load_config
-from llmopt.monitor import alert_rules, render_rules
+from llmopt.monitor import METRICS, alert_rules, render_rules
 from tests._prometheus import prometheus_binary
 
 
@@ -39,6 +39,39 @@ def test_thresholds_come_from_the_config():
     # No queue bound, no fixed scale-out bound: no alert that could never mean anything.
     fixed = _by_name(_rules("serving.max_queued_requests=-1"))
     assert "LlmoptQueueNearLimit" not in fixed and "LlmoptReplicasAtMax" not in fixed
+
+
+def test_training_thresholds_come_from_the_config():
+    rules = _rules("monitor.throughput_drop=0.3", "monitor.stall_after_s=120", "monitor.window=10m")
+    assert [g["name"] for g in rules["groups"]] == [
+        "llmopt-serving-recording",
+        "llmopt-serving",
+        "llmopt-training",
+        "llmopt-cluster",
+    ]
+    training = next(g for g in rules["groups"] if g["name"] == "llmopt-training")["rules"]
+    assert training[0] == {
+        "record": "llmopt:train_tokens_per_second",
+        "expr": "max by (run) (ray_llmopt_train_tokens_per_second)",
+    }
+    by_name = _by_name(rules)
+    assert by_name["LlmoptTrainingThroughputDrop"]["expr"] == (
+        "llmopt:train_tokens_per_second < 0.3 * quantile_over_time(0.5, llmopt:train_tokens_per_second[1h])"
+    )
+    assert "> 120)" in by_name["LlmoptTrainingStalled"]["expr"]
+    assert "ray_llmopt_train_restarts[10m]" in by_name["LlmoptTrainingWorkerRestarts"]["expr"]
+    assert by_name["LlmoptTrainingMemoryHigh"]["expr"] == (
+        "max by (run) (ray_llmopt_train_peak_memory_bytes) > "
+        "max by (run) (ray_llmopt_train_memory_ceiling_bytes)"
+    )
+    # Each description names the config field its threshold comes from.
+    for name, field in [
+        ("LlmoptTrainingThroughputDrop", "monitor.throughput_drop=0.3"),
+        ("LlmoptTrainingStalled", "monitor.stall_after_s=120"),
+        ("LlmoptTrainingMemoryHigh", "monitor.memory_ceiling=0.9"),
+        ("LlmoptTrainingWorkerRestarts", "monitor.window=10m"),
+    ]:
+        assert field in by_name[name]["annotations"]["description"], name
 
 
 def test_cli_prints_rules_promtool_accepts(promtool, tmp_path):
@@ -141,6 +174,103 @@ def test_promtool_unit_tests_the_tpot_and_error_alerts(promtool, tmp_path, slow)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _promtool_test(promtool, tmp_path, overrides: list[str], series: list[dict], expr_tests: list[dict]):
+    """Run `promtool test rules` on the rules of `overrides` with `series` (1-minute samples)."""
+    (tmp_path / "rules.yaml").write_text(render_rules(load_config(None, overrides)))
+    tests = {
+        "rule_files": ["rules.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": expr_tests}],
+    }
+    (tmp_path / "tests.yaml").write_text(yaml.safe_dump(tests, sort_keys=False))
+    result = subprocess.run(
+        [promtool, "test", "rules", "tests.yaml"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# Ray's own labels on the sink's series; the rules aggregate them away (`max by (run)`).
+_RAY = 'Component="core_worker",WorkerId="w1"'
+
+
+def _expect(alert: str, severity: str, eval_time: str, fires: bool) -> dict:
+    labels = _firing(alert, f',run="r",severity="{severity}",service="llmopt"')
+    return {
+        "expr": _firing(alert),
+        "eval_time": eval_time,
+        "exp_samples": [{"labels": labels, "value": 1}] if fires else [],
+    }
+
+
+@pytest.mark.parametrize("fires", [True, False], ids=["drop-fires", "steady-silent"])
+def test_promtool_training_throughput_drop(promtool, tmp_path, fires):
+    # An hour at 1000 tokens/s, then 400 (under 0.5 of the median) or 600 (over it) from minute 61.
+    after = "400x10" if fires else "600x10"
+    series = [
+        {"series": f'ray_llmopt_train_tokens_per_second{{{_RAY},run="r"}}', "values": f"1000x60 {after}"}
+    ]
+    checks = [
+        {
+            "expr": "llmopt:train_tokens_per_second",
+            "eval_time": "30m",
+            "exp_samples": [{"labels": 'llmopt:train_tokens_per_second{run="r"}', "value": 1000}],
+        },
+        _expect("LlmoptTrainingThroughputDrop", "warning", "62m", False),  # `for: 2m` not over yet
+        _expect("LlmoptTrainingThroughputDrop", "warning", "65m", fires),
+    ]
+    _promtool_test(promtool, tmp_path, [], series, checks)
+
+
+@pytest.mark.parametrize("fires", [True, False], ids=["over-ceiling-fires", "under-ceiling-silent"])
+def test_promtool_training_memory_high(promtool, tmp_path, fires):
+    peak = "5000000000x10" if fires else "3000000000x10"
+    series = [
+        {"series": f'ray_llmopt_train_peak_memory_bytes{{{_RAY},run="r"}}', "values": peak},
+        {"series": f'ray_llmopt_train_memory_ceiling_bytes{{{_RAY},run="r"}}', "values": "4000000000x10"},
+        # Another run, far under its own ceiling: the comparison is per run.
+        {"series": 'ray_llmopt_train_peak_memory_bytes{run="other"}', "values": "1000x10"},
+        {"series": 'ray_llmopt_train_memory_ceiling_bytes{run="other"}', "values": "2000000000x10"},
+    ]
+    checks = [_expect("LlmoptTrainingMemoryHigh", "warning", "10m", fires)]
+    _promtool_test(promtool, tmp_path, [], series, checks)
+
+
+@pytest.mark.parametrize("case", ["stalled-fires", "progressing-silent", "finished-silent"])
+def test_promtool_training_stalled(promtool, tmp_path, case):
+    # The gauge holds the unix time of the last step; promtool's time() is the evaluation time (0 at the
+    # start), so a sample's value equal to its own time is a step logged just now.
+    stamps = "0+60x20" if case == "progressing-silent" else "0+60x5 300x15"  # steps stop at 5 min
+    series = [{"series": f'ray_llmopt_train_last_step_timestamp_seconds{{{_RAY},run="r"}}', "values": stamps}]
+    finished = "0x5 1x15" if case == "finished-silent" else "0x20"
+    series.append({"series": f'ray_llmopt_train_finished{{{_RAY},run="r"}}', "values": finished})
+    checks = [
+        _expect("LlmoptTrainingStalled", "critical", "14m", False),  # 540 s since the last step
+        _expect("LlmoptTrainingStalled", "critical", "16m", case == "stalled-fires"),  # 660 s > 600
+    ]
+    _promtool_test(promtool, tmp_path, [], series, checks)
+
+
+@pytest.mark.parametrize("case", ["same-series-fires", "new-series-fires", "no-restart-silent"])
+def test_promtool_training_worker_restarts(promtool, tmp_path, case):
+    name = "ray_llmopt_train_restarts"
+    if case == "same-series-fires":
+        series = [{"series": f'{name}{{{_RAY},run="r"}}', "values": "0x10 1x10"}]  # a restart at 11 min
+    elif case == "new-series-fires":  # the count comes back under other Ray labels (another process)
+        series = [
+            {"series": f'{name}{{Component="core_worker",WorkerId="w1",run="r"}}', "values": "0x10"},
+            {"series": f'{name}{{Component="core_worker",WorkerId="w2",run="r"}}', "values": "_x11 1x10"},
+        ]
+    else:
+        series = [{"series": f'{name}{{{_RAY},run="r"}}', "values": "0x20"}]
+    fires = case != "no-restart-silent"
+    checks = [
+        _expect("LlmoptTrainingWorkerRestarts", "warning", "10m", False),
+        _expect("LlmoptTrainingWorkerRestarts", "warning", "13m", fires),  # within monitor.window=5m
+        _expect("LlmoptTrainingWorkerRestarts", "warning", "20m", False),  # the window has passed
+    ]
+    _promtool_test(promtool, tmp_path, [], series, checks)
+
+
 def test_dashboard_is_a_grafana_model_with_valid_promql(promtool, tmp_path):
     """The dashboard's structure (what Grafana's import needs) and every panel query parsed by Prometheus's
     own PromQL parser (each written as a recording rule for `promtool check rules`)."""
@@ -159,9 +289,13 @@ def test_dashboard_is_a_grafana_model_with_valid_promql(promtool, tmp_path):
     assert isinstance(board["schemaVersion"], int) and board["title"] and board["uid"]
     assert [v["name"] for v in board["templating"]["list"]] == ["datasource"]
     ids = [panel["id"] for panel in board["panels"]]
-    assert len(ids) == len(set(ids)) >= 10
+    assert len(ids) == len(set(ids)) >= 17
+    rows = [panel for panel in board["panels"] if panel["type"] == "row"]
+    assert [row["title"] for row in rows] == ["Training"] and rows[0]["gridPos"]["w"] == 24
     exprs = []
     for panel in board["panels"]:
+        if panel["type"] == "row":
+            continue
         assert panel["type"] == "timeseries" and panel["title"]
         assert (
             set(panel["gridPos"]) == {"h", "w", "x", "y"}
@@ -172,6 +306,25 @@ def test_dashboard_is_a_grafana_model_with_valid_promql(promtool, tmp_path):
         exprs += [t["expr"] for t in panel["targets"]]
     tpot = next(p for p in board["panels"] if p["title"] == "Time per output token")
     assert tpot["fieldConfig"]["defaults"]["thresholds"]["steps"][1]["value"] == 0.05  # the config's SLO
+    training = [
+        p
+        for p in board["panels"]
+        if p["type"] == "timeseries" and p["title"].startswith(("Training", "Seconds"))
+    ]
+    training_exprs = " ".join(t["expr"] for p in training for t in p["targets"])
+    for name in (
+        "train_loss",
+        "train_tokens_per_s",
+        "train_peak_memory",
+        "train_memory_ceiling",
+        "train_step",
+        "train_restarts",
+        "train_last_step",
+    ):
+        assert METRICS[name] in training_exprs, name
+    assert all(p["gridPos"]["y"] > rows[0]["gridPos"]["y"] for p in training)  # under the row
+    stall = next(p for p in training if p["title"] == "Seconds since the last training step")
+    assert stall["fieldConfig"]["defaults"]["thresholds"]["steps"][1]["value"] == 600  # monitor.stall_after_s
     # Grafana's $__rate_interval is not PromQL; Prometheus sees a concrete range in its place.
     records = [
         {"record": f"dashboard:panel_{i}", "expr": e.replace("$__rate_interval", "1m")}

@@ -37,7 +37,8 @@ def _panel(pid: int, title: str, targets: list[tuple[str, str]], unit: str, x: i
 
 def dashboard(config: RunConfig) -> dict[str, Any]:
     """The dashboard for `config`: latency against the SLOs, throughput, errors, batching, queue, session
-    KV cache and node memory (the thresholds are the config's)."""
+    KV cache and node memory, then a "Training" row (per run: loss, tokens/s, memory against its ceiling,
+    step, restarts, time since the last step); the thresholds are the config's."""
     m, mon, w = METRICS, config.monitor, "$__rate_interval"
     p = _pct(mon.slo_percentile)
     q = f"{mon.slo_percentile:g}"
@@ -70,6 +71,7 @@ def dashboard(config: RunConfig) -> dict[str, Any]:
         _panel(i + 1, title, targets, unit, x=12 * (i % 2), y=8 * (i // 2), threshold=threshold)
         for i, (title, targets, unit, threshold) in enumerate(specs)
     ]
+    panels += _training_panels(config, first_id=len(panels) + 1, y=8 * ((len(specs) + 1) // 2))
     return {
         "title": f"llmopt: {config.name}",
         "uid": f"llmopt-{config.name}"[:40],
@@ -86,6 +88,40 @@ def dashboard(config: RunConfig) -> dict[str, Any]:
         },
         "panels": panels,
     }
+
+
+def _training_panels(config: RunConfig, first_id: int, y: int) -> list[dict[str, Any]]:
+    """A "Training" row and its panels, one line per run: loss, tokens/s, peak memory against the ceiling,
+    step, worker restarts and the time since the last step (against `monitor.stall_after_s`)."""
+    m, mon = METRICS, config.monitor
+
+    def per_run(name: str) -> str:
+        return f"max by (run) ({m[name]})"
+
+    specs = [
+        ("Training loss", [(per_run("train_loss"), "{{run}}")], "short", None),
+        ("Training tokens/s", [(per_run("train_tokens_per_s"), "{{run}}")], "short", None),
+        ("Training peak memory and ceiling", [(per_run("train_peak_memory"), "peak {{run}}"),
+                                              (per_run("train_memory_ceiling"), "ceiling {{run}}")], "bytes",
+         None),
+        ("Training step", [(per_run("train_step"), "{{run}}")], "short", None),
+        ("Training worker restarts", [(per_run("train_restarts"), "{{run}}")], "short", None),
+        ("Seconds since the last training step", [(f"time() - {per_run('train_last_step')}", "{{run}}")],
+         "s", mon.stall_after_s),
+    ]  # fmt: skip
+    row = {
+        "id": first_id,
+        "type": "row",
+        "title": "Training",
+        "collapsed": False,
+        "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
+        "panels": [],
+    }
+    panels = [row]
+    for i, (title, targets, unit, threshold) in enumerate(specs):
+        x, top = 12 * (i % 2), y + 1 + 8 * (i // 2)
+        panels.append(_panel(first_id + 1 + i, title, targets, unit, x=x, y=top, threshold=threshold))
+    return panels
 
 
 def render_dashboard(config: RunConfig) -> str:

@@ -27,6 +27,17 @@ METRICS = {
     "kv_bytes": "ray_llmopt_kv_cache_bytes",
     "kv_sessions": "ray_llmopt_kv_cache_sessions",
     "kv_hit_rate": "ray_llmopt_kv_cache_hit_rate",
+    "max_batch_size": "ray_llmopt_max_batch_size",
+    "batch_size_changes": "ray_llmopt_batch_size_changes_total",
+    # Training, per run (llmopt/train/_metrics.py's MetricsSink sets them from every logged step's record).
+    "train_step": "ray_llmopt_train_step",
+    "train_loss": "ray_llmopt_train_loss",
+    "train_tokens_per_s": "ray_llmopt_train_tokens_per_second",
+    "train_peak_memory": "ray_llmopt_train_peak_memory_bytes",
+    "train_memory_ceiling": "ray_llmopt_train_memory_ceiling_bytes",
+    "train_last_step": "ray_llmopt_train_last_step_timestamp_seconds",
+    "train_restarts": "ray_llmopt_train_restarts",
+    "train_finished": "ray_llmopt_train_finished",
     # Ray's own: Serve's healthy replicas, and the node's memory.
     "replicas": "ray_serve_deployment_replica_healthy",
     "node_mem_used": "ray_node_mem_used",
@@ -62,13 +73,82 @@ def _alert(name: str, expr: str, for_: str, severity: str, summary: str, descrip
     }
 
 
+TRAIN_TOKENS_PER_S = "llmopt:train_tokens_per_second"
+
+
+def training_rules(config: RunConfig) -> list[dict[str, Any]]:
+    """The ``llmopt-training`` group: a recording rule, then the alerts, all per run (the `run` label).
+
+    Every expression takes ``max by (run)`` first, so the other labels Ray puts on a series (the worker,
+    the node) may change, as they do when the sink's process changes, without splitting a run in two.
+    The recording rule comes first in the group: the alert reads what it recorded in the same evaluation.
+    """
+    mon, par = config.monitor, config.parallelism
+    m, w, for_ = METRICS, mon.window, mon.alert_for
+
+    def per_run(name: str) -> str:
+        return f"max by (run) ({m[name]})"
+
+    allowed = (
+        "parallelism.max_failures=-1 restarts them without end"
+        if par.max_failures < 0
+        else f"parallelism.max_failures={par.max_failures} restarts are allowed before the run fails"
+    )
+    running = f"unless on (run) ({per_run('train_finished')} > 0)"
+    return [
+        {"record": TRAIN_TOKENS_PER_S, "expr": per_run("train_tokens_per_s")},
+        _alert(
+            "LlmoptTrainingThroughputDrop",
+            f"{TRAIN_TOKENS_PER_S} < {mon.throughput_drop:g} * "
+            f"quantile_over_time(0.5, {TRAIN_TOKENS_PER_S}[1h])",
+            for_,
+            "warning",
+            "A training run's tokens/s fell under monitor.throughput_drop of its median over the last hour",
+            f"Run {{{{ $labels.run }}}} trains at {{{{ $value | humanize }}}} tokens/s, under "
+            f"{mon.throughput_drop:g} of its median over the last hour (monitor.throughput_drop="
+            f"{mon.throughput_drop:g}).",
+        ),
+        _alert(
+            "LlmoptTrainingMemoryHigh",
+            f"{per_run('train_peak_memory')} > {per_run('train_memory_ceiling')}",
+            for_,
+            "warning",
+            "A training run's peak memory is over monitor.memory_ceiling of its memory budget",
+            f"Run {{{{ $labels.run }}}} peaks at {{{{ $value | humanize1024 }}}}B, over "
+            f"monitor.memory_ceiling={mon.memory_ceiling:g} of a worker's memory budget; adaptive "
+            "checkpointing did not bring it under (or is off): an out-of-memory error may follow.",
+        ),
+        _alert(
+            "LlmoptTrainingStalled",
+            f"(time() - {per_run('train_last_step')} > {mon.stall_after_s:g}) {running}",
+            "0s",  # the condition is a duration already
+            "critical",
+            "A training run has logged no step for monitor.stall_after_s",
+            f"Run {{{{ $labels.run }}}} logged its last step {{{{ $value | humanizeDuration }}}} ago "
+            f"(monitor.stall_after_s={mon.stall_after_s:g}): its workers hang, wait for resources or "
+            "restart over and over.",
+        ),
+        _alert(
+            "LlmoptTrainingWorkerRestarts",
+            f"min by (run) (min_over_time({m['train_restarts']}[{w}])) < "
+            f"max by (run) (max_over_time({m['train_restarts']}[{w}]))",
+            "0s",  # true for `window` after each restart
+            "warning",
+            "A training run's worker group restarted",
+            f"Run {{{{ $labels.run }}}}'s workers restarted within {w} (monitor.window={w}); {allowed}.",
+        ),
+    ]
+
+
 def alert_rules(config: RunConfig) -> dict[str, Any]:
     """The rule file (``{"groups": [...]}``) for `config`'s SLOs and ceilings.
 
     Groups: ``llmopt-serving-recording`` (latency percentiles, error ratio, tokens/s), ``llmopt-serving``
     (TTFT/TPOT over SLO, error ratio over its ceiling, queue near ``max_queued_requests``, session KV cache
-    near its budget or hit rate under its floor, replicas at ``max_replicas``) and ``llmopt-cluster`` (a
-    node's memory over ``monitor.memory_ceiling``).
+    near its budget or hit rate under its floor, replicas at ``max_replicas``), ``llmopt-training`` (tokens/s
+    per run, recorded; then throughput under ``monitor.throughput_drop`` of its hour's median, peak memory
+    over the ``monitor.memory_ceiling`` bytes, no step for ``monitor.stall_after_s``, workers restarted
+    within ``monitor.window``) and ``llmopt-cluster`` (a node's memory over ``monitor.memory_ceiling``).
     """
     mon, serving = config.monitor, config.serving
     m, w, for_ = METRICS, mon.window, mon.alert_for
@@ -153,6 +233,7 @@ def alert_rules(config: RunConfig) -> dict[str, Any]:
                 f"(serving.autoscaling.max_replicas={scaling.max_replicas}); more load queues.",
             )
         )
+    training = training_rules(config)
     cluster = [
         _alert(
             "LlmoptNodeMemoryHigh",
@@ -168,6 +249,7 @@ def alert_rules(config: RunConfig) -> dict[str, Any]:
         "groups": [
             {"name": "llmopt-serving-recording", "rules": recording},
             {"name": "llmopt-serving", "rules": alerts},
+            {"name": "llmopt-training", "rules": training},
             {"name": "llmopt-cluster", "rules": cluster},
         ]
     }

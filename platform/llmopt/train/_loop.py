@@ -409,6 +409,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 window_peak = int(max(peaks))
                 metrics = {
                     "step": step,
+                    "total_steps": total_steps,
                     "epoch": epoch,
                     "loss": loss_sum / micro_count,  # mean over the steps since the last report
                     "step_loss": step_loss_sum / world,  # this step alone

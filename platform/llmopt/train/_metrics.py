@@ -8,11 +8,16 @@ answers the driver's progress display.
 from __future__ import annotations
 
 import json
+import logging
 import resource
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
@@ -72,24 +77,139 @@ def expert_load_metrics(counts: torch.Tensor) -> dict[str, float]:
     return metrics
 
 
-class MetricsSink:
-    """Ray actor (created with `ray.remote`) that stores every record and writes metrics.jsonl."""
+REFRESH_S = 5.0  # how often the sink sets its gauges again between records
 
-    def __init__(self, path: str):
+# Gauges the sink exports (Ray's metrics endpoint adds `ray_`): name -> description. Tagged with `run`.
+TRAIN_GAUGES = {
+    "llmopt_train_step": "Optimizer step of the run's latest record.",
+    "llmopt_train_loss": "Training loss of the latest record (mean over the steps since the one before).",
+    "llmopt_train_tokens_per_second": "Training tokens per second over the steps since the record before.",
+    "llmopt_train_peak_memory_bytes": "Largest worker peak memory since the last checkpointing decision "
+    "(the process's peak where the record has no window).",
+    "llmopt_train_memory_ceiling_bytes": "monitor.memory_ceiling x a worker's memory budget, in bytes.",
+    "llmopt_train_last_step_timestamp_seconds": "Unix time the sink received the run's latest step record.",
+    "llmopt_train_restarts": "Worker-group restarts the sink has seen (steps going back, or a new resume "
+    "point).",
+    "llmopt_train_finished": "1 once the run's final record arrived, else 0.",
+}
+
+
+class MetricsSink:
+    """Ray actor (created with `ray.remote`) that stores every record, writes metrics.jsonl and exports the
+    latest figures as Prometheus gauges (`TRAIN_GAUGES`, through `ray.util.metrics`, tagged with `run`).
+
+    The actor outlives worker-group restarts, so it sees them: a step record whose `step` is not above the
+    previous one's, or whose `resumed_from_step` differs from it, comes from a restarted group. Exporting
+    is best effort: whatever `ray.util.metrics` does, every record still reaches metrics.jsonl.
+
+    Args:
+        path: The run's metrics.jsonl.
+        run: The `run` tag of the gauges; the run directory's name (the path's parent) by default.
+    """
+
+    def __init__(self, path: str, run: str | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.run = run or self.path.parent.name
         self.records: list[dict[str, Any]] = []
+        self.restarts = 0
+        # Gauge name -> the value last exported (or that would have been, were ray.util.metrics unusable).
+        self.exported: dict[str, float] = {}
+        self._gauges: dict[str, Any] | None = None  # created on the first record, in the actor's process
+        self._last_step: int | None = None
+        self._last_resumed: int | None = None
+        self._stop = threading.Event()
 
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+        try:
+            self._export(record, time.time())
+        except Exception:  # never let metrics export cost a record
+            logger.warning("exporting training metrics failed", exc_info=True)
 
     def latest(self) -> dict[str, Any] | None:
         return self.records[-1] if self.records else None
 
     def history(self) -> list[dict[str, Any]]:
         return list(self.records)
+
+    def _restarted(self, record: dict[str, Any]) -> bool:
+        """Whether `record` is the first from a restarted worker group (and remember its step)."""
+        step, resumed = record.get("step"), record.get("resumed_from_step")
+        if not isinstance(step, (int, float)):
+            return False
+        restarted = False
+        if self._last_step is not None:
+            # The final record repeats a step that was logged without a report: only going back counts there.
+            went_back = step < self._last_step if record.get("final") else step <= self._last_step
+            moved = resumed is not None and self._last_resumed is not None and resumed != self._last_resumed
+            restarted = went_back or moved
+        self._last_step = int(step)
+        if resumed is not None:
+            self._last_resumed = resumed
+        return restarted
+
+    def _export(self, record: dict[str, Any], now: float) -> None:
+        if self._restarted(record):
+            self.restarts += 1
+        values: dict[str, Any] = {
+            "llmopt_train_step": record.get("step"),
+            "llmopt_train_loss": record.get("loss"),
+            "llmopt_train_tokens_per_second": record.get("tokens_per_s"),
+            "llmopt_train_peak_memory_bytes": record.get(
+                "window_peak_memory_bytes", record.get("peak_memory_bytes")
+            ),
+            "llmopt_train_memory_ceiling_bytes": record.get("memory_ceiling_bytes"),
+            "llmopt_train_last_step_timestamp_seconds": now if "step" in record else None,
+            "llmopt_train_restarts": self.restarts,
+            "llmopt_train_finished": 1.0 if record.get("final") else 0.0,
+        }
+        gauges = self._ensure_gauges()
+        tags = {"run": self.run}
+        for name, value in values.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue  # what the record does not carry keeps its last value
+            self.exported[name] = float(value)
+            gauge = gauges.get(name)
+            if gauge is not None:
+                try:
+                    gauge.set(float(value), tags)
+                except Exception:
+                    logger.warning("setting %s failed; no more training gauges", name, exc_info=True)
+                    self._gauges = {}
+                    gauges = self._gauges
+
+    def _ensure_gauges(self) -> dict[str, Any]:
+        """The gauges, created on first use: never at import, and in the process that sets them."""
+        if self._gauges is None:
+            try:
+                from ray.util.metrics import Gauge
+
+                self._gauges = {
+                    name: Gauge(name, description, tag_keys=("run",))
+                    for name, description in TRAIN_GAUGES.items()
+                }
+            except Exception:  # no Ray, or a Ray whose metrics cannot be used here: metrics.jsonl only
+                logger.warning("training metrics are not exported to Prometheus", exc_info=True)
+                self._gauges = {}
+            if self._gauges:
+                threading.Thread(target=self._refresh, name="llmopt-train-gauges", daemon=True).start()
+        return self._gauges
+
+    def _refresh(self) -> None:
+        """Set every gauge again every few seconds: Ray drops a gauge left unset for a few metric reports,
+        and a run between two logged steps (or a stalled one, which the stall alert is for) sets none."""
+        while not self._stop.wait(REFRESH_S):
+            gauges, tags = self._gauges or {}, {"run": self.run}
+            for name, value in list(self.exported.items()):
+                gauge = gauges.get(name)
+                if gauge is not None:
+                    try:
+                        gauge.set(value, tags)
+                    except Exception:
+                        return
 
 
 def reset_peak_memory(device: torch.device | str = "cpu", trim: bool = False) -> bool:
