@@ -1,12 +1,14 @@
-"""Serving metrics through ``ray.util.metrics``: exported on each node's Prometheus endpoint (Ray prefixes
-every name with ``ray_``) and shown in the Ray dashboard's metrics views.
+"""Serving metrics through ``ray.serve.metrics``: exported on each node's Prometheus endpoint (Ray prefixes
+every name with ``ray_``) and shown in the Ray dashboard's metrics views. Serve's metric classes are
+``ray.util.metrics``' with the ``deployment``, ``replica`` and ``application`` tags added, so a series says
+which replica it is from (``llmopt monitor top`` shows them per replica).
 
 The ingress records requests, errors by HTTP status, time to first token and time per output token; each
 model replica records decode batch sizes, its queue, and its session KV cache (bytes, hits, misses,
 evictions, hit rate). Metric objects are created per process (inside the replicas), never at import.
 """
 
-from ray.util.metrics import Counter, Gauge, Histogram
+from ray.serve.metrics import Counter, Gauge, Histogram
 
 _LATENCY_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 _BATCH = [1, 2, 4, 8, 16, 32, 64, 128]
@@ -71,14 +73,23 @@ class ReplicaMetrics:
         self.kv_events = Counter(
             "llmopt_kv_cache_events_total", "Session-cache hits, misses and evictions.", tag_keys=("event",)
         )
+        self.max_batch_size = Gauge(
+            "llmopt_max_batch_size", "The replica's max_batch_size now (adaptive batching moves it)."
+        )
+        self.batch_size_changes = Counter(
+            "llmopt_batch_size_changes_total",
+            "Changes of max_batch_size by adaptive batching, by direction (up, down).",
+            tag_keys=("direction",),
+        )
         self._seen = {"hits": 0, "misses": 0, "evictions": 0, "expirations": 0}
 
-    def step(self, batch_size: int, waiting: int, running: int) -> None:
-        """Record one engine step."""
+    def step(self, batch_size: int, waiting: int, running: int, max_batch_size: int) -> None:
+        """Record one engine step (gauges every step: Ray drops a gauge left unset for a few reports)."""
         if batch_size:
             self.batch_size.observe(batch_size)
         self.queue_length.set(waiting)
         self.running.set(running)
+        self.max_batch_size.set(max_batch_size)
 
     def cache(self, stats: dict[str, float]) -> None:
         """Export a ``CacheStats.to_dict()`` snapshot (counters as deltas since the last export)."""

@@ -36,6 +36,7 @@ from pydantic import ValidationError
 from ray import serve
 
 from llmopt.config import BatchingConfig, RunConfig
+from llmopt.monitor import BatchSizeController
 from llmopt.serve import (
     GenerationEngine,
     GenerationRequest,
@@ -272,7 +273,28 @@ class LLMServer:
         self._max_rows = 0
         batching = self.config.serving.batching
         self._set_batching(batching.max_batch_size, batching.wait_timeout_s)
+        self.controller = self._controller(batching.max_batch_size)
+        self._timing: dict[str, list[float]] = {}  # request id -> [first token at, tokens] (adaptive)
         self._new_engine()
+
+    def _controller(self, configured: int) -> BatchSizeController | None:
+        """The adaptive batching controller when ``monitor.adaptive_batching`` is on (never for mode none)."""
+        adaptive, monitor = self.config.monitor.adaptive_batching, self.config.monitor
+        if not adaptive.enabled or self.config.serving.batching.mode == "none":
+            return None
+        upper = adaptive.max_batch_size or configured
+        controller = BatchSizeController(
+            adaptive, monitor.tpot_slo_s, monitor.slo_percentile, size=upper, upper=upper
+        )
+        self._set_batching(controller.size, self.batch_wait_timeout_s)
+        logger.info(
+            "adaptive batching on: max_batch_size within [%d, %d] for a p%g TPOT of %.1f ms",
+            controller.lower,
+            controller.upper,
+            100 * monitor.slo_percentile,
+            1e3 * monitor.tpot_slo_s,
+        )
+        return controller
 
     def _new_engine(self) -> None:
         """A fresh engine at the current batch settings (at start, and after a step failed)."""
@@ -293,6 +315,7 @@ class LLMServer:
             self.engine.max_batch_size = self.max_batch_size  # the engine reads it when it admits
         self._admit.set_max_batch_size(self.max_batch_size)
         self._admit.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.metrics.max_batch_size.set(self.max_batch_size)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply ``user_config`` {max_batch_size, batch_wait_timeout_s} without restarting the replica.
@@ -301,7 +324,10 @@ class LLMServer:
             ValueError: For a user_config that is not a mapping, has unknown keys or holds a value outside
                 the run config's rules (Serve then keeps the previous config, or fails the deployment).
         """
-        self._set_batching(*batch_settings(user_config, self.config.serving.batching))
+        size, wait = batch_settings(user_config, self.config.serving.batching)
+        self._set_batching(size, wait)
+        if self.controller is not None:  # the operator's size is the new start and upper bound
+            self.controller.reset(size, upper=size)
 
     @serve.multiplexed(max_num_models_per_replica=256)
     async def _route(self, model_id: str) -> str:
@@ -370,7 +396,9 @@ class LLMServer:
         self._steps += 1
         self._rows += len(outputs)
         self._max_rows = max(self._max_rows, len(outputs))
-        self.metrics.step(len(outputs), waiting, running)
+        self.metrics.step(len(outputs), waiting, running, self.max_batch_size)
+        if self.controller is not None:
+            self._adapt(outputs, waiting, running)
         for out in outputs:
             queue = self._queues.get(out.request_id)
             if queue is not None:
@@ -384,12 +412,33 @@ class LLMServer:
             if out.finished:
                 self._queues.pop(out.request_id, None)
 
+    def _adapt(self, outputs: list, waiting: int, running: int) -> None:
+        """Feed the controller each finished request's TPOT; apply the batch size it decides on."""
+        controller, now = self.controller, time.monotonic()
+        controller.saw_step(waiting, running)
+        for out in outputs:
+            timing = self._timing.get(out.request_id)
+            if timing is None and out.token_id is not None:
+                timing = self._timing[out.request_id] = [now, 0]
+            if timing is not None and out.token_id is not None:
+                timing[1] += 1
+            if out.finished:
+                self._timing.pop(out.request_id, None)
+                if timing is not None and timing[1] > 1:
+                    controller.observe((now - timing[0]) / (timing[1] - 1), timing[0])
+        change = controller.decide()
+        if change is not None:
+            self._set_batching(change.new, self.batch_wait_timeout_s)
+            self.metrics.batch_size_changes.inc(1, {"direction": change.direction})
+            logger.info(change.message(f"p{100 * controller.quantile:g}"))
+
     def _fail_all(self, exc: BaseException) -> None:
         """Fail every live request (a request still in the inbox runs, but its outputs are dropped)."""
         for request_id in list(self._queues):
             self._fail(request_id, exc)
 
     def _fail(self, request_id: str, exc: BaseException) -> None:
+        self._timing.pop(request_id, None)
         queue = self._queues.pop(request_id, None)
         if queue is not None:
             queue.put_nowait(exc)
@@ -448,6 +497,7 @@ class LLMServer:
             if not finished:  # the caller went away (or failed): free its batch slots at the next step
                 for request_id in queue.live:
                     self._queues.pop(request_id, None)
+                    self._timing.pop(request_id, None)
                     self._inbox.put(("cancel", request_id))
 
     @staticmethod
@@ -499,5 +549,6 @@ class LLMServer:
                 "max": self._max_rows,
             },
             "kv_cache": cache,
+            "adaptive_batching": self.controller.state() if self.controller is not None else None,
             "heap": self.heap.stats(),
         }

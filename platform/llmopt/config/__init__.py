@@ -10,6 +10,7 @@ from llmopt.config._loader import (
 )
 from llmopt.config._resolve import PrecisionError, checkpoint_layers, format_bytes, resolve_precision
 from llmopt.config._schema import (
+    AdaptiveBatchingConfig,
     AutoscalingConfig,
     BatchingConfig,
     CheckpointingConfig,
@@ -36,6 +37,7 @@ from llmopt.config._templates import (
 )
 
 __all__ = [
+    "AdaptiveBatchingConfig",
     "AutoscalingConfig",
     "BatchingConfig",
     "CheckpointingConfig",

@@ -445,6 +445,48 @@ class ResourcesConfig(StrictModel):
         return self
 
 
+class AdaptiveBatchingConfig(StrictModel):
+    """Each replica moves its ``max_batch_size`` to the largest value whose measured time per output token
+    meets ``monitor.tpot_slo_s`` (``true``/``false`` is short for ``{enabled: ...}``)."""
+
+    enabled: bool = Field(False, description="Run the controller in every LLMServer replica.")
+    min_batch_size: int = Field(1, ge=1, le=1024, description="Smallest batch size the controller sets.")
+    max_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Largest batch size it sets (default serving.batching.max_batch_size).",
+    )
+    interval_s: float = Field(2.0, gt=0, le=600, description="Seconds between two looks at the measurements.")
+    min_requests: int = Field(
+        16, ge=1, description="Requests finished at the current size before it judges the size (fewer: wait)."
+    )
+    hysteresis: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Grow only while TPOT is under (1 - hysteresis) of the SLO, so a size that just meets "
+        "it is kept rather than flapping.",
+    )
+    retry_after_s: float = Field(
+        60.0, ge=0, description="Seconds before a size that broke the SLO may be tried again (load changes)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, value: object) -> object:
+        return {"enabled": value} if isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AdaptiveBatchingConfig:
+        if self.max_batch_size is not None and self.max_batch_size < self.min_batch_size:
+            raise ValueError(
+                f"monitor.adaptive_batching.max_batch_size={self.max_batch_size} is under min_batch_size="
+                f"{self.min_batch_size}; raise max_batch_size or lower min_batch_size"
+            )
+        return self
+
+
 class MonitorConfig(StrictModel):
     """Service-level objectives and ceilings: the alert rules (`llmopt monitor rules`) are derived from them,
     and training acts on the memory ceiling."""
@@ -486,6 +528,21 @@ class MonitorConfig(StrictModel):
         True,
         description="On a peak over memory_ceiling, switch training to a denser checkpointing plan at the "
         "next checkpoint boundary (logged in metrics.jsonl) instead of running into an out-of-memory error.",
+    )
+    adaptive_batching: AdaptiveBatchingConfig = Field(
+        default_factory=AdaptiveBatchingConfig,
+        description="Move each replica's max_batch_size to the largest that meets tpot_slo_s (true/false or "
+        "a mapping).",
+    )
+    throughput_drop: float = Field(
+        0.5,
+        gt=0.0,
+        lt=1.0,
+        description="Alert when a training run's tokens/s falls under this share of its median over the "
+        "last hour.",
+    )
+    stall_after_s: float = Field(
+        600.0, gt=0, description="Alert when a training run has logged no step for this many seconds."
     )
 
 
