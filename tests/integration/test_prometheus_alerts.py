@@ -4,7 +4,6 @@ longer than the SLO to their first token."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import yaml
 from llmopt.config import load_config
 from llmopt.monitor import render_rules
 from tests._prometheus import prometheus_binary
+from tests._serve import free_port as _free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -28,12 +28,6 @@ OVERRIDES = [
     "monitor.window=1m",
     "monitor.alert_for=0s",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +114,12 @@ def test_ttft_alert_fires_when_latency_crosses_the_slo(app_url, prometheus):
         time.sleep(1)
     assert targets and targets[0]["health"] == "up", targets
     rules = httpx.get(f"{prometheus}/api/v1/rules", timeout=5).json()["data"]["groups"]
-    assert {g["name"] for g in rules} == {"llmopt-serving-recording", "llmopt-serving", "llmopt-cluster"}
+    assert {g["name"] for g in rules} == {
+        "llmopt-serving-recording",
+        "llmopt-serving",
+        "llmopt-training",
+        "llmopt-cluster",
+    }
     assert "LlmoptTTFTOverSLO" not in _alerts(prometheus)
 
     body = {"model": "tiny-llama", "prompt": "Hello world", "max_tokens": 8}
@@ -137,3 +136,54 @@ def test_ttft_alert_fires_when_latency_crosses_the_slo(app_url, prometheus):
     print(f"LlmoptTTFTOverSLO firing {fired_after:.1f} s after the first request over the SLO")
     # Requests were answered, not failed: the error alert stays quiet.
     assert "LlmoptErrorRateHigh" not in _alerts(prometheus)
+
+
+def _table_rows(text: str) -> tuple[list[str], list[list[str]]]:
+    """The header and rows of the first table rich printed into `text` (box-drawing borders)."""
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("┃")).split("┃")[1:-1]
+    rows = [line.split("│")[1:-1] for line in lines if line.startswith("│")]
+    return [c.strip() for c in header], [[c.strip() for c in row] for row in rows]
+
+
+def test_monitor_top_reads_the_apps_replicas_from_rays_endpoint(app_url, ray_cluster):
+    """`llmopt monitor top --once` on this node's metrics endpoint alone (no Prometheus): a row per replica,
+    the ingress with its request rate and first-token latency, the model replica with its batch size."""
+    import os
+
+    from llmopt.monitor import METRICS
+
+    node = ray_cluster._private.worker.global_worker.node
+    url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
+    body = {"model": "tiny-llama", "prompt": "hello", "max_tokens": 8}
+    for _ in range(3):
+        response = httpx.post(f"{app_url}/v1/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+    # Ray's agent exposes what the replicas recorded some seconds later (its export interval).
+    wanted = (f"{METRICS['ttft']}_bucket{{", f"{METRICS['batch_size']}_bucket{{", f"{METRICS['requests']}{{")
+    deadline = time.monotonic() + 60
+    while not all(name in httpx.get(url, timeout=5).text for name in wanted):
+        assert time.monotonic() < deadline, f"llmopt's series not on {url} after 60 s"
+        time.sleep(1)
+
+    out = subprocess.run(
+        ["llmopt", "monitor", "top", "--once", "--metrics-url", url, "--interval", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert out.returncode == 0, out.stderr
+    print(out.stdout)
+    header, rows = _table_rows(out.stdout)
+    assert {"req/s", "tokens/s", "TTFT p50", "TTFT p99", "batch mean/max", "queue", "KV cache"} <= set(header)
+    by_deployment = {row[header.index("deployment")]: dict(zip(header, row, strict=True)) for row in rows}
+    assert {"LLMIngress", "LLMServer"} <= set(by_deployment), out.stdout
+    ingress, server = by_deployment["LLMIngress"], by_deployment["LLMServer"]
+    # The ingress times requests: a rate (0 if the agent exported nothing new within the second) and a TTFT.
+    float(ingress["req/s"].replace(",", ""))
+    assert ingress["TTFT p50"] != "-" and ingress["TTFT p99"] != "-", out.stdout
+    assert ingress["TTFT p50"].rstrip("*").endswith(("ms", " s"))
+    # The model replica decodes: its batch size, not the ingress's latencies.
+    assert server["replica"] != "-" and server["batch mean/max"] != "-", out.stdout
+    assert server["TTFT p50"] == "-"
