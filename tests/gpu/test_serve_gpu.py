@@ -4,12 +4,13 @@ LoRA adapter on the same device, answers OpenAI requests over Serve's HTTP proxy
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import urllib.request
 
 import pytest
 import torch
+
+from tests._serve import free_port as _free_port
 
 OVERRIDES = [
     "model.max_seq_len=128",
@@ -17,12 +18,6 @@ OVERRIDES = [
     "resources.cpus_per_worker=1",
     "resources.gpus_per_worker=1",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, body: dict) -> dict:

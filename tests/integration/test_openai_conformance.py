@@ -6,12 +6,13 @@ goes on."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+
+from tests._serve import free_port as _free_port
 
 pytestmark = [pytest.mark.integration]
 
@@ -27,12 +28,6 @@ OVERRIDES = [
 ]
 PROMPT = "The quick brown fox"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse the digits: 1234"}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

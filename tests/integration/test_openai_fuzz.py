@@ -7,7 +7,6 @@ The status codes of every case are counted and printed at the end (`pytest -s` s
 from __future__ import annotations
 
 import collections
-import socket
 import sys
 
 import httpx
@@ -15,6 +14,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
+
+from tests._serve import free_port as _free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -28,12 +29,6 @@ OVERRIDES = [
     "resources.cpus_per_worker=1",
 ]
 STATUSES: collections.Counter = collections.Counter()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,13 @@ The server tokenizes a prompt with ``llmopt.data.encode_prompt``; the reference 
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+
+from tests._serve import free_port as _free_port
 
 pytestmark = [pytest.mark.integration]
 
@@ -24,12 +25,6 @@ OVERRIDES = [
 ]
 PROMPTS = ["Hello world", "The quick brown fox", "a b c", "Once upon a time", "reverse: abc", "42 is"]
 AUTH = {"Authorization": f"Bearer {KEYS[0]}"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _save_adapter(path) -> None:

@@ -7,7 +7,6 @@ for Serve to report two running replicas, stops the load and waits for one again
 
 from __future__ import annotations
 
-import socket
 import sys
 import threading
 import time
@@ -15,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+
+from tests._serve import free_port as _free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -30,12 +31,6 @@ OVERRIDES = [
     "resources.cpus_per_worker=0.5",
 ]
 DEADLINE_S = 180
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

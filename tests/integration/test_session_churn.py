@@ -12,21 +12,16 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
+
+from tests._serve import free_port as _free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SESSIONS, HISTORY, MAX_TOKENS, CONCURRENCY, REVISIT = 600, 200, 2, 8, 4
 BUDGET_MB = 2.0
 BUDGET = int(BUDGET_MB * 2**20)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

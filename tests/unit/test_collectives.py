@@ -1,18 +1,11 @@
 """The worker loop's one collective helper, on a real two-rank gloo group (what nccl does on GPUs)."""
 
-import socket
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from llmopt.train import all_reduce_values
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests._serve import free_port as _free_port
 
 
 def _rank(rank: int, port: int, results) -> None:
