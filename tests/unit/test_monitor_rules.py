@@ -235,6 +235,26 @@ def test_promtool_training_memory_high(promtool, tmp_path, fires):
     _promtool_test(promtool, tmp_path, [], series, checks)
 
 
+@pytest.mark.parametrize("fires", [True, False], ids=["over-ceiling-fires", "under-ceiling-silent"])
+def test_promtool_gpu_memory_high(promtool, tmp_path, fires):
+    # Ray's per-GPU gauges as its reporter agent writes them (GPU memory in MiB: only the ratio matters).
+    gpu = 'ip="10.0.0.1",GpuIndex="0",GpuDeviceName="NVIDIA H100 80GB HBM3"'
+    used = "76000x10" if fires else "40000x10"
+    series = [
+        {"series": f"ray_node_gram_used{{{gpu}}}", "values": used},
+        {"series": f"ray_node_gram_available{{{gpu}}}", "values": f"{80000 - int(used.split('x')[0])}x10"},
+    ]
+    labels = _firing("LlmoptGPUMemoryHigh", f',{gpu},severity="warning",service="llmopt"')
+    checks = [
+        {
+            "expr": _firing("LlmoptGPUMemoryHigh"),
+            "eval_time": "5m",
+            "exp_samples": [{"labels": labels, "value": 1}] if fires else [],
+        }
+    ]
+    _promtool_test(promtool, tmp_path, [], series, checks)
+
+
 @pytest.mark.parametrize("case", ["stalled-fires", "progressing-silent", "finished-silent"])
 def test_promtool_training_stalled(promtool, tmp_path, case):
     # The gauge holds the unix time of the last step; promtool's time() is the evaluation time (0 at the

@@ -66,6 +66,10 @@ def dashboard(config: RunConfig) -> dict[str, Any]:
         ("Session KV-cache hit rate", [(f"min({m['kv_hit_rate']})", "hit rate")], "percentunit", None),
         ("Node memory", [(f"{m['node_mem_used']} / {m['node_mem_total']}", "{{ip}}")], "percentunit",
          mon.memory_ceiling),
+        ("GPU utilisation", [(f"{m['gpu_utilization']} / 100", "{{ip}} GPU {{GpuIndex}}")], "percentunit",
+         None),
+        ("GPU memory", [(f"{m['gpu_mem_used']} / ({m['gpu_mem_used']} + {m['gpu_mem_available']})",
+                         "{{ip}} GPU {{GpuIndex}}")], "percentunit", mon.memory_ceiling),
     ]  # fmt: skip
     panels = [
         _panel(i + 1, title, targets, unit, x=12 * (i % 2), y=8 * (i // 2), threshold=threshold)

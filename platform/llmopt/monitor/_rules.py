@@ -42,6 +42,10 @@ METRICS = {
     "replicas": "ray_serve_deployment_replica_healthy",
     "node_mem_used": "ray_node_mem_used",
     "node_mem_total": "ray_node_mem_total",
+    # Ray's per-GPU series (tags ip, GpuIndex, GpuDeviceName): utilisation in percent, memory used/free.
+    "gpu_utilization": "ray_node_gpus_utilization",
+    "gpu_mem_used": "ray_node_gram_used",
+    "gpu_mem_available": "ray_node_gram_available",
 }
 
 
@@ -243,7 +247,18 @@ def alert_rules(config: RunConfig) -> dict[str, Any]:
             "A Ray node's memory is over monitor.memory_ceiling",
             f"Node {{{{ $labels.ip }}}} uses {{{{ $value | humanizePercentage }}}} of its memory "
             f"(monitor.memory_ceiling={mon.memory_ceiling:g}).",
-        )
+        ),
+        _alert(
+            "LlmoptGPUMemoryHigh",
+            f"{m['gpu_mem_used']} / ({m['gpu_mem_used']} + {m['gpu_mem_available']}) "
+            f"> {mon.memory_ceiling:g}",
+            for_,
+            "warning",
+            "A GPU's memory is over monitor.memory_ceiling",
+            f"GPU {{{{ $labels.GpuIndex }}}} of node {{{{ $labels.ip }}}} uses "
+            f"{{{{ $value | humanizePercentage }}}} of its memory "
+            f"(monitor.memory_ceiling={mon.memory_ceiling:g}).",
+        ),
     ]
     return {
         "groups": [
