@@ -7,6 +7,7 @@
     python -m jobs.benchmark serve                       # ~7 min on 2 CPU cores (+ base-100m build once)
     python -m jobs.benchmark serve --no-base             # tiny preset only
     python -m jobs.benchmark serve --quick               # smoke run: tiny preset, c=1 and 4 (~1-2 min)
+    python -m jobs.benchmark adaptive                    # adaptive vs fixed batch sizes, TPOT SLO (~8 min)
     python -m jobs.benchmark choices                     # n=1 against n=4 at concurrency 32 (~3 min)
     python -m jobs.benchmark churn                       # 10,000 sessions through a 16 MiB cache (~11 min)
     python -m jobs.benchmark faults                      # a replica SIGKILLed under load; a burst (~3 min)
@@ -36,7 +37,7 @@ pass/fail; continuous batching is compared with batching off at concurrency 1 (t
 concurrency 32. Writes serve.json and serve.png; any failed case or request fails the run (files written
 first).
 
-`choices`, `churn`, `faults` and `stops` are described in their modules under benchmarks/.
+`adaptive`, `choices`, `churn`, `faults` and `stops` are described in their modules under benchmarks/.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from benchmarks.adaptive import add_adaptive_parser, run_adaptive
 from benchmarks.choices import add_choices_parser, run_choices
 from benchmarks.churn import add_churn_parser, run_churn
 from benchmarks.faults import add_faults_parser, run_faults
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train.add_argument("--out", default="outputs/benchmark", help="Output directory.")
     train.add_argument("--quick", action="store_true", help="Only LoRA and its plain-torch reference.")
     add_serve_parser(sub)
+    add_adaptive_parser(sub)
     add_choices_parser(sub)
     add_churn_parser(sub)
     add_faults_parser(sub)
@@ -70,6 +73,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     runs = {
         "serve": run_serve,
+        "adaptive": run_adaptive,
         "choices": run_choices,
         "churn": run_churn,
         "train": run_train,

@@ -94,7 +94,7 @@ def test_does_not_grow_when_nothing_waits_for_a_slot():
 
 def test_keeps_within_its_bounds():
     controller, clock = make(slo_s=0.001, min_batch_size=3)  # no size meets 1 ms
-    run(controller, clock, 60)
+    assert run(controller, clock, 60) == [16, 8, 4, 3]  # at most half per move, down to the floor
     assert controller.size == 3
     controller, clock = make(slo_s=10.0, size=4, upper=16)  # every size meets 10 s
     run(controller, clock, 60)

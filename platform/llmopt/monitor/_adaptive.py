@@ -13,7 +13,7 @@ controller fits ``a`` and ``b`` by least squares and aims at the largest size pr
 ``(1 - hysteresis / 2) * slo``, otherwise it scales the size by ``goal / tpot`` (a line through the origin:
 right for a row-bound model, a first move for a weight-bound one, where it shrinks too little).
 
-* over the SLO: move down to the aim (at least one less); the size is not tried again for
+* over the SLO: move down to the aim (at least one less, at most half); the size is not tried again for
   ``retry_after_s`` (load changes), so the controller does not oscillate around it;
 * under ``(1 - hysteresis) * slo`` while requests wait for a slot: move up to the aim (at least one more,
   at most double, never onto a size that broke the SLO within ``retry_after_s``);
@@ -160,7 +160,8 @@ class BatchSizeController:
         old, new = self.size, self.size
         if tpot > self.slo_s:
             self._broken[old] = now
-            new = max(self.lower, min(old - 1, self._aim(now, tpot)))
+            # At most halve: a fit over noisy judgments can extrapolate far below the sizes it saw.
+            new = max(self.lower, (old + 1) // 2, min(old - 1, self._aim(now, tpot)))
         elif tpot < (1 - self.config.hysteresis) * self.slo_s and self._waited:
             new = max(old, min(self._ceiling(now), 2 * old, max(old + 1, self._aim(now, tpot))))
         if new == old:
