@@ -167,3 +167,14 @@ def test_config_short_form_and_bounds():
     assert not load_config(None, []).monitor.adaptive_batching.enabled
     with pytest.raises(ValidationError, match="max_batch_size=2 is under min_batch_size=4"):
         AdaptiveBatchingConfig(min_batch_size=4, max_batch_size=2)
+
+
+def test_waits_for_the_slow_requests_of_a_size_not_just_the_first_to_finish():
+    controller, clock = make(slo_s=0.05, size=16)
+    controller.saw_step(waiting=4, running=16)  # within its size from t=0
+    clock.now = 3.0
+    for _ in range(20):  # finished at 3 s after a 3 s decode: the slower ones, begun as early, still run
+        controller.observe(0.01, first_token_at=0.0)
+    assert controller.decide() is None
+    clock.now = 6.0
+    assert controller.decide() is not None and controller.size > 16

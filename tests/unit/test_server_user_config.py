@@ -15,6 +15,7 @@ class _Replica:
     def __init__(self, overrides: list[str]) -> None:
         self.config = load_config(None, overrides)
         self.applied: tuple[int, float] | None = None
+        self.controller = None  # monitor.adaptive_batching off
 
     def _set_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
         self.applied = (max_batch_size, batch_wait_timeout_s)
@@ -36,6 +37,19 @@ def test_reconfigure_applies_the_user_config(overrides, user_config, applied):
     LLMServer.func_or_class.reconfigure(replica, user_config)
     assert replica.applied == applied
     assert all(isinstance(v, int | float) and math.isfinite(v) for v in replica.applied)
+
+
+def test_reconfigure_restarts_adaptive_batching_from_the_operators_size():
+    from llmopt.monitor import BatchSizeController
+
+    replica = _Replica(["monitor.adaptive_batching=true", "serving.batching.max_batch_size=32"])
+    monitor = replica.config.monitor
+    replica.controller = BatchSizeController(
+        monitor.adaptive_batching, monitor.tpot_slo_s, monitor.slo_percentile, size=32, upper=32
+    )
+    LLMServer.func_or_class.reconfigure(replica, {"max_batch_size": 12})
+    assert replica.applied == (12, 0.0)
+    assert (replica.controller.size, replica.controller.upper) == (12, 12)
 
 
 @pytest.mark.parametrize(

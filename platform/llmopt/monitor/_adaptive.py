@@ -11,7 +11,8 @@ weights once (``a``, large on a memory-bound model) and does each row's work (``
 size (its TPOT at the SLO percentile) is kept for ``retry_after_s``; with two sizes or more among them the
 controller fits ``a`` and ``b`` by least squares and aims at the largest size predicted to hold TPOT at
 ``(1 - hysteresis / 2) * slo``, otherwise it scales the size by ``goal / tpot`` (a line through the origin:
-right for a row-bound model, a first move for a weight-bound one, where it shrinks too little).
+right for a row-bound model, a first move for a weight-bound one, where it shrinks too little). A TPOT
+within ``hysteresis / 2`` of the SLO moves by the proportional aim only (a small miss is as likely noise).
 
 * over the SLO: move down to the aim (at least one less, at most half); the size is not tried again for
   ``retry_after_s`` (load changes), so the controller does not oscillate around it;
@@ -21,8 +22,8 @@ right for a row-bound model, a first move for a weight-bound one, where it shrin
   go on measuring it.
 
 A size is judged on requests that produced their first token once the running batch was within it (after
-a decrease, the requests already running finish at the old size first), and only once ``min_requests`` of
-them finished.
+a decrease, the requests already running finish at the old size first), once ``min_requests`` of them
+finished and twice the longest of their decodes has passed since then (the first to finish are the fastest).
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class BatchSizeController:
         self._since: float | None = None  # since when the running batch is within the current size
         self._decided = self.clock()
         self._samples: list[float] = []
+        self._longest = 0.0  # the longest decode (first token to end) among the samples, seconds
         self._waited = False
         self._broken: dict[int, float] = {}  # size -> when it broke the SLO
         self._judged: list[tuple[float, int, float]] = []  # (when, size, TPOT at the quantile)
@@ -105,6 +107,7 @@ class BatchSizeController:
         self.size = max(self.lower, min(size, upper))
         self._since, self._decided = None, self.clock()
         self._samples.clear()
+        self._longest = 0.0
         self._waited = False
         self._broken.clear()
         self._judged.clear()
@@ -113,6 +116,7 @@ class BatchSizeController:
         """A finished request's mean seconds per token after its first (``first_token_at`` on ``clock``)."""
         if self._since is not None and first_token_at >= self._since:
             self._samples.append(tpot_s)
+            self._longest = max(self._longest, self.clock() - first_token_at)
 
     def saw_step(self, waiting: int, running: int) -> None:
         """An engine step with ``waiting`` requests queued for a slot (only then can a larger batch help)
@@ -139,18 +143,32 @@ class BatchSizeController:
         return (mean_t - b * mean_s, b) if b > 0 else None
 
     def _aim(self, now: float, tpot: float) -> int:
-        """The largest size predicted to hold TPOT at ``(1 - hysteresis / 2) * slo``."""
+        """The largest size predicted to hold TPOT at ``(1 - hysteresis / 2) * slo``.
+
+        A TPOT within ``hysteresis / 2`` of the SLO (either side) gets the proportional aim alone: a small
+        miss is as likely noise as load, and a fit over noisy judgments can call for a large move on it.
+        """
         goal = (1 - self.config.hysteresis / 2) * self.slo_s
+        proportional = math.floor(self.size * goal / tpot)
         fit = self._fit(now)
-        if fit is None:
-            return math.floor(self.size * goal / tpot)
+        if fit is None or abs(tpot - self.slo_s) <= self.config.hysteresis / 2 * self.slo_s:
+            return proportional
         a, b = fit
-        return math.floor((goal - a) / b) if goal > a else self.lower
+        fitted = math.floor((goal - a) / b) if goal > a else self.lower
+        # Over the SLO the farther move of the two, under it the nearer: both err towards meeting it.
+        return min(fitted, proportional) if tpot > self.slo_s else min(fitted, max(proportional, self.size))
 
     def decide(self) -> BatchSizeChange | None:
         """Look at the measurements if ``interval_s`` passed; the change to make, if any."""
         now = self.clock()
-        if now - self._decided < self.config.interval_s or len(self._samples) < self.config.min_requests:
+        if (
+            now - self._decided < self.config.interval_s
+            or len(self._samples) < self.config.min_requests
+            # The first requests to finish under a new size are its fastest: wait until the slow ones, which
+            # began as early, could have finished too (twice the longest decode seen), or the TPOT reads low.
+            or self._since is None
+            or now - self._since < 2 * self._longest
+        ):
             return None
         self._decided = now
         tpot = percentile(self._samples, self.quantile)
@@ -180,6 +198,7 @@ class BatchSizeController:
         )
         self.size, self._since = new, None
         self._samples.clear()
+        self._longest = 0.0
         self._waited = False
         self.changes.append(change)
         return change
