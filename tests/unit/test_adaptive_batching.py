@@ -165,6 +165,9 @@ def test_percentile_matches_numpy():
 def test_config_short_form_and_bounds():
     assert load_config(None, ["monitor.adaptive_batching=true"]).monitor.adaptive_batching.enabled
     assert not load_config(None, []).monitor.adaptive_batching.enabled
+    # The short form and then a key inside it: the switch stays on.
+    both = load_config(None, ["monitor.adaptive_batching=true", "monitor.adaptive_batching.interval_s=0.5"])
+    assert both.monitor.adaptive_batching.enabled and both.monitor.adaptive_batching.interval_s == 0.5
     with pytest.raises(ValidationError, match="max_batch_size=2 is under min_batch_size=4"):
         AdaptiveBatchingConfig(min_batch_size=4, max_batch_size=2)
 

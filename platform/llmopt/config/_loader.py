@@ -82,7 +82,10 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
         node = data
         for part in parts[:-1]:
             child = node.get(part)
-            if not isinstance(child, dict):
+            if isinstance(child, bool):  # a section's short form (`adaptive_batching: true`) keeps its switch
+                child = {"enabled": child}
+                node[part] = child
+            elif not isinstance(child, dict):
                 child = {}
                 node[part] = child
             node = child
