@@ -39,6 +39,13 @@ def add_adaptive_parser(sub) -> None:
     parser.add_argument("--concurrency", type=int, default=32, help="Requests in flight.")
     parser.add_argument("--fixed", type=int, nargs="+", default=[8, 16, 32], help="Fixed batch sizes.")
     parser.add_argument("--slo-ms", type=float, default=None, help="TPOT SLO (default: from the fixed runs).")
+    parser.add_argument(
+        "--hysteresis",
+        type=float,
+        default=0.2,
+        help="monitor.adaptive_batching.hysteresis: as wide as the TPOT's own drift (about +-10%% between "
+        "5-s windows with one core per replica on a 2-core machine), else noise moves the size.",
+    )
     parser.add_argument("--duration", type=float, default=90.0, help="Seconds of load per fixed case.")
     parser.add_argument(
         "--adaptive-duration", type=float, default=150.0, help="Seconds of load of the adaptive case."
@@ -261,6 +268,7 @@ def run_adaptive(args: argparse.Namespace) -> dict[str, Any]:
                 f"monitor.tpot_slo_s={slo_s}",
                 "monitor.slo_percentile=0.99",
                 "monitor.adaptive_batching.enabled=true",
+                f"monitor.adaptive_batching.hysteresis={args.hysteresis}",
             ]
             cases.append(
                 run_case(

@@ -379,26 +379,29 @@ class LLMServer:
                 if not self.engine.has_work():
                     continue
                 try:
+                    started = time.perf_counter()
                     outputs = self.engine.step()
+                    step_s = time.perf_counter() - started
                 except Exception as exc:  # a broken step fails the live requests, never the replica
                     logger.exception("llmopt engine step failed; its requests fail, the replica goes on")
                     self._new_engine()
                     loop.call_soon_threadsafe(self._fail_all, exc)
                     continue
                 counts = (self.engine.num_waiting, self.engine.num_running)
-                loop.call_soon_threadsafe(self._deliver, outputs, *counts)
+                loop.call_soon_threadsafe(self._deliver, outputs, *counts, step_s)
             except Exception:  # never let the thread die with requests waiting on it
                 logger.exception("llmopt engine thread: unexpected error")
                 time.sleep(0.1)
 
-    def _deliver(self, outputs: list, waiting: int, running: int) -> None:
-        """On the event loop: record a step and route each output to its request's queue."""
+    def _deliver(self, outputs: list, waiting: int, running: int, step_s: float) -> None:
+        """On the event loop: record a step (``step_s`` seconds long) and route each output to its request's
+        queue."""
         self._steps += 1
         self._rows += len(outputs)
         self._max_rows = max(self._max_rows, len(outputs))
         self.metrics.step(len(outputs), waiting, running, self.max_batch_size)
         if self.controller is not None:
-            self._adapt(outputs, waiting, running)
+            self._adapt(outputs, waiting, running, step_s)
         for out in outputs:
             queue = self._queues.get(out.request_id)
             if queue is not None:
@@ -412,10 +415,11 @@ class LLMServer:
             if out.finished:
                 self._queues.pop(out.request_id, None)
 
-    def _adapt(self, outputs: list, waiting: int, running: int) -> None:
-        """Feed the controller each finished request's TPOT; apply the batch size it decides on."""
+    def _adapt(self, outputs: list, waiting: int, running: int, step_s: float) -> None:
+        """Feed the controller the step and each finished request's TPOT; apply the batch size it decides
+        on."""
         controller, now = self.controller, time.monotonic()
-        controller.saw_step(waiting, running)
+        controller.saw_step(waiting, running, step_s, rows=sum(out.token_id is not None for out in outputs))
         for out in outputs:
             timing = self._timing.get(out.request_id)
             if timing is None and out.token_id is not None:

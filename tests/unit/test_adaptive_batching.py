@@ -40,7 +40,7 @@ def run(controller: BatchSizeController, clock: Clock, seconds: float, load=tpot
 
 def make(slo_s=0.05, size=32, upper=32, **kwargs) -> tuple[BatchSizeController, Clock]:
     clock = Clock()
-    config = AdaptiveBatchingConfig(enabled=True, interval_s=1.0, min_requests=5, **kwargs)
+    config = AdaptiveBatchingConfig(**{"enabled": True, "interval_s": 1.0, "min_requests": 5, **kwargs})
     return BatchSizeController(config, slo_s, 0.99, size=size, upper=upper, clock=clock), clock
 
 
@@ -181,3 +181,65 @@ def test_waits_for_the_slow_requests_of_a_size_not_just_the_first_to_finish():
     assert controller.decide() is None
     clock.now = 6.0
     assert controller.decide() is not None and controller.size > 16
+
+
+def run_steps(controller, clock: Clock, seconds: float, step, rng, steps: bool = True, waiting: int = 4):
+    """A replica that reports every engine step (or not, ``steps=False``): a step at the current size takes
+    ``step(size)`` seconds; one request finishes per step after a 20-token decode, at a TPOT of its mean
+    step time with the spread that prefills give requests (their p99 sits 1.26x their mean). Returns the
+    sizes set and the TPOT of every judgment."""
+    sizes, judged = [], []
+    end = clock.now + seconds
+    while clock.now < end:
+        seconds_per_step = step(controller.size)
+        clock.now += seconds_per_step
+        if steps:
+            controller.saw_step(waiting, controller.size, seconds_per_step, rows=controller.size)
+        else:
+            controller.saw_step(waiting, controller.size)
+        tpot_s = seconds_per_step * rng.lognormvariate(0, 0.1)
+        controller.observe(tpot_s, clock.now - 20 * tpot_s)
+        before = controller.last_tpot_s
+        if controller.decide() is not None:
+            sizes.append(controller.size)
+        if controller.last_tpot_s is not before:
+            judged.append(controller.last_tpot_s)
+    return sizes, judged
+
+
+def test_step_times_steady_the_judgment_of_a_size():
+    import random
+    import statistics
+
+    def step(batch: int) -> float:  # weight-bound, as base-100m on one core; each step a little noisy
+        return (0.107 + 0.0026 * batch) * rng.uniform(0.97, 1.03)
+
+    spreads = {}
+    for steps in (True, False):
+        rng = random.Random(1)
+        # Held at 16 (an SLO it meets, nothing waiting): only the measurement varies.
+        controller, clock = make(slo_s=1.0, size=16, upper=32, min_requests=16, interval_s=2.0)
+        sizes, judged = run_steps(controller, clock, 120, step, rng, steps=steps, waiting=0)
+        assert sizes == [] and len(judged) > 20
+        spreads[steps] = statistics.pstdev(judged[5:]) / statistics.fmean(judged[5:])
+        assert statistics.fmean(judged[5:]) == pytest.approx(
+            (0.107 + 0.0026 * 16) * math.exp(2.326 * 0.1), rel=0.1
+        )
+    assert spreads[True] < spreads[False] / 2
+
+
+def test_a_replica_reporting_steps_settles_under_the_slo_and_stays():
+    import random
+
+    rng = random.Random(1)
+
+    def step(batch: int) -> float:
+        return (0.107 + 0.0026 * batch) * rng.uniform(0.97, 1.03)
+
+    slo = 0.2
+    controller, clock = make(slo_s=slo, size=32, upper=32, min_requests=16, interval_s=2.0)
+    run_steps(controller, clock, 60, step, rng)
+    best = max(b for b in range(1, 33) if (0.107 + 0.0026 * b) * math.exp(2.326 * 0.1) <= slo)
+    assert best - 4 <= controller.size <= best  # under the SLO, at most a few sizes below the best
+    sizes, _ = run_steps(controller, clock, 120, step, rng)
+    assert len(sizes) <= 1

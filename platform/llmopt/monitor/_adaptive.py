@@ -24,6 +24,14 @@ within ``hysteresis / 2`` of the SLO moves by the proportional aim only (a small
 A size is judged on requests that produced their first token once the running batch was within it (after
 a decrease, the requests already running finish at the old size first), once ``min_requests`` of them
 finished and twice the longest of their decodes has passed since then (the first to finish are the fastest).
+
+A percentile read off a few dozen requests is noisy (on one CPU core a size's p99 moves by +-10% between
+5-s windows). The replica also reports each engine step's duration and rows: a request's TPOT is
+the mean of the steps it took part in, so the row-weighted mean step time of a size is its mean TPOT,
+measured on every step (hundreds per judgment) rather than on every finished request. Each judgment
+records the ratio of the requests' TPOT at the percentile to that mean, and judges the size at the
+median ratio of the recent judgments times its mean step time: the tail's shape is pooled over
+judgments, the level measured on many steps.
 """
 
 from __future__ import annotations
@@ -99,6 +107,8 @@ class BatchSizeController:
         self._waited = False
         self._broken: dict[int, float] = {}  # size -> when it broke the SLO
         self._judged: list[tuple[float, int, float]] = []  # (when, size, TPOT at the quantile)
+        self._steps: list[tuple[int, float]] = []  # (rows, seconds) of the steps within the current size
+        self._ratios: list[tuple[float, float]] = []  # (when, request TPOT at the quantile / mean step time)
 
     def reset(self, size: int, upper: int) -> None:
         """Start again from ``size`` with a new upper bound (an operator's ``user_config``)."""
@@ -111,6 +121,8 @@ class BatchSizeController:
         self._waited = False
         self._broken.clear()
         self._judged.clear()
+        self._steps.clear()
+        self._ratios.clear()
 
     def observe(self, tpot_s: float, first_token_at: float) -> None:
         """A finished request's mean seconds per token after its first (``first_token_at`` on ``clock``)."""
@@ -118,13 +130,44 @@ class BatchSizeController:
             self._samples.append(tpot_s)
             self._longest = max(self._longest, self.clock() - first_token_at)
 
-    def saw_step(self, waiting: int, running: int) -> None:
+    def saw_step(
+        self, waiting: int, running: int, step_s: float | None = None, rows: int | None = None
+    ) -> None:
         """An engine step with ``waiting`` requests queued for a slot (only then can a larger batch help)
-        and ``running`` in the batch."""
+        and ``running`` in the batch; when the replica measures it, the step took ``step_s`` seconds and
+        gave ``rows`` requests a token (default ``running``)."""
         if waiting > 0:
             self._waited = True
         if self._since is None and running <= self.size:
             self._since = self.clock()
+        rows = running if rows is None else rows
+        if step_s is not None and self._since is not None and rows > 0:
+            self._steps.append((rows, step_s))
+
+    def _mean_step_s(self) -> float | None:
+        """The row-weighted mean step time within the current size (None: under ``min_requests`` steps)."""
+        if len(self._steps) < self.config.min_requests:
+            return None
+        return sum(rows * seconds for rows, seconds in self._steps) / sum(rows for rows, _ in self._steps)
+
+    def _measure(self, now: float) -> float | None:
+        """The current size's TPOT at the quantile, or None while it cannot be judged yet."""
+        # The first requests to finish under a new size are its fastest: wait until the slow ones, which
+        # began as early, could have finished too (twice the longest decode seen), or the TPOT reads low.
+        if (
+            self._since is None
+            or len(self._samples) < self.config.min_requests
+            or now - self._since < 2 * self._longest
+        ):
+            return None
+        tpot = percentile(self._samples, self.quantile)
+        step_mean = self._mean_step_s()
+        if step_mean is None:
+            return tpot
+        self._ratios = [(at, r) for at, r in self._ratios if now - at < self.config.retry_after_s]
+        self._ratios.append((now, tpot / step_mean))
+        ordered = sorted(r for _, r in self._ratios)
+        return step_mean * (ordered[len(ordered) // 2] + ordered[(len(ordered) - 1) // 2]) / 2
 
     def _ceiling(self, now: float) -> int:
         """One under the smallest size that broke the SLO within ``retry_after_s``, else the upper bound."""
@@ -161,17 +204,12 @@ class BatchSizeController:
     def decide(self) -> BatchSizeChange | None:
         """Look at the measurements if ``interval_s`` passed; the change to make, if any."""
         now = self.clock()
-        if (
-            now - self._decided < self.config.interval_s
-            or len(self._samples) < self.config.min_requests
-            # The first requests to finish under a new size are its fastest: wait until the slow ones, which
-            # began as early, could have finished too (twice the longest decode seen), or the TPOT reads low.
-            or self._since is None
-            or now - self._since < 2 * self._longest
-        ):
+        if now - self._decided < self.config.interval_s:
+            return None
+        tpot = self._measure(now)
+        if tpot is None:
             return None
         self._decided = now
-        tpot = percentile(self._samples, self.quantile)
         self.last_tpot_s = tpot
         keep = self.config.retry_after_s
         self._judged = [j for j in self._judged if now - j[0] < keep] + [(now, self.size, tpot)]
@@ -185,6 +223,7 @@ class BatchSizeController:
         if new == old:
             # Go on measuring this size on its latest requests (load moves; old samples would outvote it).
             del self._samples[: -4 * self.config.min_requests]
+            del self._steps[: -8 * self.config.min_requests]
             self._waited = False
             return None
         change = BatchSizeChange(
@@ -198,6 +237,7 @@ class BatchSizeController:
         )
         self.size, self._since = new, None
         self._samples.clear()
+        self._steps.clear()
         self._longest = 0.0
         self._waited = False
         self.changes.append(change)
