@@ -30,7 +30,15 @@ from llmopt.config import (
 
 @app.command("recommend")
 def recommend(
-    model: Annotated[str, typer.Option("--model", "-m", help="Preset name, local directory or hub id.")],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Preset, local model directory, config.json or hub id; with --hardware also a shipped "
+            "config name (llama-3.1-8b, qwen3-30b-a3b).",
+        ),
+    ],
     mode: Annotated[str, typer.Option(help="`train` or `inference`.")] = "train",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the config YAML here.")] = None,
     memory_budget: Annotated[
@@ -55,17 +63,52 @@ def recommend(
         bool,
         typer.Option("--calibrate", help="First measure a few training steps here (~10-30 s), cache it."),
     ] = False,
+    hardware: Annotated[
+        str | None,
+        typer.Option(
+            "--hardware", help="GPUs per node, e.g. 8xH100, 4xL4, H200: rank strategies for them (no GPU)."
+        ),
+    ] = None,
+    nodes: Annotated[int, typer.Option(min=1, help="With --hardware: nodes of that kind.")] = 1,
+    seq_len: Annotated[int, typer.Option(min=1, help="With --hardware: tokens per sequence.")] = 2048,
+    global_batch: Annotated[
+        int, typer.Option(min=1, help="With --hardware: sequences per optimizer step over all GPUs.")
+    ] = 64,
+    network_gbps: Annotated[
+        float, typer.Option(min=0.001, help="With --hardware and --nodes > 1: one-way Gbit/s per node.")
+    ] = 400.0,
+    host_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--host-memory", help="With --hardware: host memory per node (e.g. 1TiB) that offload may fill."
+        ),
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="With --hardware: also write the ranking as JSON here.")
+    ] = None,
 ) -> None:
-    """The seed's rule-based strategy by model size; with --memory-budget, the cost model's ranking.
+    """The seed's rule-based strategy by model size; with --memory-budget, the cost model's ranking;
+    with --hardware, the GPU cost model's ranking for GPUs this machine need not have.
 
     With --memory-budget (or --workers, --space, --calibrate) every strategy of the search space is
     predicted (peak memory per worker, tokens/s) without running anything, those that cannot fit are
     pruned, and the rest ranked; -o writes the best one as a config for jobs.finetune.
+
+    With --hardware 8xH100 (and --nodes) the model's config.json alone (no weights) and the GPU's profile
+    give every strategy's peak memory per GPU and tokens/s; what does not fit is listed with why.
     """
     from llmopt.models import ModelLoadError, model_info
 
     if mode not in ("train", "inference"):
         raise _fail(f"--mode {mode!r} must be 'train' or 'inference'", 2)
+    if hardware is not None:
+        if mode != "train" or workers or calibrate:
+            raise _fail("--hardware ranks training strategies on GPUs; drop --mode/--workers/--calibrate", 2)
+        _recommend_hardware(
+            model, hardware, nodes, memory_budget, host_memory, seq_len, global_batch, network_gbps, space,
+            config_file, top, output, json_out,
+        )  # fmt: skip
+        return
     if memory_budget is not None or workers or space or calibrate or config_file:
         if mode != "train":
             raise _fail("--memory-budget ranks training strategies; drop --mode inference", 2)
@@ -93,6 +136,121 @@ def recommend(
         console.print(f"config written to {output}", highlight=False)
     else:
         sys.stdout.write(text)
+
+
+# --- `recommend --hardware`: the GPU cost model's ranking (llmopt.tune._gpu_recommend) --------------------
+def _recommend_hardware(
+    model: str,
+    hardware: str,
+    nodes: int,
+    budget_text: str | None,
+    host_text: str | None,
+    seq_len: int,
+    global_batch: int,
+    network_gbps: float,
+    space_file: Path | None,
+    config_file: Path | None,
+    top: int,
+    output: Path | None,
+    json_out: Path | None,
+) -> None:
+    import json
+
+    from llmopt.models import ModelLoadError
+    from llmopt.tune import parse_memory, recommend_for_hardware
+
+    try:
+        budget = parse_memory(budget_text) if budget_text is not None else None
+    except ValueError as exc:
+        raise _fail(f"--memory-budget: {exc}", 2) from None
+    try:
+        host = parse_memory(host_text) if host_text is not None else None
+    except ValueError as exc:
+        raise _fail(f"--host-memory: {exc}", 2) from None
+    _quiet_transformers()
+    base = _load(config_file, []) if config_file else None
+    try:
+        result = recommend_for_hardware(
+            model,
+            hardware,
+            nodes=nodes,
+            memory_budget=budget,
+            seq_len=seq_len,
+            global_batch=global_batch,
+            network_gbps=network_gbps,
+            host_memory=host,
+            space=space_file,
+            base=base,
+        )
+    except (ValueError, KeyError) as exc:
+        raise _fail(f"--hardware {hardware!r}: {exc.args[0] if exc.args else exc}", 2) from None
+    except (ModelLoadError, ConfigError) as exc:
+        raise _fail(str(exc)) from None
+    shape = result.shape
+    moe = f", {shape.num_experts} experts (top-{shape.top_k})" if shape.is_moe else ""
+    console.print(
+        f"[bold]{model}[/]: {shape.params / 1e9:.2f}B parameters{moe} on {result.hardware()} "
+        f"({result.gpus} GPUs); sequences of {seq_len} tokens, {global_batch} a step; a GPU's limit "
+        f"{format_bytes(result.limit_bytes)} ({result.limit_reason}); space {result.space}",
+        highlight=False,
+    )
+    if nodes > 1:
+        console.print(f"  network: {network_gbps:g} Gbit/s one way per node (--network-gbps)")
+    if host is None:
+        console.print("  host memory not checked: host/node is what offload puts there (--host-memory)")
+    table = Table("#", "strategy", "peak/GPU", "tokens/s", "step", "host/node")
+    for column in table.columns[2:]:
+        column.no_wrap = True
+
+    def add(tag: str, plan) -> None:
+        host = plan.memory.host_offloaded * result.gpus_per_node
+        table.add_row(
+            tag,
+            plan.label,
+            format_bytes(plan.memory.device),
+            f"{plan.tokens_per_s:,.0f}",
+            f"{plan.step_s:.2f} s",
+            format_bytes(host) if host else "-",
+        )
+
+    for i, plan in enumerate(result.fitting[:top], 1):
+        add(str(i), plan)
+    console.print(table)
+    console.print("Best of each method:", highlight=False)
+    closest = result.closest_per_method()
+    for method, plan in result.best_per_method().items():
+        if plan is not None:
+            console.print(
+                f"  {method}: {plan.label}: {format_bytes(plan.memory.device)} per GPU "
+                f"({plan.breakdown()}), {plan.tokens_per_s:,.0f} tokens/s",
+                highlight=False,
+            )
+        else:
+            near = closest[method]
+            console.print(
+                f"  {method}: [red]nothing fits[/]; the smallest, {near.label}, {'; '.join(near.problems)} "
+                f"({near.breakdown()})",
+                highlight=False,
+            )
+    console.print(
+        f"{len(result.plans)} strategies: {len(result.fitting)} fit, {len(result.rejected)} do not "
+        f"(memory or batch), {result.invalid} not expressible for this model",
+        highlight=False,
+    )
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result.summary(), indent=2) + "\n")
+        console.print(f"ranking written to {json_out}", highlight=False)
+    best = result.best
+    if best is None:
+        raise _fail("no strategy is predicted to fit; add GPUs or nodes, or shorten --seq-len")
+    if output:
+        dump_config(result.config(best), output)
+        console.print(
+            f"best strategy written to {output} (run it on those GPUs: python -m jobs.finetune --config "
+            f"{output}; set data.* to your dataset)",
+            highlight=False,
+        )
 
 
 # --- `recommend --memory-budget`: the cost model's ranking (llmopt.tune) -------------------------------

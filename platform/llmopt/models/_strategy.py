@@ -22,6 +22,8 @@ ATTENTION_TARGETS: dict[str, list[str]] = {
     "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen2_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "gpt2": ["c_attn", "c_proj"],
 }
 
@@ -29,6 +31,10 @@ ATTENTION_TARGETS: dict[str, list[str]] = {
 # peft's `target_parameters`; routers are small and trained in full (`modules_to_save`).
 MOE_TARGETS: dict[str, dict[str, dict[str, list[str]]]] = {
     "mixtral": {
+        "experts": {"target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]},
+        "router": {"modules_to_save": ["mlp.gate"]},
+    },
+    "qwen3_moe": {
         "experts": {"target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]},
         "router": {"modules_to_save": ["mlp.gate"]},
     },

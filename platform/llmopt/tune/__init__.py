@@ -20,6 +20,13 @@ from llmopt.tune._calibrate import (
     probe_config,
 )
 from llmopt.tune._cost import Coefficients, CostModel, Prediction, checkpointed_layers, resolve_precision_for
+from llmopt.tune._gpu_recommend import (
+    GpuPlan,
+    GpuRecommendation,
+    recommend_for_hardware,
+    shipped_model_configs,
+    strategy_of,
+)
 from llmopt.tune._hardware import GIB, Hardware, parse_memory
 from llmopt.tune._profile import Measurement, measure
 from llmopt.tune._rank import (
@@ -56,6 +63,8 @@ __all__ = [
     "Coefficients",
     "Condition",
     "CostModel",
+    "GpuPlan",
+    "GpuRecommendation",
     "Hardware",
     "LoraCount",
     "Measurement",
@@ -87,13 +96,16 @@ __all__ = [
     "prune",
     "rank",
     "recommend",
+    "recommend_for_hardware",
     "resolve_precision_for",
     "results_table",
     "run_search",
     "run_trial",
     "score",
+    "shipped_model_configs",
     "space_candidates",
     "space_facts",
+    "strategy_of",
     "trial_config",
     "workload_for",
     "write_outputs",

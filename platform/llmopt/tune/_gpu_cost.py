@@ -129,6 +129,7 @@ class GpuStrategy:
         loss: Cross-entropy implementation, a key of `LOSS_BYTES`.
         bucket_elems: DeepSpeed's reduce/all-gather bucket size in elements.
         fused_qkv: Adapters on a fused q/k/v projection (Qwen v1 `c_attn`): one (h, q + 2 kv) adapter.
+        lora_target_parameters: Fused 3-D expert parameters with adapters (peft `target_parameters`).
     """
 
     method: Method = "full"
@@ -154,6 +155,7 @@ class GpuStrategy:
     loss: str = "hf-fp32"
     bucket_elems: int = DEEPSPEED_BUCKET_ELEMS
     fused_qkv: bool = False
+    lora_target_parameters: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.method not in ("full", "lora", "qlora"):
@@ -266,7 +268,9 @@ class StepTime:
 
 # --- model shape from a config.json dict -----------------------------------------------------------------
 def shape_of(model_config: dict[str, Any] | Any) -> ModelShape:
-    """`ModelShape` of a config.json mapping (or a config-like object)."""
+    """`ModelShape` of a config.json mapping (or a config-like object, or a `ModelShape` as it is)."""
+    if isinstance(model_config, ModelShape):
+        return model_config
     if isinstance(model_config, dict):
         defaults = {"tie_word_embeddings": False}
         model_config = SimpleNamespace(**{**defaults, **model_config})
@@ -277,6 +281,7 @@ def _targets(strategy: GpuStrategy) -> dict[str, Any]:
     mods = strategy.lora_targets
     return {
         "target_modules": "all-linear" if mods == "all-linear" else list(mods),
+        "target_parameters": list(strategy.lora_target_parameters),
         "modules_to_save": list(strategy.modules_to_save),
     }
 
