@@ -125,3 +125,34 @@ def test_full_finetune_of_an_upcycled_moe_under_zero3_offload(gpu_ray_cluster, t
 def test_two_workers_one_gpu_each_on_nccl(gpu_ray_cluster, tmp_path):
     m = _check(_run(tmp_path, "name=nccl-2", "parallelism.num_workers=2", "parallelism.zero_stage=2"))
     assert m["world_size"] == 2
+
+
+def test_the_recommended_strategy_for_this_gpu_runs_and_its_memory_holds(gpu_ray_cluster, tmp_path):
+    """`recommend --hardware` for the GPU at hand, the written config run through jobs.finetune: it learns,
+    and the cost model's allocated peak is near the allocator's (printed; within a loose bound on a
+    100M-parameter model, where DeepSpeed's and the allocator's fixed costs weigh more than at 7B)."""
+    from llmopt.config import dump_config
+    from llmopt.tune import recommend_for_hardware
+
+    name = torch.cuda.get_device_name(0)
+    try:
+        result = recommend_for_hardware("base-100m", f"1x{name}", seq_len=64, global_batch=16)
+    except KeyError:
+        pytest.skip(f"{name} has no profile in gpus.yaml")
+    best = result.best
+    assert best is not None
+    path = tmp_path / "recommended.yaml"
+    dump_config(result.config(best), path)
+    run = finetune_job(
+        ["--config", str(path), "training.max_steps=20", "training.lr=1e-3", "data.max_eval_samples=32",
+         "resources.cpus_per_worker=2", f"output_dir={tmp_path}", "name=recommended-gpu"]
+    )  # fmt: skip
+    assert run.ok, run.error
+    m = _check(run)
+    predicted = best.memory.allocated
+    print(
+        f"recommended on {name}: {best.label}; peak predicted {predicted / 2**20:.0f} MiB, measured "
+        f"{m['peak_memory_bytes'] / 2**20:.0f} MiB; tokens/s predicted {best.tokens_per_s:,.0f}, measured "
+        f"{m['throughput_tokens_per_s']:,.0f}"
+    )
+    assert 0.5 < m["peak_memory_bytes"] / predicted < 2.0
