@@ -106,11 +106,16 @@ def test_best_config_runs_with_finetune_job(search, tmp_path):
 
 def test_over_budget_trial_is_recorded_not_fatal(ray_cluster, repo, tmp_path):
     """A budget far below any real run, with pruning off: the trial runs, passes the budget at its first
-    step, is stopped and recorded as infeasible; the search still returns its outputs."""
+    step, is stopped and recorded as infeasible; the search still returns its outputs. Its concurrency is
+    `auto`: read from the running cluster (one node, CPU trials: one at a time)."""
     base = load_config(repo / CONFIG, [])
     space = load_space(repo / "tune_spaces/strategy.yaml")
-    settings = _settings(num_samples=1, memory_budget_bytes=64 * MIB, prune=False, baseline=False)
-    result = run_search(base, space, settings, tmp_path, log=print)
+    settings = _settings(
+        num_samples=1, memory_budget_bytes=64 * MIB, prune=False, baseline=False, max_concurrent_trials=None
+    )
+    lines: list[str] = []
+    result = run_search(base, space, settings, tmp_path, log=lambda line: (print(line), lines.append(line)))
+    assert any(line.startswith("concurrent trials: 1 (one CPU trial per node") for line in lines), lines
     assert result.counts["sampled"] == 1 and result.counts["infeasible"] == 1
     (row,) = result.rows
     assert row["status"] == "infeasible" and not row["feasible"]

@@ -17,7 +17,7 @@ from llmopt.tune import (
     write_outputs,
 )
 from llmopt.tune._report import prediction_errors
-from llmopt.tune._search import WORST_SCORE, error_summary
+from llmopt.tune._search import WORST_SCORE, concurrent_trials, error_summary
 
 MIB = 2**20
 
@@ -151,3 +151,21 @@ def test_error_summary_keeps_the_exception_a_worker_ended_with():
     )
     assert error_summary("ValueError: bad") == "ValueError: bad"
     assert len(error_summary("x" * 2000)) == 500
+
+
+def test_concurrent_trials_from_the_cluster():
+    eight_gpus = {"CPU": 96.0, "GPU": 8.0, "memory": 1e12}
+    # GPU trials: whole trials out of the nodes' (GPU, CPU) worker slots.
+    count, why = concurrent_trials([eight_gpus, eight_gpus], workers=2, cpus_per_worker=4, gpus_per_worker=1)
+    assert count == 8 and "16 worker slot(s)" in why
+    assert (
+        concurrent_trials([eight_gpus], workers=4, cpus_per_worker=30, gpus_per_worker=1)[0] == 1
+    )  # CPUs bound
+    assert concurrent_trials([eight_gpus], workers=3, cpus_per_worker=1, gpus_per_worker=1)[0] == 2
+    # CPU trials: one per node that holds one, however many cores it has.
+    count, why = concurrent_trials([{"CPU": 2.0}, {"CPU": 64.0}, {"CPU": 0.5}], 1, 0.99, 0.0)
+    assert count == 2 and "measure each other" in why
+    assert concurrent_trials([{"CPU": 2.0}], 4, 0.99, 0.0)[0] == 1  # never under one
+    with pytest.raises(Exception, match="max_concurrent_trials"):
+        SearchSettings(max_concurrent_trials=0).check()
+    SearchSettings(max_concurrent_trials=None).check()  # auto

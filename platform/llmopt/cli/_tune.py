@@ -388,7 +388,13 @@ def tune_command(
         typer.Option("--space", help="Search space YAML (default tune_spaces/strategy[-moe].yaml)."),
     ] = None,
     num_samples: Annotated[int, typer.Option(min=1, help="Trials.")] = 12,
-    max_concurrent: Annotated[int, typer.Option(min=1, help="Trials at once.")] = 1,
+    max_concurrent: Annotated[
+        str,
+        typer.Option(
+            help="Trials at once: a number, or auto (GPU trials: as many as the cluster's GPUs hold; CPU "
+            "trials: one per node, as trials on shared cores measure each other)."
+        ),
+    ] = "auto",
     time_budget_s: Annotated[float | None, typer.Option(help="Wall-clock limit of the search.")] = None,
     memory_budget: Annotated[
         str | None, typer.Option(help="Peak memory per worker, e.g. 1GiB (a bare number is GiB).")
@@ -441,6 +447,8 @@ def tune_command(
     if len(files) > 1:
         raise _fail(f"tune takes one config file, got {len(files)}", 2)
     config = _load(files[0] if files else None, overrides)
+    if max_concurrent != "auto" and not (max_concurrent.isdigit() and int(max_concurrent) >= 1):
+        raise _fail(f"--max-concurrent {max_concurrent!r}: give a number of trials (1, 2, ...) or auto", 2)
     try:
         budget = parse_memory(memory_budget) if memory_budget else None
         ceiling = loss_ceiling if loss_ceiling in (None, "baseline") else float(loss_ceiling)
@@ -453,7 +461,7 @@ def tune_command(
         memory_budget_bytes=budget,
         loss_ceiling=ceiling,  # type: ignore[arg-type]
         num_samples=num_samples,
-        max_concurrent_trials=max_concurrent,
+        max_concurrent_trials=None if max_concurrent == "auto" else int(max_concurrent),
         time_budget_s=time_budget_s,
         trial_tokens=trial_tokens,
         trial_time_s=trial_time_s,

@@ -25,7 +25,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,7 +52,7 @@ class SearchSettings:
         loss_ceiling: Highest held-out loss a feasible strategy may reach; `"baseline"` takes the
             rule-based template's measured held-out loss from the same run; None: no ceiling.
         num_samples: Trials the searcher proposes.
-        max_concurrent_trials: Trials running at once.
+        max_concurrent_trials: Trials running at once; None: from the cluster (`concurrent_trials`).
         time_budget_s: Wall-clock limit of the whole search (None: none).
         trial_tokens: Training tokens every trial (and the baseline) trains on.
         trial_time_s: A trial that has not finished after this many seconds is stopped (infeasible).
@@ -77,7 +77,7 @@ class SearchSettings:
     memory_budget_bytes: int | None = None
     loss_ceiling: float | Literal["baseline"] | None = None
     num_samples: int = 12
-    max_concurrent_trials: int = 1
+    max_concurrent_trials: int | None = 1
     time_budget_s: float | None = None
     trial_tokens: int = 32_768
     trial_time_s: float = 600.0
@@ -100,7 +100,7 @@ class SearchSettings:
         if self.objective not in ("throughput", "loss"):
             issues.append(ConfigIssue("objective", f"{self.objective!r} must be 'throughput' or 'loss'"))
         for name in ("num_samples", "max_concurrent_trials", "trial_tokens", "eval_samples", "workers"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 issues.append(ConfigIssue(name, f"{getattr(self, name)} must be at least 1"))
         if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
             issues.append(ConfigIssue("memory_budget", "must be positive, e.g. 1GiB"))
@@ -116,6 +116,39 @@ class SearchSettings:
             issues.append(ConfigIssue("cpus_per_worker", f"{self.cpus_per_worker} must be > 0 (e.g. 0.99)"))
         if issues:
             raise ConfigError(issues)
+
+
+def concurrent_trials(
+    nodes: list[dict[str, float]], workers: int, cpus_per_worker: float, gpus_per_worker: float
+) -> tuple[int, str]:
+    """How many trials the cluster runs at once, and why.
+
+    Args:
+        nodes: Each alive node's total resources (`ray.nodes()[i]["Resources"]`: CPU, GPU, ...).
+        workers, cpus_per_worker, gpus_per_worker: One trial's Ray Train workers and what each holds.
+
+    GPU trials: as many as the nodes' worker slots (a slot: `gpus_per_worker` GPUs and `cpus_per_worker`
+    CPUs on one node) hold whole trials. CPU trials: one per node that holds a whole trial, because a
+    trial's score is the tokens/s it measures and two trials on the same cores measure each other.
+    """
+    if gpus_per_worker > 0:
+        slots = sum(
+            int(min(n.get("GPU", 0.0) // gpus_per_worker, n.get("CPU", 0.0) // cpus_per_worker))
+            for n in nodes
+        )
+        gpus = sum(n.get("GPU", 0.0) for n in nodes)
+        count = slots // workers
+        why = (
+            f"{slots} worker slot(s) of {gpus_per_worker:g} GPU + {cpus_per_worker:g} CPU over {len(nodes)} "
+            f"node(s) with {gpus:g} GPU(s), {workers} worker(s) a trial"
+        )
+    else:
+        count = sum(1 for n in nodes if n.get("CPU", 0.0) >= workers * cpus_per_worker - 1e-9)
+        why = (
+            f"one CPU trial per node that holds its {workers} x {cpus_per_worker:g} CPUs ({count} of "
+            f"{len(nodes)} node(s)): trials on the same cores would measure each other's tokens/s"
+        )
+    return max(1, count), why
 
 
 # --- scoring (pure) ------------------------------------------------------------------------------------
@@ -582,6 +615,16 @@ def run_search(
                 else ""
             )
         )
+        if settings.max_concurrent_trials is None:
+            alive = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+            count, why = concurrent_trials(
+                alive,
+                settings.workers,
+                trial_base.resources.cpus_per_worker,
+                trial_base.resources.gpus_per_worker,
+            )
+            settings = replace(settings, max_concurrent_trials=min(count, settings.num_samples))
+            log(f"concurrent trials: {settings.max_concurrent_trials} ({why})")
         facts = space_facts(cost.shape, cost.hardware)
         workload = workload_for(trial_base)
         ctx = TrialContext(trial_base, space, facts, cost, workload, settings)
