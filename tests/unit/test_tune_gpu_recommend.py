@@ -166,3 +166,5 @@ def test_cli_says_when_nothing_fits_and_why():
     assert "nothing fits" in text and "per GPU" in text and "no strategy is predicted to fit" in text
     bad = runner.invoke(app, ["recommend", "--model", "tiny-llama", "--hardware", "8xH900"])
     assert bad.exit_code == 2 and "Known GPUs" in bad.output
+    missing = runner.invoke(app, ["recommend", "--model", "/nowhere/llama", "--hardware", "8xH100"])
+    assert missing.exit_code == 1 and "llama-3.1-8b" in " ".join(missing.output.split())

@@ -157,7 +157,7 @@ def _recommend_hardware(
     import json
 
     from llmopt.models import ModelLoadError
-    from llmopt.tune import parse_memory, recommend_for_hardware
+    from llmopt.tune import parse_memory, recommend_for_hardware, shipped_model_configs
 
     try:
         budget = parse_memory(budget_text) if budget_text is not None else None
@@ -184,7 +184,10 @@ def _recommend_hardware(
         )
     except (ValueError, KeyError) as exc:
         raise _fail(f"--hardware {hardware!r}: {exc.args[0] if exc.args else exc}", 2) from None
-    except (ModelLoadError, ConfigError) as exc:
+    except ModelLoadError as exc:
+        shipped = ", ".join(shipped_model_configs())
+        raise _fail(f"{exc}; with --hardware a config.json is enough, or a shipped one: {shipped}") from None
+    except ConfigError as exc:
         raise _fail(str(exc)) from None
     shape = result.shape
     moe = f", {shape.num_experts} experts (top-{shape.top_k})" if shape.is_moe else ""
