@@ -17,7 +17,7 @@ from llmopt.tune import (
     write_outputs,
 )
 from llmopt.tune._report import prediction_errors
-from llmopt.tune._search import WORST_SCORE, concurrent_trials, error_summary
+from llmopt.tune._search import WORST_SCORE, concurrent_trials, error_summary, trial_placement
 
 MIB = 2**20
 
@@ -169,3 +169,14 @@ def test_concurrent_trials_from_the_cluster():
     with pytest.raises(Exception, match="max_concurrent_trials"):
         SearchSettings(max_concurrent_trials=0).check()
     SearchSettings(max_concurrent_trials=None).check()  # auto
+
+
+def test_a_trial_stays_on_one_node_when_one_holds_it():
+    eight_gpus = {"CPU": 96.0, "GPU": 8.0}
+    assert trial_placement([eight_gpus, eight_gpus], 8, 4, 1) == "STRICT_PACK"
+    assert trial_placement([eight_gpus, eight_gpus], 16, 4, 1) == "PACK"  # no node holds 16 GPUs
+    assert trial_placement([{"CPU": 2.0}], 2, 0.99, 0) == "STRICT_PACK"
+    assert trial_placement([{"CPU": 2.0}, {"CPU": 2.0}], 3, 0.99, 0) == "PACK"
+    assert load_config(
+        None, ["parallelism.placement_strategy=STRICT_PACK"]
+    ).parallelism.placement_strategy == ("STRICT_PACK")

@@ -506,9 +506,10 @@ def _report(result) -> None:
     wide.print(results_table(result))
     c = result.counts
     wide.print(
-        f"{c['sampled']} trials: {c['ok']} ok ({c['feasible']} feasible), {c['pruned']} pruned by the cost "
-        f"model without running, {c['infeasible']} infeasible, {c['stopped']} stopped early, {c['error']} "
-        f"errors; grid: {c['grid_pruned']} of {c['grid_candidates']} strategies pruned; "
+        f"{c['sampled']} trials: {c['ran']} ran, {c['feasible']} of them feasible; {c['pruned']} pruned "
+        f"without running ({c['pruned'] - c['pruned_loss']} by the cost model, {c['pruned_loss']} "
+        f"projected to miss the loss ceiling), {c['infeasible']} infeasible, {c['stopped']} stopped early, "
+        f"{c['error']} errors; grid: {c['grid_pruned']} of {c['grid_candidates']} strategies pruned; "
         f"{result.seconds:.0f} s",
         highlight=False,
     )

@@ -186,6 +186,11 @@ class ParallelismConfig(StrictModel):
     max_failures: int = Field(
         1, ge=-1, description="Worker failures survived by restoring the last checkpoint (-1: unlimited)."
     )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="How Ray places the workers' placement group: PACK (few nodes, best effort), "
+        "STRICT_PACK (one node), SPREAD, STRICT_SPREAD (one worker a node).",
+    )
     deepspeed_config: str | dict | None = Field(
         None,
         description="A raw DeepSpeed JSON (path or mapping) whose keys override the generated ones.",

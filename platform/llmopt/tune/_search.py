@@ -32,6 +32,7 @@ from typing import Any, Literal
 from llmopt.config import ConfigError, ConfigIssue, RunConfig, format_bytes, validate_config
 from llmopt.tune._cost import CostModel
 from llmopt.tune._hardware import GIB
+from llmopt.tune._loss_guard import LossGuard, Observation, family, progress
 from llmopt.tune._rank import COST_PATHS, baseline_config, describe, recommend
 from llmopt.tune._report import SearchResult, write_outputs
 from llmopt.tune._space import SearchSpace, space_facts
@@ -151,6 +152,22 @@ def concurrent_trials(
     return max(1, count), why
 
 
+def trial_placement(
+    nodes: list[dict[str, float]], workers: int, cpus_per_worker: float, gpus_per_worker: float
+) -> str:
+    """`STRICT_PACK` (every worker of a trial on one node) when a node can hold a whole trial, else `PACK`.
+
+    A trial measures its strategy's tokens/s: spread over nodes it would measure the network too, and two
+    trials of one strategy would measure differently by where they landed.
+    """
+
+    def holds(node: dict[str, float]) -> bool:
+        cpu_ok = node.get("CPU", 0.0) >= workers * cpus_per_worker - 1e-9
+        return cpu_ok and (gpus_per_worker <= 0 or node.get("GPU", 0.0) >= workers * gpus_per_worker - 1e-9)
+
+    return "STRICT_PACK" if any(holds(n) for n in nodes) else "PACK"
+
+
 # --- scoring (pure) ------------------------------------------------------------------------------------
 def feasibility(
     ok: bool,
@@ -194,6 +211,7 @@ class TrialContext:
     workload: Workload
     settings: SearchSettings
     loss_ceiling: float | None = None
+    loss_reference: Observation | None = None  # the baseline's (family, log(steps x lr), held-out loss)
 
 
 def trial_config(config: RunConfig, settings: SearchSettings, run_dir: Path, name: str) -> RunConfig:
@@ -310,6 +328,14 @@ def run_trial(
     )
     if s.prune and not prediction.fits:
         return finish(status="pruned", reason="pruned by cost model: " + "; ".join(prediction.reasons))
+    record.update(
+        family=family(config), loss_progress=progress(config.training.max_steps, config.training.lr)
+    )
+    if s.prune and ctx.loss_ceiling is not None:
+        guard = LossGuard(ctx.loss_ceiling, ctx.loss_reference, _observations(run_dir.parent.parent))
+        why = guard.judge(record["family"], record["loss_progress"])
+        if why:
+            return finish(status="pruned", reason=why)
 
     if run_dir.exists():  # a restored trial starts over: no stale metrics.jsonl
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -399,6 +425,30 @@ def run_trial(
         seconds=seconds,
         train_seconds=result.seconds,
     )
+
+
+def _observation(record: Mapping[str, Any]) -> Observation | None:
+    """A finished run's (family, progress, held-out loss), if it got that far."""
+    loss, value = record.get("eval_loss"), record.get("loss_progress")
+    if record.get("status") not in ("ok", "infeasible") or loss is None or value is None:
+        return None
+    if not math.isfinite(loss):
+        return None
+    return Observation(record["family"], value, loss)
+
+
+def _observations(experiment: Path) -> list[Observation]:
+    """The finished trials of a search so far, from their `outcome.json` files (trials run in actors of
+    their own; the experiment directory is what they share)."""
+    found = []
+    for path in sorted(experiment.glob("*/outcome.json")):
+        try:
+            observation = _observation(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError):
+            continue
+        if observation is not None:
+            found.append(observation)
+    return found
 
 
 def _get(config: RunConfig, path: str) -> Any:
@@ -615,8 +665,13 @@ def run_search(
                 else ""
             )
         )
+        alive = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        res = trial_base.resources
+        placement = trial_placement(alive, settings.workers, res.cpus_per_worker, res.gpus_per_worker)
+        parallelism = trial_base.parallelism.model_copy(update={"placement_strategy": placement})
+        trial_base = trial_base.model_copy(update={"parallelism": parallelism})
+        log(f"trial placement: {placement} (each trial's {settings.workers} worker(s))")
         if settings.max_concurrent_trials is None:
-            alive = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
             count, why = concurrent_trials(
                 alive,
                 settings.workers,
@@ -657,6 +712,7 @@ def run_search(
             ceiling = baseline.get("eval_loss") if baseline else None
             log(f"loss ceiling: the baseline's held-out loss {ceiling}")
         ctx.loss_ceiling = ceiling
+        ctx.loss_reference = _observation(baseline) if baseline is not None else None
         if baseline is not None and ceiling is not None and baseline.get("eval_loss") is not None:
             ok, why = feasibility(
                 baseline["status"] in ("ok", "infeasible") and baseline.get("tokens_per_s") is not None,
@@ -728,6 +784,8 @@ def run_search(
         "ok": sum(r["status"] == "ok" for r in rows),
         "feasible": sum(bool(r.get("feasible")) for r in rows),
         "pruned": sum(r["status"] == "pruned" for r in rows),
+        "pruned_loss": sum(str(r.get("reason", "")).startswith("projected to miss") for r in rows),
+        "ran": sum(r["status"] in ("ok", "infeasible", "stopped") for r in rows),
         "infeasible": sum(r["status"] == "infeasible" for r in rows),
         "stopped": sum(r["status"] == "stopped" for r in rows),
         "error": sum(r["status"] == "error" for r in rows),
