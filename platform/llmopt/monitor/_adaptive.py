@@ -37,6 +37,7 @@ judgments, the level measured on many steps.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -166,8 +167,7 @@ class BatchSizeController:
             return tpot
         self._ratios = [(at, r) for at, r in self._ratios if now - at < self.config.retry_after_s]
         self._ratios.append((now, tpot / step_mean))
-        ordered = sorted(r for _, r in self._ratios)
-        return step_mean * (ordered[len(ordered) // 2] + ordered[(len(ordered) - 1) // 2]) / 2
+        return step_mean * statistics.median(r for _, r in self._ratios)
 
     def _ceiling(self, now: float) -> int:
         """One under the smallest size that broke the SLO within ``retry_after_s``, else the upper bound."""
