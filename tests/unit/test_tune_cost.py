@@ -338,3 +338,65 @@ def test_calibrated_peak_memory_within_25_percent_of_measured():
             peak = measured.base_bytes + predicted.peak_bytes - predicted.memory["runtime"]
             error = (peak - measured.peak_bytes) / measured.peak_bytes
             assert abs(error) < 0.25, (name, overrides, format_bytes(peak), format_bytes(measured.peak_bytes))
+
+
+def test_calibration_fit_recovers_known_constants_from_the_split_step():
+    """Probes timed the way `measure` times them (pass floor, forward + backward, optimizer phase) by a
+    cost model with known constants: the fit recovers every constant it claims to fit, keeps the
+    defaults of those the probes cannot see, and predicts a probe it did not see exactly."""
+    from llmopt.tune import DEFAULT_PROBES, probe_config, workload_for
+    from llmopt.tune._calibrate import _fit, _with_fit
+    from llmopt.tune._profile import Measurement
+
+    shape, hw = model_shape("tiny-llama"), replace(CPU, cpu_bf16=True)
+    defaults = Coefficients.defaults(hw)
+    truth = replace(
+        defaults,
+        flops_per_s={**defaults.flops_per_s, "fp32": 7e10, "bf16": 9e10},
+        layer_overhead_s=2.5e-3,
+        zero_grad_s_per_param=4e-9,
+        step_overhead_s=1.5e-3,
+        optimizer_s_per_param=defaults.optimizer_s_per_param * 0.6,
+        zero_step_s_per_param=defaults.zero_step_s_per_param * 0.6,
+        fixed_bytes=30 * MIB,
+        transient_scale=2.0,
+        transient_scale_by_precision={"fp32": 2.0, "bf16": 3.0},
+    )
+    true_model = CostModel(shape, hw, truth)
+    base = config("model.max_seq_len=64", "data.dataset=reverse")
+    configs = [probe_config(base, overrides, 8) for _, overrides in DEFAULT_PROBES]
+
+    def timed(cfg):
+        workload = workload_for(cfg)
+        states, _, trainable, total = true_model.model_states(cfg)
+        acts = true_model.activation_terms(cfg, workload)
+        terms = true_model.time_terms(cfg, workload, trainable, total, int(acts["checkpointed"]))
+        step, parts = true_model.step_time(terms)
+        own = true_model.predict(cfg, workload).peak_bytes - truth.runtime_bytes
+        floor = truth.layer_overhead_s * terms["overhead_units"]
+        floor += truth.zero_grad_s_per_param * terms["grad_params"]
+        return Measurement(
+            label="", overrides=[], peak_bytes=400 * MIB + own, base_bytes=400 * MIB, setup_bytes=0,
+            step_time_s=step, tokens_per_s=0.0, losses=[], checkpointed_layers=0, trainable_parameters=0,
+            optimizer_time_s=parts["optimizer"] + truth.step_overhead_s, pass_floor_s=floor,
+        )  # fmt: skip
+
+    measured = [timed(c) for c in configs]
+    model = CostModel(shape, hw, defaults)
+    fit = _fit(model, configs, measured, defaults)
+    assert fit["flops_per_s"] == pytest.approx({"fp32": 7e10, "bf16": 9e10}, rel=1e-6)
+    for key in ("layer_overhead_s", "zero_grad_s_per_param", "step_overhead_s", "optimizer_s_per_param"):
+        assert fit[key] == pytest.approx(getattr(truth, key), rel=1e-6), key
+    assert fit["transient_scale_by_precision"] == pytest.approx({"fp32": 2.0, "bf16": 3.0}, rel=1e-6)
+    assert fit["fixed_bytes"] == pytest.approx(30 * MIB, rel=1e-3)
+    # Leave the full fine-tune out: the LoRA probes cannot see ZeRO's hooks or the per-parameter step
+    # cost, which then keep their defaults; the rates and the layer overhead still come out exact.
+    loo = _fit(model, configs[:-1], measured[:-1], defaults)
+    assert loo["flops_per_s"]["fp32"] == pytest.approx(7e10, rel=1e-6)
+    assert loo["layer_overhead_s"] == pytest.approx(2.5e-3, rel=1e-6)
+    assert loo["zero_grad_s_per_param"] == defaults.zero_grad_s_per_param
+    # A probe left out of the fit is predicted exactly when the constants it depends on were seen.
+    fitted = CostModel(shape, hw, _with_fit(defaults, _fit(model, configs[1:], measured[1:], defaults), 0))
+    assert fitted.predict(configs[0], workload_for(configs[0])).step_time_s == pytest.approx(
+        measured[0].step_time_s, rel=1e-6
+    )

@@ -1,8 +1,9 @@
-"""Calibrate the cost model: measure 2-4 probe strategies here and fit its machine constants.
+"""Calibrate the cost model: measure a few probe strategies here and fit its machine constants.
 
-`calibrate` measures probe strategies of a run's model (`measure`, in this process) and fits by bounded
-least squares the effective FLOP rate per precision and the per-layer overhead (step time), and the
-fixed per-run bytes and transient-activation scale (memory). It reports each probe's prediction error,
+`calibrate` measures probe strategies of a run's model (`measure`, in this process) and fits the
+effective FLOP rate per precision, the per-layer and ZeRO-hook overheads and the optimizer's cost (step
+time, each from the part of a step that reveals it), and the fixed per-run bytes and transient-activation
+scale (memory). It reports each probe's prediction error,
 in-sample and leave-one-out, and caches the result per model and machine, where `llmopt recommend` (and
 the search) find it with `load_calibration`.
 """
@@ -28,13 +29,15 @@ from llmopt.tune._workload import workload_for
 # one process for the same tiny run; jobs.benchmark train / outputs/benchmark/train.json).
 RAY_WORKER_EXTRA_BYTES = {"cpu": 180 * MIB, "gpu": 0}
 
-# The default probes: small and large micro-batches of LoRA (fp32, and bf16: its speed differs by CPU
-# and GPU), and a full fine-tune under ZeRO-2 with every layer checkpointed, so that FLOPs, activation
-# bytes and trainable parameters all vary. On a GPU, `auto` precision resolves to bf16 anyway.
+# The default probes: small and large micro-batches of LoRA in fp32 and in bf16 (its speed differs by
+# CPU and GPU, and each precision's rate is fitted from two probes of its own), and a full fine-tune
+# under ZeRO-2 with every layer checkpointed, so that FLOPs, activation bytes, trainable parameters and
+# the fixed costs of checkpointing and ZeRO all vary. On a GPU, `auto` precision resolves to bf16.
 _LORA = ["lora.enabled=true", "checkpointing.policy=none", "parallelism.zero_stage=0"]
 DEFAULT_PROBES: list[tuple[str, list[str]]] = [
     ("lora-mb4", [*_LORA, "training.micro_batch_size=4"]),
     ("lora-packed-mb8", [*_LORA, "data.packing=true", "training.micro_batch_size=8"]),
+    ("lora-mb4-bf16", [*_LORA, "training.micro_batch_size=4", "precision=bf16"]),
     ("lora-packed-mb8-bf16", [*_LORA, "data.packing=true", "training.micro_batch_size=8", "precision=bf16"]),
     (
         "full-zero2-uniform",
@@ -177,15 +180,32 @@ def _lstsq(rows: list[list[float]], targets: list[float], floors: list[float]) -
         fixed[bad[0]] = floors[bad[0]]
 
 
-def _fit(model: CostModel, configs: list[RunConfig], measured: list[Measurement], defaults: Coefficients):
-    """Fit the memory constants (fixed bytes, transient scale) and the speed constants (1 / FLOP rate per
-    measured precision, layer overhead) to the probes by bounded least squares.
+def _fit(
+    model: CostModel, configs: list[RunConfig], measured: list[Measurement], defaults: Coefficients
+) -> dict[str, Any]:
+    """Fit the cost model's memory and speed constants to the probes.
+
+    Memory: the fixed per-run bytes and the transient-activation scale, by bounded least squares; one
+    scale per precision when every measured precision has probes of different sizes.
+
+    Step time, split the way `measure` times it, each part against the terms that drive it:
+    - the pass floor (forward + backward of two tokens) against the per-layer overhead units and the
+      parameters under ZeRO's gradient hooks;
+    - the forward + backward of a micro-batch less its floor against its FLOPs, one rate per precision
+      (least squares through the origin): compute no longer shares a fit with fixed costs, which made
+      the rate and the overhead trade off against each other from a handful of probes;
+    - the optimizer phase against a fixed step cost and the AdamW + ZeRO per-parameter terms, scaled
+      together (their ratio stays the default's; the probes cannot separate them).
+    A constant the probes do not vary keeps its default.
 
     Returns:
-        `(fixed_bytes, transient_scale, {precision: FLOP/s}, layer_overhead_s)`.
+        The fitted fields of `Coefficients` (`flops_per_s` holds only the measured precisions).
     """
-    precisions = sorted({model.time_terms(c, workload_for(c), 1, 1, 0)["precision"] for c in configs})
-    mem_rows, mem_targets, time_rows, time_targets = [], [], [], []
+    import numpy as np
+
+    mem_rows, mem_targets, mem_precisions = [], [], []
+    floor_rows, floors, opt_rows, opt_targets = [], [], [], []
+    compute: dict[str, list[tuple[float, float]]] = {}
     for config, m in zip(configs, measured, strict=True):
         workload = workload_for(config)
         states, host, trainable, total = model.model_states(config)
@@ -194,47 +214,76 @@ def _fit(model: CostModel, configs: list[RunConfig], measured: list[Measurement]
         mem_rows.append([1.0, acts["transient_units"]])
         mem_targets.append(m.peak_bytes - m.base_bytes - known)
         terms = model.time_terms(config, workload, trainable, total, int(acts["checkpointed"]))
+        mem_precisions.append(terms["precision"])
         accum = terms["accumulation"]
-        rest = terms["optimizer"] + terms["communication"] + defaults.step_overhead_s
-        rest += accum * defaults.zero3_layer_overhead_s * terms["zero3_units"]
-        flops = [
-            accum * terms["flops"] / terms["threads"] if p == terms["precision"] else 0.0 for p in precisions
-        ]
-        time_rows.append([*flops, accum * terms["overhead_units"]])
-        time_targets.append(m.step_time_s - rest - accum * (terms["dequant"] + terms["gather"]))
-    fixed, scale = defaults.fixed_bytes, defaults.transient_scale
-    if len(measured) >= 2 and max(r[1] for r in mem_rows) > 1.5 * min(r[1] for r in mem_rows):
-        fixed, scale = _lstsq(mem_rows, mem_targets, [0.0, 0.25])
-    else:
-        fixed = max(
-            0.0, statistics.mean(t - scale * r[1] for r, t in zip(mem_rows, mem_targets, strict=True))
-        )
-    inverse = [1 / defaults.flops_per_s.get(p, defaults.flops_per_s["fp32"]) for p in precisions]
-    layer_s = defaults.layer_overhead_s
-    if len(measured) > len(precisions):
-        *inverse, layer_s = _lstsq(time_rows, time_targets, [1e-16] * len(precisions) + [0.0])
-    else:  # one probe per precision: keep the default overhead, fit the rates alone
-        for j in range(len(precisions)):
-            rows = [(r, t) for r, t in zip(time_rows, time_targets, strict=True) if r[j]]
-            inverse[j] = max(1e-16, statistics.mean((t - r[-1] * layer_s) / r[j] for r, t in rows))
-    return int(fixed), scale, {p: 1 / x for p, x in zip(precisions, inverse, strict=True)}, layer_s
+        zero3 = defaults.zero3_layer_overhead_s * terms["zero3_units"]
+        floor_rows.append([terms["overhead_units"], terms["grad_params"]])
+        floors.append(m.pass_floor_s - zero3)
+        per_micro = (m.step_time_s - m.optimizer_time_s - terms["communication"]) / accum
+        busy = per_micro - m.pass_floor_s - terms["dequant"] - terms["gather"]
+        compute.setdefault(terms["precision"], []).append((terms["flops"] / terms["threads"], busy))
+        opt_rows.append([1.0, terms["optimizer"]])
+        opt_targets.append(m.optimizer_time_s - terms["offload"])
+    fixed, scale, by_precision = _fit_memory(mem_rows, mem_targets, mem_precisions, defaults)
+    if any(r[1] for r in floor_rows):
+        layer_s, zero_grad = _lstsq(floor_rows, floors, [0.0, 0.0])
+    else:  # no probe under ZeRO >= 1: its hooks keep their default cost
+        zero_grad = defaults.zero_grad_s_per_param
+        layer_s = max(0.0, statistics.mean(f / r[0] for r, f in zip(floor_rows, floors, strict=True)))
+    rates = {}
+    for precision, points in compute.items():
+        flops, busy = np.array(points).T
+        rates[precision] = float(flops @ flops / max(1e-12, flops @ busy))
+    params = [r[1] for r in opt_rows]
+    if max(params) > 1.5 * min(params):
+        step_s, factor = _lstsq(opt_rows, opt_targets, [0.0, 0.0])
+    else:  # the probes train similar parameter counts: the per-parameter rate keeps its default
+        factor = 1.0
+        step_s = max(0.0, statistics.mean(t - r[1] for r, t in zip(opt_rows, opt_targets, strict=True)))
+    return {
+        "fixed_bytes": int(fixed),
+        "transient_scale": scale,
+        "transient_scale_by_precision": by_precision,
+        "flops_per_s": rates,
+        "layer_overhead_s": layer_s,
+        "zero_grad_s_per_param": zero_grad,
+        "step_overhead_s": step_s,
+        "optimizer_s_per_param": defaults.optimizer_s_per_param * factor,
+        "zero_step_s_per_param": defaults.zero_step_s_per_param * factor,
+    }
 
 
-def _with_fit(defaults: Coefficients, fit, runtime: int) -> Coefficients:
-    fixed, scale, rates, layer_s = fit
+def _fit_memory(rows, targets, precisions, defaults: Coefficients):
+    """`(fixed bytes, shared transient scale, {precision: scale})` from the probes' own memory."""
+
+    def spread(units: list[float]) -> bool:
+        return len(units) >= 2 and max(units) > 1.5 * min(units)
+
+    kinds = sorted(set(precisions))
+    pairs = list(zip(rows, precisions, strict=True))
+    if len(kinds) > 1 and all(spread([r[1] for r, p in pairs if p == k]) for k in kinds):
+        split = [[1.0, *(r[1] if p == k else 0.0 for k in kinds)] for r, p in pairs]
+        fixed, *scales = _lstsq(split, targets, [0.0] + [0.25] * len(kinds))
+        by_precision = dict(zip(kinds, scales, strict=True))
+        return int(fixed), by_precision.get("fp32", scales[0]), by_precision
+    if spread([r[1] for r in rows]):
+        fixed, scale = _lstsq(rows, targets, [0.0, 0.25])
+        return int(fixed), scale, {}
+    scale = defaults.transient_scale
+    fixed = max(0.0, statistics.mean(t - scale * r[1] for r, t in zip(rows, targets, strict=True)))
+    return int(fixed), scale, {}
+
+
+def _with_fit(defaults: Coefficients, fit: dict[str, Any], runtime: int) -> Coefficients:
+    fit = dict(fit)
+    rates = fit.pop("flops_per_s")
     flops = dict(defaults.flops_per_s)
-    if "fp32" in rates:  # unmeasured precisions keep their default speed relative to fp32
-        ratio = rates["fp32"] / defaults.flops_per_s["fp32"]
+    anchor = "fp32" if "fp32" in rates else next(iter(rates), None)
+    if anchor:  # unmeasured precisions keep their default speed relative to a measured one
+        ratio = rates[anchor] / defaults.flops_per_s[anchor]
         flops = {k: v * ratio for k, v in flops.items()}
     flops.update(rates)
-    return replace(
-        defaults,
-        flops_per_s=flops,
-        layer_overhead_s=layer_s,
-        fixed_bytes=fixed,
-        transient_scale=scale,
-        runtime_bytes=runtime,
-    )
+    return replace(defaults, flops_per_s=flops, runtime_bytes=runtime, **fit)
 
 
 def _in_process_prediction(model: CostModel, config: RunConfig, m: Measurement):
@@ -247,7 +296,7 @@ def _in_process_prediction(model: CostModel, config: RunConfig, m: Measurement):
 def calibrate(
     config: RunConfig,
     probes: list[tuple[str, list[str]]] | None = None,
-    steps: int = 4,
+    steps: int = 8,
     hardware: Hardware | None = None,
     save: bool = True,
     log=None,
@@ -257,7 +306,7 @@ def calibrate(
     Args:
         config: The run whose model, data and resources are profiled.
         probes: `(label, overrides)` strategies to measure (default: `DEFAULT_PROBES`).
-        steps: Optimizer steps per probe (the first is not timed).
+        steps: Optimizer steps per probe (the first is not timed; the median of the rest is the figure).
         hardware: This machine (default: detected).
         save: Write the calibration to its cache file.
         log: Optional callable taking a line of progress text.

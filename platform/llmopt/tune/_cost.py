@@ -69,6 +69,7 @@ class Coefficients:
     Attributes:
         flops_per_s: Effective training FLOP/s by precision: per torch thread on CPU, per GPU on GPU.
         layer_overhead_s: Fixed time per micro-batch per (decoder layers + 2): dispatch, Python, hooks.
+            A checkpointed layer counts `1 + recompute_overhead` times (it runs its forward again).
         step_overhead_s: Fixed time per optimizer step (DeepSpeed engine bookkeeping, clipping).
         optimizer_s_per_param: AdamW time per trainable parameter held by this worker.
         zero_step_s_per_param: Extra optimizer-step time of DeepSpeed's ZeRO optimizers per trainable
@@ -85,6 +86,12 @@ class Coefficients:
             trainable parameter, allocated at full size on every worker.
         zero3_live_params: Parameters ZeRO-3 keeps gathered (DeepSpeed's `stage3_max_live_parameters`).
         transient_scale: Transient activation memory, in units of tokens x (full layer + 2 x vocab).
+        zero_grad_s_per_param: DeepSpeed ZeRO (stage >= 1) backward hooks per trainable parameter per
+            micro-batch (gradient copies into the reduce buckets).
+        transient_scale_by_precision: `transient_scale` of a precision where calibration measured it apart
+            (16-bit steps on CPU run some kernels through wider temporaries; MoE experts most of all).
+        recompute_overhead: A checkpointed layer's extra fixed cost per micro-batch, as a share of a layer's
+            (its forward again and the checkpoint wrapper; ~0.6 measured on CPU, one-token passes).
     """
 
     flops_per_s: dict[str, float]
@@ -102,6 +109,9 @@ class Coefficients:
     transient_scale: float
     zero_buffer_bytes_per_param: float = 8.0
     zero3_live_params: int = 1_000_000_000
+    zero_grad_s_per_param: float = 0.0
+    recompute_overhead: float = 0.6
+    transient_scale_by_precision: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def defaults(cls, hardware: Hardware) -> Coefficients:
@@ -125,6 +135,7 @@ class Coefficients:
                 dequant_s_per_param=2e-12,
                 comm_bytes_per_s=5e10,
                 comm_latency_s=5e-5,
+                zero_grad_s_per_param=1e-12,
                 runtime_bytes=0,  # max_memory_allocated excludes the CUDA context
                 fixed_bytes=64 * MIB,
                 transient_scale=2.0,
@@ -140,6 +151,7 @@ class Coefficients:
             dequant_s_per_param=4e-9,
             comm_bytes_per_s=2e9,
             comm_latency_s=2e-4,
+            zero_grad_s_per_param=3e-9,
             runtime_bytes=600 * MIB,
             fixed_bytes=48 * MIB,
             transient_scale=2.5,
@@ -350,8 +362,10 @@ class CostModel:
 
         Returns:
             A mapping with `flops` (per micro-batch), `threads` (multiplier of the per-thread rate on
-            CPU, 1 on GPU), `overhead_units` (layers + 2), `dequant`, `gather` (seconds per micro-batch),
-            `optimizer`, `communication` (seconds per step), `accumulation` and `precision`.
+            CPU, 1 on GPU), `overhead_units` (layers + 2, checkpointed layers weighted up), `grad_params`
+            (trainable parameters under ZeRO's gradient hooks), `dequant`, `gather` (seconds per
+            micro-batch), `optimizer` (AdamW and ZeRO's step), `offload`, `communication` (seconds per
+            step), `accumulation` and `precision`.
         """
         c, hw, shape = self.coefficients, self.hardware, self.shape_for(config)
         par, train = config.parallelism, config.training
@@ -387,19 +401,21 @@ class CostModel:
         optimizer = local * c.optimizer_s_per_param + (
             trainable * c.zero_step_s_per_param if stage >= 1 else 0
         )
-        if par.offload_optimizer != "none":
-            optimizer += local * c.offload_s_per_param
+        offload = local * c.offload_s_per_param if par.offload_optimizer != "none" else 0.0
         comm = 0.0
         if n > 1:
             comm = 2 * (n - 1) / n * trainable * wb / c.comm_bytes_per_s + 2 * (n - 1) * c.comm_latency_s
         return {
             "flops": micro * seq * per_token,
             "threads": threads,
-            "overhead_units": float(shape.num_layers + 2),
+            "overhead_units": (shape.num_layers + 2)
+            * (1 + c.recompute_overhead * checkpointed / shape.num_layers),
+            "grad_params": float(trainable) if stage >= 1 else 0.0,
             "zero3_units": float(shape.num_layers + 2) if stage == 3 else 0.0,
             "dequant": dequant,
             "gather": gather,
             "optimizer": optimizer,
+            "offload": offload,
             "communication": comm,
             "accumulation": float(train.gradient_accumulation_steps),
             "precision": precision,
@@ -413,13 +429,23 @@ class CostModel:
         parts = {
             "compute": accum * terms["flops"] / rate,
             "overhead": accum
-            * (c.layer_overhead_s * terms["overhead_units"] + c.zero3_layer_overhead_s * terms["zero3_units"])
+            * (
+                c.layer_overhead_s * terms["overhead_units"]
+                + c.zero_grad_s_per_param * terms["grad_params"]
+                + c.zero3_layer_overhead_s * terms["zero3_units"]
+            )
             + c.step_overhead_s,
             "dequant": accum * terms["dequant"],
-            "optimizer": terms["optimizer"],
+            "optimizer": terms["optimizer"] + terms["offload"],
             "communication": terms["communication"] + accum * terms["gather"],
         }
         return sum(parts.values()), parts
+
+    def transient_scale(self, config: RunConfig) -> float:
+        """The transient-activation scale of `config`'s precision (calibrated apart, else the shared one)."""
+        c = self.coefficients
+        precision = resolve_precision_for(config, self.hardware)
+        return c.transient_scale_by_precision.get(precision, c.transient_scale)
 
     # --- the prediction ------------------------------------------------------------------------------
     def predict(
@@ -448,7 +474,7 @@ class CostModel:
             **states,
             "offloaded": host if on_cpu else 0,  # host and device are one memory on a CPU-only machine
             "activations": int(acts["saved"]),
-            "transient": int(c.transient_scale * acts["transient_units"] + acts["recompute"]),
+            "transient": int(self.transient_scale(config) * acts["transient_units"] + acts["recompute"]),
         }
         peak = sum(memory.values())
         step, parts = self.step_time(self.time_terms(config, workload, trainable, total, ckpt))

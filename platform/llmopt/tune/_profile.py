@@ -40,6 +40,14 @@ class Measurement:
     losses: list[float]
     checkpointed_layers: int
     trainable_parameters: int
+    # The optimizer phase (`engine.step()` at the accumulation boundary) of a step, timed apart from
+    # forward and backward, so that a fit sees compute and optimizer time separately.
+    optimizer_time_s: float = 0.0
+    # Tokens of a micro-batch with padding (batch x longest row), median over the timed steps.
+    padded_tokens: float = 0.0
+    # Forward + backward of a one-row, two-token batch: the strategy's fixed cost per micro-batch (kernel
+    # dispatch, autograd, hooks of checkpointing and ZeRO), nearly free of compute.
+    pass_floor_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,20 +199,28 @@ def measure(
             setup = current_rss_bytes()
             engine.train()
             batches = endless_batches(loader, sampler)
-            times, tokens, losses = [], [], []
+            times, tokens, losses, optimizer_times, padded = [], [], [], [], []
+            sync = torch.cuda.synchronize if use_gpu else (lambda: None)
             for _ in range(steps):
-                start, step_tokens, step_loss = time.perf_counter(), 0, 0.0
+                start, step_tokens, step_loss, in_optimizer = time.perf_counter(), 0, 0.0, 0.0
                 for _ in range(accumulation):
                     batch = {k: v.to(device) for k, v in next(batches).items()}
                     outputs = engine(**batch)
                     engine.backward(outputs.loss)
+                    sync()
+                    before = time.perf_counter()
                     engine.step()
+                    sync()
+                    in_optimizer += time.perf_counter() - before
                     step_tokens += int(batch["attention_mask"].sum())
+                    padded.append(batch["attention_mask"].numel())
                     step_loss += outputs.loss.item() / accumulation
                 times.append(time.perf_counter() - start)
+                optimizer_times.append(in_optimizer)
                 tokens.append(step_tokens)
                 losses.append(step_loss)
             peak = tracker.peak()
+            floor = _pass_floor(engine, batch, sync)
         with contextlib.suppress(Exception):
             engine.destroy()
         del engine, optimizer, model, trainable, loader, examples, batch, outputs
@@ -221,7 +237,24 @@ def measure(
         losses=losses,
         checkpointed_layers=len(plan.layers),
         trainable_parameters=strategy.trainable_parameters,
+        optimizer_time_s=statistics.median(optimizer_times[1:] or optimizer_times),
+        padded_tokens=statistics.median(padded[accumulation:] or padded),
+        pass_floor_s=floor,
     )
+
+
+def _pass_floor(engine, batch: dict, sync, passes: int = 6) -> float:
+    """Median seconds of forward + backward on one row's first two tokens (every token a label)."""
+    ids = batch["input_ids"][:1, :2]
+    tiny = {"input_ids": ids, "attention_mask": batch["attention_mask"][:1, :2], "labels": ids.clone()}
+    times = []
+    for _ in range(passes + 1):
+        start = time.perf_counter()
+        engine.backward(engine(**tiny).loss)
+        sync()
+        times.append(time.perf_counter() - start)
+        engine.step()  # untimed: keeps DeepSpeed's gradient buffers in the state a training step leaves
+    return statistics.median(times[1:])
 
 
 def _extensions_dir() -> Path:
