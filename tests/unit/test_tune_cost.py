@@ -368,7 +368,7 @@ def test_calibration_fit_recovers_known_constants_from_the_split_step():
 
     def timed(cfg):
         workload = workload_for(cfg)
-        states, _, trainable, total = true_model.model_states(cfg)
+        _, _, trainable, total = true_model.model_states(cfg)
         acts = true_model.activation_terms(cfg, workload)
         terms = true_model.time_terms(cfg, workload, trainable, total, int(acts["checkpointed"]))
         step, parts = true_model.step_time(terms)
