@@ -14,7 +14,8 @@ BASE = Observation("lora", progress(32, 1e-3), 2.25)
 def test_progress_and_family():
     assert progress(32, 1e-3) == math.log(0.032)
     assert family(load_config(None, ["lora.enabled=false"])) == "full"
-    assert family(load_config(None, ["quantization.mode=nf4"])) == "lora"
+    assert family(load_config(None, ["quantization.mode=nf4"])) == "qlora"
+    assert family(load_config(None, ["quantization.mode=none"])) == "lora"
 
 
 def test_the_prior_prunes_far_less_progress_than_the_baseline_of_its_family():
@@ -22,7 +23,10 @@ def test_the_prior_prunes_far_less_progress_than_the_baseline_of_its_family():
     assert "under 0.5 of the baseline" in guard.judge("lora", progress(8, 1e-3))  # a quarter of the steps
     assert guard.judge("lora", progress(16, 1.5e-3)) is None  # 0.75 of it
     assert guard.judge("lora", progress(4, 1e-2)) is None  # fewer steps, a higher rate: more progress
-    assert guard.judge("full", progress(2, 1e-4)) is None  # another family: no prior
+    # Another family must move at least as far as the baseline did before its own runs say otherwise.
+    assert "under the baseline's" in guard.judge("full", progress(32, 5e-4))
+    assert "(qlora)" in guard.judge("qlora", progress(16, 1.5e-3))
+    assert guard.judge("qlora", progress(32, 1.5e-3)) is None
     assert LossGuard(2.25, None).judge("lora", progress(1, 1e-5)) is None  # no baseline, no data: no guess
 
 
