@@ -29,16 +29,17 @@ from llmopt.tune._workload import workload_for
 # one process for the same tiny run; jobs.benchmark train / outputs/benchmark/train.json).
 RAY_WORKER_EXTRA_BYTES = {"cpu": 180 * MIB, "gpu": 0}
 
-# The default probes: small and large micro-batches of LoRA in fp32 and in bf16 (its speed differs by
-# CPU and GPU, and each precision's rate is fitted from two probes of its own), and a full fine-tune
+# The default probes: small and large micro-batches of LoRA in bf16 and in fp32 (bf16's speed differs by
+# CPU and GPU, and each precision's rate is fitted from two probes of its own; bf16 first, as its one-time
+# set-up then sits in the warm-up, where a worker's runtime memory has it too), and a full fine-tune
 # under ZeRO-2 with every layer checkpointed, so that FLOPs, activation bytes, trainable parameters and
 # the fixed costs of checkpointing and ZeRO all vary. On a GPU, `auto` precision resolves to bf16.
 _LORA = ["lora.enabled=true", "checkpointing.policy=none", "parallelism.zero_stage=0"]
 DEFAULT_PROBES: list[tuple[str, list[str]]] = [
-    ("lora-mb4", [*_LORA, "training.micro_batch_size=4"]),
-    ("lora-packed-mb8", [*_LORA, "data.packing=true", "training.micro_batch_size=8"]),
     ("lora-mb4-bf16", [*_LORA, "training.micro_batch_size=4", "precision=bf16"]),
     ("lora-packed-mb8-bf16", [*_LORA, "data.packing=true", "training.micro_batch_size=8", "precision=bf16"]),
+    ("lora-mb4", [*_LORA, "training.micro_batch_size=4"]),
+    ("lora-packed-mb8", [*_LORA, "data.packing=true", "training.micro_batch_size=8"]),
     (
         "full-zero2-uniform",
         [
@@ -185,8 +186,8 @@ def _fit(
 ) -> dict[str, Any]:
     """Fit the cost model's memory and speed constants to the probes.
 
-    Memory: the fixed per-run bytes and the transient-activation scale, by bounded least squares; one
-    scale per precision when every measured precision has probes of different sizes.
+    Memory: the fixed per-run bytes (with an offset per 16-bit precision) and the transient-activation
+    scale, by bounded least squares.
 
     Step time, split the way `measure` times it, each part against the terms that drive it:
     - the pass floor (forward + backward of two tokens) against the per-layer overhead units and the
@@ -243,7 +244,7 @@ def _fit(
     return {
         "fixed_bytes": int(fixed),
         "transient_scale": scale,
-        "transient_scale_by_precision": by_precision,
+        "precision_bytes": by_precision,
         "flops_per_s": rates,
         "layer_overhead_s": layer_s,
         "zero_grad_s_per_param": zero_grad,
@@ -254,21 +255,17 @@ def _fit(
 
 
 def _fit_memory(rows, targets, precisions, defaults: Coefficients):
-    """`(fixed bytes, shared transient scale, {precision: scale})` from the probes' own memory."""
+    """`(fixed bytes, transient scale, {precision: extra fixed bytes})` from the probes' own memory.
 
-    def spread(units: list[float]) -> bool:
-        return len(units) >= 2 and max(units) > 1.5 * min(units)
-
-    kinds = sorted(set(precisions))
-    pairs = list(zip(rows, precisions, strict=True))
-    if len(kinds) > 1 and all(spread([r[1] for r, p in pairs if p == k]) for k in kinds):
-        split = [[1.0, *(r[1] if p == k else 0.0 for k in kinds)] for r, p in pairs]
-        fixed, *scales = _lstsq(split, targets, [0.0] + [0.25] * len(kinds))
-        by_precision = dict(zip(kinds, scales, strict=True))
-        return int(fixed), by_precision.get("fp32", scales[0]), by_precision
-    if spread([r[1] for r in rows]):
-        fixed, scale = _lstsq(rows, targets, [0.0, 0.25])
-        return int(fixed), scale, {}
+    Each precision other than fp32 that has probes of its own gets a fixed offset (its kernels' one-time
+    set-up), not a scale of its own: two probes of a precision cannot tell a scale from the noise.
+    """
+    extra = sorted({p for p in precisions if p != "fp32"}) if "fp32" in precisions else []
+    split = [[*r, *(1.0 if p == k else 0.0 for k in extra)] for r, p in zip(rows, precisions, strict=True)]
+    units = [r[1] for r in rows]
+    if len(rows) > 1 + len(extra) and max(units) > 1.5 * min(units):
+        fixed, scale, *offsets = _lstsq(split, targets, [0.0, 0.25] + [0.0] * len(extra))
+        return int(fixed), scale, dict(zip(extra, offsets, strict=True))
     scale = defaults.transient_scale
     fixed = max(0.0, statistics.mean(t - scale * r[1] for r, t in zip(rows, targets, strict=True)))
     return int(fixed), scale, {}

@@ -88,8 +88,9 @@ class Coefficients:
         transient_scale: Transient activation memory, in units of tokens x (full layer + 2 x vocab).
         zero_grad_s_per_param: DeepSpeed ZeRO (stage >= 1) backward hooks per trainable parameter per
             micro-batch (gradient copies into the reduce buckets).
-        transient_scale_by_precision: `transient_scale` of a precision where calibration measured it apart
-            (16-bit steps on CPU run some kernels through wider temporaries; MoE experts most of all).
+        precision_bytes: Extra fixed bytes of a precision over fp32, where calibration measured them: the
+            first 16-bit step of a CPU process sets up kernels and caches that stay (~150 MiB measured
+            with the tiny MoE preset's experts, a few MiB with the dense one).
         recompute_overhead: A checkpointed layer's extra fixed cost per micro-batch, as a share of a layer's
             (its forward again and the checkpoint wrapper; ~0.6 measured on CPU, one-token passes).
     """
@@ -111,7 +112,7 @@ class Coefficients:
     zero3_live_params: int = 1_000_000_000
     zero_grad_s_per_param: float = 0.0
     recompute_overhead: float = 0.6
-    transient_scale_by_precision: dict[str, float] = field(default_factory=dict)
+    precision_bytes: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def defaults(cls, hardware: Hardware) -> Coefficients:
@@ -144,8 +145,8 @@ class Coefficients:
             flops_per_s={"fp32": 5.0e10, "bf16": 1.0e11 if hardware.cpu_bf16 else 1.7e9, "fp16": 1.7e9},
             layer_overhead_s=2e-3,
             step_overhead_s=2e-3,
-            optimizer_s_per_param=3e-9,
-            zero_step_s_per_param=9e-9,
+            optimizer_s_per_param=2e-9,  # the optimizer phase timed apart from forward and backward
+            zero_step_s_per_param=6e-9,
             zero3_layer_overhead_s=1e-2,
             offload_s_per_param=2e-9,
             dequant_s_per_param=4e-9,
@@ -441,12 +442,6 @@ class CostModel:
         }
         return sum(parts.values()), parts
 
-    def transient_scale(self, config: RunConfig) -> float:
-        """The transient-activation scale of `config`'s precision (calibrated apart, else the shared one)."""
-        c = self.coefficients
-        precision = resolve_precision_for(config, self.hardware)
-        return c.transient_scale_by_precision.get(precision, c.transient_scale)
-
     # --- the prediction ------------------------------------------------------------------------------
     def predict(
         self, config: RunConfig, workload: Workload | None = None, budget_bytes: int | None = None
@@ -470,11 +465,11 @@ class CostModel:
         on_cpu = hw.accelerator == "cpu"
         memory = {
             "runtime": c.runtime_bytes,
-            "fixed": c.fixed_bytes,
+            "fixed": c.fixed_bytes + int(c.precision_bytes.get(resolve_precision_for(config, hw), 0)),
             **states,
             "offloaded": host if on_cpu else 0,  # host and device are one memory on a CPU-only machine
             "activations": int(acts["saved"]),
-            "transient": int(self.transient_scale(config) * acts["transient_units"] + acts["recompute"]),
+            "transient": int(c.transient_scale * acts["transient_units"] + acts["recompute"]),
         }
         peak = sum(memory.values())
         step, parts = self.step_time(self.time_terms(config, workload, trainable, total, ckpt))
