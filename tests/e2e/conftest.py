@@ -102,12 +102,44 @@ def start_head(num_cpus: int = 2) -> Iterator[Head]:
         subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=REPO, timeout=120)
         yield Head(f"http://127.0.0.1:{ports[1]}", gcs, env, temp_dir)
     finally:
-        procs = _cluster_processes(temp_dir, f":{ports[0]}")
-        for proc in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        psutil.wait_procs(procs, timeout=30)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        _kill(temp_dir, f":{ports[0]}")
+
+
+def _kill(temp_dir: str, marker: str) -> None:
+    procs = _cluster_processes(temp_dir, marker)
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(procs, timeout=30)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def join_node(head: Head, num_cpus: int = 1) -> Iterator[str]:
+    """Start a second node of `head`'s cluster on this machine (`ray start --address`, its own ports and
+    temp dir), as a worker pod joins a KubeRay head; yields its temp dir and kills its processes after."""
+    temp_dir = tempfile.mkdtemp(prefix="rw", dir="/tmp")
+    ports = [_free_port() for _ in range(6)]
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        f"--address={head.gcs}",
+        "--node-ip-address=127.0.0.1",
+        f"--node-manager-port={ports[0]}",
+        f"--object-manager-port={ports[1]}",
+        f"--dashboard-agent-listen-port={ports[2]}",
+        f"--dashboard-agent-grpc-port={ports[3]}",
+        f"--runtime-env-agent-port={ports[4]}",
+        f"--metrics-export-port={ports[5]}",
+        f"--num-cpus={num_cpus}",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, env=head.env, cwd=REPO, timeout=120)
+        yield temp_dir
+    finally:
+        _kill(temp_dir, temp_dir)
 
 
 @pytest.fixture(scope="module")

@@ -299,6 +299,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         "trainable_parameters": strategy.trainable_parameters,
         "total_parameters": strategy.total_parameters,
         "world_size": world,
+        "node_id": ray.get_runtime_context().get_node_id(),  # rank 0's: where a search trial ran
         "torch_threads": threads,
         "precision": precision,
         "memory_ceiling_bytes": adaptive.ceiling_bytes,

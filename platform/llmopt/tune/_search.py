@@ -212,6 +212,10 @@ class TrialContext:
     settings: SearchSettings
     loss_ceiling: float | None = None
     loss_reference: Observation | None = None  # the baseline's (family, log(steps x lr), held-out loss)
+    # The experiment's storage directory. A trial's own directory is on the node that runs it (Tune syncs
+    # no artifacts by default), so outcome records are written here, where every node's trials and the
+    # driver read them; on a cluster of several machines it is a shared filesystem, as Tune requires.
+    experiment: Path | None = None
 
 
 def trial_config(config: RunConfig, settings: SearchSettings, run_dir: Path, name: str) -> RunConfig:
@@ -273,6 +277,7 @@ def run_trial(
     run_dir: Path,
     report: Callable[[dict[str, Any]], None] | None = None,
     values: Mapping[str, Any] | None = None,
+    outcome_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Run one strategy for the trial budget and return its record (never raises for a bad strategy).
 
@@ -282,6 +287,8 @@ def run_trial(
         run_dir: The fine-tune's run directory.
         report: Called with every intermediate record (Tune's `report`), and with the final one.
         values: The sampled parameter values (kept in the record).
+        outcome_dir: Where the record goes (`outcome.json`; default `run_dir`'s parent); its parent holds
+            the other trials' records, which the loss guard reads.
 
     Returns:
         A flat record: status (`ok`, `infeasible`, `pruned`, `error`), feasible, reason, score,
@@ -307,11 +314,13 @@ def run_trial(
         **{f"param/{k}": v for k, v in (values or {}).items()},
     }
 
+    outcome_dir = outcome_dir or run_dir.parent
+
     def finish(**updates: Any) -> dict[str, Any]:
         record.update(updates)
         record["done"] = True
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        (run_dir.parent / "outcome.json").write_text(json.dumps(record, indent=2, default=str))
+        outcome_dir.mkdir(parents=True, exist_ok=True)
+        (outcome_dir / "outcome.json").write_text(json.dumps(record, indent=2, default=str))
         if report is not None:
             report(dict(record))
         return record
@@ -332,7 +341,7 @@ def run_trial(
         family=family(config), loss_progress=progress(config.training.max_steps, config.training.lr)
     )
     if s.prune and ctx.loss_ceiling is not None:
-        guard = LossGuard(ctx.loss_ceiling, ctx.loss_reference, _observations(run_dir.parent.parent))
+        guard = LossGuard(ctx.loss_ceiling, ctx.loss_reference, _observations(outcome_dir.parent))
         why = guard.judge(record["family"], record["loss_progress"])
         if why:
             return finish(status="pruned", reason=why)
@@ -371,6 +380,7 @@ def run_trial(
                 "loss": r.get("loss"),
                 "steps": r.get("step"),
                 "seconds": time.perf_counter() - start,
+                "node_id": r.get("node_id"),
             }
             record.update({k: v for k, v in live.items() if k not in ("status", "done")})
             if over:
@@ -468,21 +478,35 @@ class _DefineByRun:
         return self.space.define_by_run(self.base, self.facts)(trial)
 
 
+def _finished_record(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("done") else None
+
+
 def _tune_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     """Tune function trainable: one sampled strategy (see `run_trial`)."""
     from ray import tune
 
     trial_dir = Path(tune.get_context().get_trial_dir())
+    outcome_dir = ctx.experiment / trial_dir.name if ctx.experiment else trial_dir
+    finished = _finished_record(outcome_dir / "outcome.json")
+    if finished is not None:  # done before the search's driver died, after Tune last saved its state
+        tune.report(finished)
+        return
     values = ctx.space.active(params, ctx.base, ctx.facts)
     try:
         config = ctx.space.to_config(params, ctx.base, ctx.facts)
     except ConfigError as exc:
         record = {"status": "error", "done": True, "feasible": False, "score": WORST_SCORE}
         record["reason"] = f"invalid config: {exc}"
-        (trial_dir / "outcome.json").write_text(json.dumps(record, default=str))
+        outcome_dir.mkdir(parents=True, exist_ok=True)
+        (outcome_dir / "outcome.json").write_text(json.dumps(record, default=str))
         tune.report(record)
         return
-    run_trial(ctx, config, trial_dir / "run", report=tune.report, values=values)
+    run_trial(ctx, config, trial_dir / "run", report=tune.report, values=values, outcome_dir=outcome_dir)
 
 
 # --- the search -----------------------------------------------------------------------------------------
@@ -595,7 +619,7 @@ def _rows_from(results, experiment: Path) -> list[dict[str, Any]]:
                 "status": "stopped" if result.error is None else "error",
                 "feasible": False,
                 "score": WORST_SCORE,
-                "reason": "stopped early by the scheduler (ASHA)"
+                "reason": "ended without a record: stopped early by the scheduler (ASHA), or its process died"
                 if result.error is None
                 else str(result.error)[:500],
                 **{f"param/{k}": v for k, v in (result.config or {}).items()},
@@ -723,14 +747,14 @@ def run_search(
             )
             baseline.update(feasible=ok, reason=why)
 
+        experiment = Path(resume).resolve() if resume is not None else out_dir / "tune" / settings.name
+        ctx.experiment = experiment
         trainable = tune.with_resources(tune.with_parameters(_tune_trial, ctx=ctx), {"CPU": 0.01})
-        experiment = out_dir / "tune" / settings.name
         if resume is not None:
             log(f"resuming the search in {resume}")
             tuner = tune.Tuner.restore(
-                str(resume), trainable=trainable, resume_unfinished=True, resume_errored=True
+                str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True
             )
-            experiment = Path(resume)
         else:
             searcher = OptunaSearch(
                 space=_DefineByRun(space, trial_base, facts),
