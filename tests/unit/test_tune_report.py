@@ -29,6 +29,9 @@ def test_feasibility_and_score():
     ok, why = feasibility(True, 500 * MIB, 2.0, None, 1.5)
     assert not ok and why.startswith("loss:")
     assert not feasibility(True, 1, None, None, 1.5)[0]  # no held-out loss cannot meet a ceiling
+    # The ceiling's own run computed in another order: a few 1e-6 over it still meets it; 1e-3 does not.
+    assert feasibility(True, 1, 2.255672, None, 2.255670)[0]
+    assert not feasibility(True, 1, 2.2565, None, 2.2557)[0]
     assert not feasibility(False, 1, 1.0, None, None)[0]
     assert not feasibility(True, 1, 1.0, None, None, seconds=20, time_limit_s=10)[0]
     assert score("throughput", True, 1234.0, 3.0) == 1234.0
