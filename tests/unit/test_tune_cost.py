@@ -360,7 +360,6 @@ def test_calibration_fit_recovers_known_constants_from_the_split_step():
         zero_step_s_per_param=defaults.zero_step_s_per_param * 0.6,
         fixed_bytes=30 * MIB,
         transient_scale=2.0,
-        precision_bytes={"bf16": 40 * MIB},
     )
     true_model = CostModel(shape, hw, truth)
     base = config("model.max_seq_len=64", "data.dataset=reverse")
@@ -388,7 +387,6 @@ def test_calibration_fit_recovers_known_constants_from_the_split_step():
     for key in ("layer_overhead_s", "zero_grad_s_per_param", "step_overhead_s", "optimizer_s_per_param"):
         assert fit[key] == pytest.approx(getattr(truth, key), rel=1e-6), key
     assert fit["transient_scale"] == pytest.approx(2.0, rel=1e-6)
-    assert fit["precision_bytes"] == pytest.approx({"bf16": 40 * MIB}, rel=1e-6)
     assert fit["fixed_bytes"] == pytest.approx(30 * MIB, rel=1e-3)
     # Leave the full fine-tune out: the LoRA probes cannot see ZeRO's hooks or the per-parameter step
     # cost, which then keep their defaults; the rates and the layer overhead still come out exact.

@@ -88,9 +88,6 @@ class Coefficients:
         transient_scale: Transient activation memory, in units of tokens x (full layer + 2 x vocab).
         zero_grad_s_per_param: DeepSpeed ZeRO (stage >= 1) backward hooks per trainable parameter per
             micro-batch (gradient copies into the reduce buckets).
-        precision_bytes: Extra fixed bytes of a precision over fp32, where calibration measured them: the
-            first 16-bit step of a CPU process sets up kernels and caches that stay (~150 MiB measured
-            with the tiny MoE preset's experts, a few MiB with the dense one).
         recompute_overhead: A checkpointed layer's extra fixed cost per micro-batch, as a share of a layer's
             (its forward again and the checkpoint wrapper; ~0.6 measured on CPU, one-token passes).
     """
@@ -112,7 +109,6 @@ class Coefficients:
     zero3_live_params: int = 1_000_000_000
     zero_grad_s_per_param: float = 0.0
     recompute_overhead: float = 0.6
-    precision_bytes: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def defaults(cls, hardware: Hardware) -> Coefficients:
@@ -465,7 +461,7 @@ class CostModel:
         on_cpu = hw.accelerator == "cpu"
         memory = {
             "runtime": c.runtime_bytes,
-            "fixed": c.fixed_bytes + int(c.precision_bytes.get(resolve_precision_for(config, hw), 0)),
+            "fixed": c.fixed_bytes,
             **states,
             "offloaded": host if on_cpu else 0,  # host and device are one memory on a CPU-only machine
             "activations": int(acts["saved"]),
