@@ -143,7 +143,8 @@ def test_search_on_two_nodes_resumes_after_its_driver_is_killed(repo, tmp_path):
             assert after[trial].get("node_id") == record.get("node_id"), trial
         ran = [r for r in after.values() if r["status"] != "pruned"]
         assert ran, after
-        assert {r["node_id"] for r in ran} <= set(nodes), "a trial reported a node outside the cluster"
+        # Two trials at once need both nodes' CPU: trial actors hold none, so they do not crowd one node.
+        assert {r["node_id"] for r in ran} == set(nodes), "the trials did not use both nodes"
         print(
             "trials per node:",
             {n[:8]: sum(r["node_id"] == n for r in ran) for n in nodes},

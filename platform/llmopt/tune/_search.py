@@ -12,8 +12,11 @@ the search goes on.
 The rule-based template (`baseline_config`) runs through the same trial code, token budget, eval set
 and resources before the search, so the report compares both from one run.
 
-Resources: the trial holds {"CPU": 0.01} and its worker `resources.cpus_per_worker` (0.99 by
-default). A trial holding a whole CPU made its nested TorchTrainer wait forever on a 2-CPU cluster.
+Resources: the trial (its actor, which drives the nested Ray Train run) holds no CPU, only a little of
+Ray's logical memory, and its worker `resources.cpus_per_worker` (0.99 by default). A trial holding a
+whole CPU made its nested TorchTrainer wait forever on a 2-CPU cluster; holding 0.01 CPU, trial actors
+gathered on one node and left its CPUs short of a worker's, so that on 1-CPU nodes the trials ran one
+after another on the other node.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ class SearchSettings:
         trial_time_s: A trial that has not finished after this many seconds is stopped (infeasible).
         eval_samples: Held-out rows every trial evaluates on (the same rows for all).
         workers: Ray Train workers per trial.
-        cpus_per_worker: CPUs of each trial worker (the trial itself holds 0.01).
+        cpus_per_worker: CPUs of each trial worker (the trial itself holds none).
         seeds: The cost model's top-ranked distinct strategies evaluated first.
         prune: Ask the cost model before training (pruned strategies return at once, not run).
         baseline: Run the rule-based template in the same run.
@@ -169,6 +172,8 @@ def trial_placement(
 
 
 # --- scoring (pure) ------------------------------------------------------------------------------------
+TRIAL_RESOURCES = {"memory": 64 * 2**20}  # a trial's own actor; see the module doc
+
 # Held-out losses within this share of the ceiling meet it: the template's own training computed in
 # another order (a ZeRO stage, checkpointing) lands a few 1e-6 from the template's loss, which is the
 # ceiling under `baseline`; a strict comparison made those runs a coin toss.
@@ -757,7 +762,7 @@ def run_search(
 
         experiment = Path(resume).resolve() if resume is not None else out_dir / "tune" / settings.name
         ctx.experiment = experiment
-        trainable = tune.with_resources(tune.with_parameters(_tune_trial, ctx=ctx), {"CPU": 0.01})
+        trainable = tune.with_resources(tune.with_parameters(_tune_trial, ctx=ctx), TRIAL_RESOURCES)
         if resume is not None:
             log(f"resuming the search in {resume}")
             tuner = tune.Tuner.restore(
@@ -882,7 +887,7 @@ def _run_baseline(ctx: TrialContext, out_dir: Path, log: Callable[[str], None]) 
         }
     )
     log(f"baseline (rule-based template): {describe(config)} ...")
-    task = ray.remote(num_cpus=0.01)(run_trial)
+    task = ray.remote(num_cpus=0, memory=TRIAL_RESOURCES["memory"])(run_trial)
     record = ray.get(task.remote(ctx, config, out_dir / "baseline" / "run"))
     record["trial_id"] = "baseline"
     log(
