@@ -233,7 +233,8 @@ def _fit(
     rates = {}
     for precision, points in compute.items():
         flops, busy = np.array(points).T
-        rates[precision] = float(flops @ flops / max(1e-12, flops @ busy))
+        if flops @ busy > 0:  # else the floor took the whole pass: nothing measured of the rate
+            rates[precision] = float(flops @ flops / (flops @ busy))
     params = [r[1] for r in opt_rows]
     if max(params) > 1.5 * min(params):
         step_s, factor = _lstsq(opt_rows, opt_targets, [0.0, 0.0])
