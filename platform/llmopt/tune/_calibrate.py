@@ -235,8 +235,7 @@ def _fit(
         flops, busy = np.array(points).T
         if flops @ busy > 0:  # else the floor took the whole pass: nothing measured of the rate
             rates[precision] = float(flops @ flops / (flops @ busy))
-    params = [r[1] for r in opt_rows]
-    if max(params) > 1.5 * min(params):
+    if _varies([r[1] for r in opt_rows]):
         step_s, factor = _lstsq(opt_rows, opt_targets, [0.0, 0.0])
     else:  # the probes train similar parameter counts: the per-parameter rate keeps its default
         factor = 1.0
@@ -253,6 +252,11 @@ def _fit(
     }
 
 
+def _varies(values: list[float]) -> bool:
+    """Whether probes spread a term enough to fit its coefficient (largest over 1.5x the smallest)."""
+    return len(values) >= 2 and max(values) > 1.5 * min(values)
+
+
 def _fit_memory(rows, targets, precisions, defaults: Coefficients) -> tuple[int, float]:
     """`(fixed bytes, transient scale)` from the probes' own memory: the fp32 probes' where there are
     two or more. A CPU process's first 16-bit steps set up kernels and caches that stay; in the one
@@ -262,8 +266,7 @@ def _fit_memory(rows, targets, precisions, defaults: Coefficients) -> tuple[int,
     keep = [i for i, p in enumerate(precisions) if p == "fp32"]
     if len(keep) >= 2:
         rows, targets = [rows[i] for i in keep], [targets[i] for i in keep]
-    units = [r[1] for r in rows]
-    if len(rows) >= 2 and max(units) > 1.5 * min(units):
+    if _varies([r[1] for r in rows]):
         fixed, scale = _lstsq(rows, targets, [0.0, 0.25])
         return int(fixed), scale
     scale = defaults.transient_scale

@@ -43,8 +43,6 @@ class Measurement:
     # The optimizer phase (`engine.step()` at the accumulation boundary) of a step, timed apart from
     # forward and backward, so that a fit sees compute and optimizer time separately.
     optimizer_time_s: float = 0.0
-    # Tokens of a micro-batch with padding (batch x longest row), median over the timed steps.
-    padded_tokens: float = 0.0
     # Forward + backward of a one-row, two-token batch: the strategy's fixed cost per micro-batch (kernel
     # dispatch, autograd, hooks of checkpointing and ZeRO), nearly free of compute.
     pass_floor_s: float = 0.0
@@ -199,7 +197,7 @@ def measure(
             setup = current_rss_bytes()
             engine.train()
             batches = endless_batches(loader, sampler)
-            times, tokens, losses, optimizer_times, padded = [], [], [], [], []
+            times, tokens, losses, optimizer_times = [], [], [], []
             sync = torch.cuda.synchronize if use_gpu else (lambda: None)
             for _ in range(steps):
                 start, step_tokens, step_loss, in_optimizer = time.perf_counter(), 0, 0.0, 0.0
@@ -213,7 +211,6 @@ def measure(
                     sync()
                     in_optimizer += time.perf_counter() - before
                     step_tokens += int(batch["attention_mask"].sum())
-                    padded.append(batch["attention_mask"].numel())
                     step_loss += outputs.loss.item() / accumulation
                 times.append(time.perf_counter() - start)
                 optimizer_times.append(in_optimizer)
@@ -238,7 +235,6 @@ def measure(
         checkpointed_layers=len(plan.layers),
         trainable_parameters=strategy.trainable_parameters,
         optimizer_time_s=statistics.median(optimizer_times[1:] or optimizer_times),
-        padded_tokens=statistics.median(padded[accumulation:] or padded),
         pass_floor_s=floor,
     )
 

@@ -332,8 +332,7 @@ def run_trial(
     def finish(**updates: Any) -> dict[str, Any]:
         record.update(updates)
         record["done"] = True
-        outcome_dir.mkdir(parents=True, exist_ok=True)
-        (outcome_dir / "outcome.json").write_text(json.dumps(record, indent=2, default=str))
+        _write_outcome(outcome_dir, record)
         if report is not None:
             report(dict(record))
         return record
@@ -491,6 +490,11 @@ class _DefineByRun:
         return self.space.define_by_run(self.base, self.facts)(trial)
 
 
+def _write_outcome(outcome_dir: Path, record: Mapping[str, Any]) -> None:
+    outcome_dir.mkdir(parents=True, exist_ok=True)
+    (outcome_dir / "outcome.json").write_text(json.dumps(record, indent=2, default=str))
+
+
 def _finished_record(path: Path) -> dict[str, Any] | None:
     try:
         record = json.loads(path.read_text())
@@ -515,8 +519,7 @@ def _tune_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     except ConfigError as exc:
         record = {"status": "error", "done": True, "feasible": False, "score": WORST_SCORE}
         record["reason"] = f"invalid config: {exc}"
-        outcome_dir.mkdir(parents=True, exist_ok=True)
-        (outcome_dir / "outcome.json").write_text(json.dumps(record, default=str))
+        _write_outcome(outcome_dir, record)
         tune.report(record)
         return
     run_trial(ctx, config, trial_dir / "run", report=tune.report, values=values, outcome_dir=outcome_dir)
