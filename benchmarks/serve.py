@@ -387,7 +387,7 @@ def _start_ray() -> bool:
         # The replicas import serve_apps from the repository, which is not an installed package.
         kwargs["runtime_env"] = {
             "working_dir": str(REPO),
-            "excludes": [".venv", ".git", "outputs", "runs", ".cache"],
+            "excludes": [".venv", ".venv-vllm", ".git", "outputs", "runs", ".cache"],
         }
     init_ray(**kwargs)
     return True

@@ -42,7 +42,10 @@ from llmopt.serve import (
     GenerationRequest,
     SessionCacheManager,
     TokenChunk,
+    VllmEngine,
     expand_choices,
+    merge_chunks,
+    resolve_engine,
     stream_interval,
 )
 from serve_apps._metrics import ReplicaMetrics
@@ -247,6 +250,16 @@ class LLMServer:
         self.device = ray_assigned_device(self.config.resources.accelerator)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # bitsandbytes and the CUDA generators use the current device
+        self.engine_name, why = resolve_engine(self.config.serving.engine, self.device)
+        logger.info("llmopt replica engine: %s (%s)", self.engine_name, why)
+        self.replica_id = f"{os.getpid()}"
+        self.metrics = ReplicaMetrics()
+        self.vllm: VllmEngine | None = None
+        if self.engine_name == "vllm":
+            # vLLM batches, caches and schedules by itself: none of the native engine's parts below exist.
+            self.vllm = VllmEngine(self.config, self.device)
+            self.max_batch_size = self.vllm.arguments["max_num_seqs"]
+            return
         self.tokenizer = load_tokenizer(self.config.model)
         model = load_serving_model(self.config, self.device)
         if self.config.serving.adapters:
@@ -258,9 +271,7 @@ class LLMServer:
             if kv.enabled and kv.session_reuse
             else None
         )
-        self.metrics = ReplicaMetrics()
         self.heap = HeapTrimmer(float(os.environ.get("LLMOPT_MALLOC_TRIM_S", "2")))
-        self.replica_id = f"{os.getpid()}"
         self._queues: dict[str, _Stream] = {}
         # The engine is not thread-safe: only the engine thread touches it (requests and cancellations
         # reach it through this inbox, between steps). It steps back to back while there is work: stepping
@@ -325,6 +336,16 @@ class LLMServer:
                 the run config's rules (Serve then keeps the previous config, or fails the deployment).
         """
         size, wait = batch_settings(user_config, self.config.serving.batching)
+        if self.vllm is not None:
+            if size != self.max_batch_size:
+                logger.warning(
+                    "LLMServer user_config max_batch_size=%d not applied: vLLM's max_num_seqs (%d) is fixed "
+                    "when its engine starts; redeploy with serving.batching.max_batch_size=%d",
+                    size,
+                    self.max_batch_size,
+                    size,
+                )
+            return
         self._set_batching(size, wait)
         if self.controller is not None:  # the operator's size is the new start and upper bound
             self.controller.reset(size, upper=size)
@@ -457,6 +478,10 @@ class LLMServer:
         model_id = serve.get_multiplexed_model_id()
         if model_id:
             await self._route(model_id)
+        if self.vllm is not None:
+            async for chunk in self._generate_vllm(request):
+                yield chunk
+            return
         session = request.session
         if session is not None and self.sessions is not None:
             entry = self.sessions.lookup(session.owner, session.id, request.prompt_ids)
@@ -504,6 +529,57 @@ class LLMServer:
                     self._timing.pop(request_id, None)
                     self._inbox.put(("cancel", request_id))
 
+    async def _generate_vllm(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
+        """`generate` on vLLM's engine: its records coalesced per stream interval, as the native path does.
+
+        A task reads vLLM's stream into a queue while the previous chunk is on its way; a failure becomes an
+        error record (the ingress answers it as the native engine's), and leaving early cancels the task,
+        which aborts the request in vLLM.
+        """
+        serving, vllm = self.config.serving, self.vllm
+        pacing = (serving.stream_interval_s, serving.stream_events_per_s)
+        queue: asyncio.Queue = asyncio.Queue()
+        ended = asyncio.Event()
+
+        async def pump() -> None:
+            try:
+                async for chunk in vllm.generate(request):
+                    queue.put_nowait(chunk)
+            except Exception as exc:  # a refused or failed request fails alone; the replica goes on
+                logger.warning("vLLM request %s failed: %s: %s", request.request_id, type(exc).__name__, exc)
+                queue.put_nowait(exc)
+            finally:
+                queue.put_nowait(None)
+                ended.set()
+
+        task = asyncio.create_task(pump())
+        first, last_sent = True, 0.0
+        try:
+            while True:
+                items = [await queue.get()]
+                interval = stream_interval(*pacing, vllm.running)
+                if not first and interval and not ended.is_set():
+                    await _sleep_unless(ended, last_sent + interval - time.monotonic())
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                failure = next((item for item in items if isinstance(item, BaseException)), None)
+                if failure is not None:
+                    yield TokenChunk([], "", True, "error", 0, error=f"{type(failure).__name__}: {failure}")
+                    return
+                chunks = merge_chunks([item for item in items if item is not None])
+                first, last_sent = first and not any(c.text for c in chunks), time.monotonic()
+                for chunk in chunks:
+                    yield chunk
+                if items[-1] is None:
+                    return
+        finally:
+            task.cancel()
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check: a replica whose vLLM engine core died is replaced."""
+        if self.vllm is not None:
+            await self.vllm.check_health()
+
     @staticmethod
     def _chunk(index: int, items: list, request: GenerationRequest) -> TokenChunk:
         """One choice's outputs since its previous chunk, as one record."""
@@ -529,15 +605,23 @@ class LLMServer:
 
     async def stats(self) -> dict[str, Any]:
         """This replica's engine settings, batch sizes so far and session-cache counters."""
-        batching = self.config.serving.batching
-        cache = self.sessions.stats().to_dict() if self.sessions is not None else None
         from llmopt.devices import describe_device, memory_stats
 
+        if self.vllm is not None:
+            return {
+                "replica": self.replica_id,
+                "device": describe_device(self.device),
+                "memory": memory_stats(self.device),
+                "engine": {"name": "vllm", "max_batch_size": self.max_batch_size, **self.vllm.stats()},
+            }
+        batching = self.config.serving.batching
+        cache = self.sessions.stats().to_dict() if self.sessions is not None else None
         return {
             "replica": self.replica_id,
             "device": describe_device(self.device),
             "memory": memory_stats(self.device),
             "engine": {
+                "name": "native",
                 "mode": batching.mode,
                 "max_batch_size": self.max_batch_size,
                 "batch_wait_timeout_s": self.batch_wait_timeout_s,

@@ -8,6 +8,22 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
+# The suites that run against a live app run once per engine behind it: llmopt's own, and vLLM's (its
+# `vllm` marker selects it in `make test-vllm`, whose venv has vLLM; elsewhere it is skipped).
+ENGINES = [pytest.param("native", id="native"), pytest.param("vllm", id="vllm", marks=pytest.mark.vllm)]
+
+
+def engine_overrides(engine: str) -> list[str]:
+    """The overrides that put ``engine`` behind the app (skips the test where vLLM does not import)."""
+    if engine == "native":
+        return ["serving.engine=native"]
+    pytest.importorskip("vllm", reason="vLLM is not installed here; `make test-vllm` runs this")
+    # vLLM's CPU backend caches prefixes in blocks of 128 tokens unless told: the tests' sessions are
+    # shorter, so blocks of 32 (its preferred multiple) let a second turn find the first.
+    return ["serving.engine=vllm", "serving.vllm_engine_kwargs.block_size=32"]
+
 
 def free_port() -> int:
     """A TCP port free on loopback now."""

@@ -47,7 +47,10 @@ def ray_cluster():
         yield ray
         return
     # The repository is the job's working_dir, as with `ray job submit --working-dir .`.
-    runtime_env = {"working_dir": str(REPO), "excludes": [".venv", ".git", "outputs", "runs", ".cache"]}
+    runtime_env = {
+        "working_dir": str(REPO),
+        "excludes": [".venv", ".venv-vllm", ".git", "outputs", "runs", ".cache"],
+    }
     ray.init(
         num_cpus=2,
         include_dashboard=False,

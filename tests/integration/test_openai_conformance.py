@@ -6,13 +6,12 @@ goes on."""
 from __future__ import annotations
 
 import asyncio
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from tests._serve import free_port as _free_port
+from tests._serve import ENGINES, engine_overrides, llm_app
 
 pytestmark = [pytest.mark.integration]
 
@@ -30,22 +29,17 @@ PROMPT = "The quick brown fox"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse the digits: 1234"}]
 
 
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def server(ray_cluster, repo):
-    """The app (one replica, no API keys) on a free loopback port; Serve shut down afterwards."""
-    from ray import serve
-
-    if str(repo) not in sys.path:
-        sys.path.insert(0, str(repo))
-    from serve_apps.llm import app
-
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(app({"overrides": OVERRIDES}), name="llm", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
+def server(ray_cluster, repo, engine):
+    """The app (one replica, no API keys, the engine under test) on a free loopback port; Serve shut down
+    afterwards."""
+    with llm_app(repo, OVERRIDES + engine_overrides(engine)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

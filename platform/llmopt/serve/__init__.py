@@ -43,6 +43,7 @@ from llmopt.serve._protocol import (
     stream_interval,
 )
 from llmopt.serve._sessions import CacheStats, SessionCacheManager, SessionEntry, cache_nbytes, crop_cache
+from llmopt.serve._vllm import VllmEngine, merge_chunks, resolve_engine
 
 __all__ = [
     "SESSION_ID_PATTERN",
@@ -67,6 +68,7 @@ __all__ = [
     "StepOutput",
     "TokenChunk",
     "TokenizeRequest",
+    "VllmEngine",
     "cache_nbytes",
     "check_request",
     "crop_cache",
@@ -75,8 +77,10 @@ __all__ = [
     "load_adapters",
     "load_api_keys",
     "load_serving_model",
+    "merge_chunks",
     "owner_of",
     "resolve_adapter",
+    "resolve_engine",
     "sampling_params",
     "serving_dtype",
     "stream_interval",
