@@ -257,7 +257,8 @@ class LLMServer:
         self.vllm: VllmEngine | None = None
         if self.engine_name == "vllm":
             # vLLM batches, caches and schedules by itself: none of the native engine's parts below exist.
-            self.vllm = VllmEngine(self.config, self.device)
+            self._prefix = [0, 0]  # prompt tokens looked up in vLLM's prefix cache, and found there
+            self.vllm = VllmEngine(self.config, self.device, on_step=self._vllm_step)
             self.max_batch_size = self.vllm.arguments["max_num_seqs"]
             return
         self.tokenizer = load_tokenizer(self.config.model)
@@ -574,6 +575,20 @@ class LLMServer:
                     return
         finally:
             task.cancel()
+
+    def _vllm_step(self, figures: dict[str, float]) -> None:
+        """One vLLM engine step into llmopt's replica metrics, so that dashboards and alerts read the same
+        series on both engines: rows per step, queue, KV bytes in use and the prefix-cache hit rate (over
+        prompt tokens, vLLM's measure; the native engine's is over session lookups)."""
+        running = int(figures["running"])
+        self.metrics.step(running, int(figures["waiting"]), running, self.max_batch_size)
+        self._prefix[0] += int(figures["prefix_queries"])
+        self._prefix[1] += int(figures["prefix_hits"])
+        if self._prefix[0]:
+            self.metrics.kv_hit_rate.set(self._prefix[1] / self._prefix[0])
+        total = self.vllm.kv_cache_bytes if self.vllm is not None else None
+        if total:
+            self.metrics.kv_bytes.set(figures["kv_usage"] * total)
 
     async def check_health(self) -> None:
         """Serve's periodic health check: a replica whose vLLM engine core died is replaced."""

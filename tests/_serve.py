@@ -13,6 +13,9 @@ import pytest
 # The suites that run against a live app run once per engine behind it: llmopt's own, and vLLM's (its
 # `vllm` marker selects it in `make test-vllm`, whose venv has vLLM; elsewhere it is skipped).
 ENGINES = [pytest.param("native", id="native"), pytest.param("vllm", id="vllm", marks=pytest.mark.vllm)]
+# vLLM's CPU backend caches prefixes in whole blocks, of 128 tokens unless told: the tests' first turns are
+# 30-60 tokens, so they take the smallest blocks its attention accepts (a multiple of 32).
+VLLM_BLOCK = 32
 
 
 def engine_overrides(engine: str) -> list[str]:
@@ -20,9 +23,7 @@ def engine_overrides(engine: str) -> list[str]:
     if engine == "native":
         return ["serving.engine=native"]
     pytest.importorskip("vllm", reason="vLLM is not installed here; `make test-vllm` runs this")
-    # vLLM's CPU backend caches prefixes in blocks of 128 tokens unless told: the tests' sessions are
-    # shorter, so blocks of 32 (its preferred multiple) let a second turn find the first.
-    return ["serving.engine=vllm", "serving.vllm_engine_kwargs.block_size=32"]
+    return ["serving.engine=vllm", f"serving.vllm_engine_kwargs.block_size={VLLM_BLOCK}"]
 
 
 def free_port() -> int:

@@ -20,7 +20,7 @@ import importlib.util
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -230,9 +230,14 @@ def engine_arguments(
         args["kv_cache_memory_bytes"] = full_batch + int(serving.kv_cache.budget_mb * 2**20)
     if adapters:
         rank = max(adapter.rank for adapter in adapters)
+        # On CPU vLLM applies LoRA with torch ops that pick each row's adapter by indexing the stacked
+        # weights with its slot, and a row without an adapter has slot -1: the last slot. With every slot
+        # taken, base-model rows batched with adapter rows (and, for lm_head adapters, every later base row)
+        # got the last adapter's deltas. One slot more than adapters stays all zeros, so -1 adds nothing.
+        slots = len(adapters) + (0 if on_gpu else 1)
         args |= {
             "enable_lora": True,
-            "max_loras": len(adapters),
+            "max_loras": slots,
             "max_lora_rank": next((r for r in _VLLM_LORA_RANKS if r >= rank), rank),
         }
     return args
@@ -359,15 +364,51 @@ def merge_chunks(chunks: list[TokenChunk]) -> list[TokenChunk]:
     return list(merged.values())
 
 
+def _step_logger(on_step: Callable[[dict[str, float]], None]):
+    """A vLLM stat logger class that hands each engine step's scheduler figures to ``on_step``: running and
+    waiting requests, the share of the KV cache in use, and the prompt tokens looked up in and found in the
+    prefix cache (the figures llmopt's own replica metrics and alerts are made of)."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class ReplicaStepLogger(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0) -> None:
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+            if scheduler_stats is None:
+                return
+            prefix = scheduler_stats.prefix_cache_stats
+            on_step(
+                {
+                    "running": scheduler_stats.num_running_reqs,
+                    "waiting": scheduler_stats.num_waiting_reqs,
+                    "kv_usage": scheduler_stats.kv_cache_usage,
+                    "prefix_queries": prefix.queries if prefix is not None else 0,
+                    "prefix_hits": prefix.hits if prefix is not None else 0,
+                }
+            )
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return ReplicaStepLogger
+
+
 class VllmEngine:
     """vLLM's ``AsyncLLM`` for one replica, with llmopt's request and record types.
 
     Args:
         config: The run config.
         device: The replica's device (the GPU Ray assigned it, or the CPU).
+        on_step: Called with each engine step's figures (see :func:`_step_logger`).
     """
 
-    def __init__(self, config: RunConfig, device: torch.device) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        device: torch.device,
+        on_step: Callable[[dict[str, float]], None] | None = None,
+    ) -> None:
         import vllm
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.lora.request import LoRARequest
@@ -382,14 +423,16 @@ class VllmEngine:
         self.arguments = engine_arguments(config, device, adapters) | extra
         self.version = vllm.__version__
         started = time.perf_counter()
-        stat_loggers = None
+        stat_loggers = [] if on_step is None else [_step_logger(on_step)]
         import ray
 
         if ray.is_initialized():
             from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
-            stat_loggers = [RayPrometheusStatLogger]
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.arguments), stat_loggers=stat_loggers)
+            stat_loggers.append(RayPrometheusStatLogger)
+        self.engine = AsyncLLM.from_engine_args(
+            AsyncEngineArgs(**self.arguments), stat_loggers=stat_loggers or None
+        )
         self.start_s = time.perf_counter() - started
         self.loras = {
             adapter.name: LoRARequest(adapter.name, adapter.lora_int_id, str(adapter.path))
@@ -397,6 +440,11 @@ class VllmEngine:
         }
         self.running = 0
         self.requests = 0
+        cache = self.engine.vllm_config.cache_config
+        blocks = getattr(cache, "num_gpu_blocks", None)  # the KV blocks vLLM allocated (on CPU too)
+        model = self.engine.vllm_config.model_config.hf_config
+        per_token = _kv_bytes_per_token(model, serving_dtype(config, device)) if model is not None else 0
+        self.kv_cache_bytes = blocks * cache.block_size * per_token if blocks else None
         log.info("vLLM %s engine ready in %.1f s: %s", self.version, self.start_s, self.arguments)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
@@ -445,6 +493,7 @@ class VllmEngine:
             "running": self.running,
             "requests": self.requests,
             "adapters": sorted(self.loras),
+            "kv_cache_bytes": self.kv_cache_bytes,
             "arguments": {key: value for key, value in self.arguments.items() if _plain(value)},
         }
 
