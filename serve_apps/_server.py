@@ -47,6 +47,7 @@ from llmopt.serve import (
     merge_chunks,
     resolve_engine,
     stream_interval,
+    vllm_setup_problems,
 )
 from serve_apps._metrics import ReplicaMetrics
 
@@ -250,7 +251,9 @@ class LLMServer:
         self.device = ray_assigned_device(self.config.resources.accelerator)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # bitsandbytes and the CUDA generators use the current device
-        self.engine_name, why = resolve_engine(self.config.serving.engine, self.device)
+        choice = self.config.serving.engine
+        blockers = vllm_setup_problems(self.config) if choice == "auto" else None
+        self.engine_name, why = resolve_engine(choice, self.device, blockers=blockers)
         logger.info("llmopt replica engine: %s (%s)", self.engine_name, why)
         self.replica_id = f"{os.getpid()}"
         self.metrics = ReplicaMetrics()

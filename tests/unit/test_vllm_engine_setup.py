@@ -31,6 +31,24 @@ def test_resolve_engine():
     assert resolve_engine("auto", "cpu", importable=True)[0] == "native"
     with pytest.raises(ServingSetupError, match=r"llmopt\[vllm\].*serving.engine=native"):
         resolve_engine("vllm", "cpu", importable=False)
+    # auto keeps the native engine for a config vLLM refuses, and says why
+    engine, why = resolve_engine(
+        "auto", "cuda:0", importable=True, blockers=["serving.quantization='int8' ..."]
+    )
+    assert engine == "native" and "int8" in why
+
+
+def test_the_app_builder_refuses_what_vllm_does_not_do_before_any_replica():
+    from llmopt.serve import check_vllm_setup, vllm_setup_problems
+
+    config = load_config(
+        None, ["serving.engine=vllm", "serving.quantization=int8", "serving.batching.mode=static"]
+    )
+    with pytest.raises(ServingSetupError) as refused:
+        check_vllm_setup(config)
+    assert "serving.quantization='int8'" in str(refused.value) and "batching.mode" in str(refused.value)
+    check_vllm_setup(load_config(None, ["serving.quantization=int8"]))  # native or auto: not vLLM's business
+    assert len(vllm_setup_problems(load_config(None, ["serving.quantization=int8"]))) == 1
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,8 @@ from llmopt.serve._protocol import (
 )
 from llmopt.serve._sessions import CacheStats, SessionCacheManager, SessionEntry, cache_nbytes, crop_cache
 from llmopt.serve._vllm import VllmEngine, merge_chunks, resolve_engine
+from llmopt.serve._vllm import check_setup as check_vllm_setup
+from llmopt.serve._vllm import setup_problems as vllm_setup_problems
 
 __all__ = [
     "SESSION_ID_PATTERN",
@@ -71,6 +73,7 @@ __all__ = [
     "VllmEngine",
     "cache_nbytes",
     "check_request",
+    "check_vllm_setup",
     "crop_cache",
     "error_body",
     "expand_choices",
@@ -84,4 +87,5 @@ __all__ = [
     "sampling_params",
     "serving_dtype",
     "stream_interval",
+    "vllm_setup_problems",
 ]

@@ -46,7 +46,7 @@ def vllm_importable() -> bool:
 
 
 def resolve_engine(
-    choice: str, device: torch.device | str, importable: bool | None = None
+    choice: str, device: torch.device | str, importable: bool | None = None, blockers: list[str] | None = None
 ) -> tuple[str, str]:
     """The engine a replica runs, and why.
 
@@ -54,6 +54,8 @@ def resolve_engine(
         choice: ``serving.engine``: ``native``, ``vllm`` or ``auto``.
         device: The replica's device.
         importable: Whether vLLM imports (default: looked up).
+        blockers: What the config asks that vLLM does not do (:func:`setup_problems`); ``auto`` then keeps
+            the native engine.
 
     Returns:
         ``(engine, reason)`` with engine ``native`` or ``vllm``.
@@ -73,6 +75,8 @@ def resolve_engine(
                 "set serving.engine=native (or auto)"
             )
         return "vllm", "serving.engine=vllm"
+    if on_gpu and importable and blockers:
+        return "native", f"serving.engine=auto: vLLM cannot serve this config ({'; '.join(blockers)})"
     if on_gpu and importable:
         return "vllm", "serving.engine=auto: the replica has a GPU and vLLM imports"
     if on_gpu:
@@ -118,6 +122,29 @@ def config_errors(config: RunConfig) -> list[str]:
             f"resources.gpus_per_worker={tp}"
         )
     return errors
+
+
+def setup_problems(config: RunConfig) -> list[str]:
+    """Everything in a config that the vLLM engine refuses (:func:`config_errors` and the adapters of
+    :func:`check_adapters`), without importing vLLM."""
+    problems = config_errors(config)
+    try:
+        check_adapters(config.serving.adapters)
+    except ServingSetupError as exc:
+        problems += str(exc).splitlines()
+    return problems
+
+
+def check_setup(config: RunConfig) -> None:
+    """Raise :class:`ServingSetupError` naming every problem of a ``serving.engine=vllm`` config.
+
+    The app builder calls it, so that ``llmopt serve`` and ``serve run`` fail with the reasons before any
+    replica starts (a replica's own error reaches them only as a failed deployment).
+    """
+    if config.serving.engine == "vllm":
+        problems = setup_problems(config)
+        if problems:
+            raise ServingSetupError("\n".join(problems))
 
 
 @dataclasses.dataclass(frozen=True)
