@@ -56,6 +56,9 @@ def add_compare_parser(sub) -> None:
     parser.add_argument(
         "--vllm-python", default=None, help="Python of an environment with vLLM (and llmopt)."
     )
+    parser.add_argument(
+        "--without-vllm", action="store_true", help="llmopt alone with its own client, even where vLLM is."
+    )
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
         "--ready-timeout", type=float, default=600.0, help="Seconds a server may take to start."
@@ -170,8 +173,8 @@ def _own_client(url: str, model_dir: str, concurrency: int, n: int, args) -> dic
     from llmopt.models import load_tokenizer
 
     prompts = prompts_of_length(load_tokenizer(model_dir), args.input_len, n)
-    warm_up(f"{url}/v1/completions", prompts[0], args.output_len, repeats=2)
-    records, wall = asyncio.run(load_point(f"{url}/v1/completions", prompts, args.output_len, concurrency))
+    warm_up(url, prompts[0], args.output_len, repeats=2)
+    records, wall = asyncio.run(load_point(url, prompts, args.output_len, concurrency))
     summary = summarize(records, wall)
 
     def ms(value):

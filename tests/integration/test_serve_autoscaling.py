@@ -1,4 +1,5 @@
-"""LLMServer autoscales on the local Ray cluster: up to max_replicas under load, back to min_replicas after.
+"""LLMServer autoscales on the local Ray cluster: up to max_replicas under load, back to min_replicas after
+(either engine inside the replicas).
 
 Autoscaling comes from the run config (serving.autoscaling.*). Concurrent streamed requests keep more
 requests in flight than target_ongoing_requests; the test waits (generous deadlines, no timing asserts)
@@ -15,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from tests._serve import ENGINES, engine_overrides
 from tests._serve import free_port as _free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -33,8 +35,13 @@ OVERRIDES = [
 DEADLINE_S = 180
 
 
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def server(ray_cluster, repo):
+def server(ray_cluster, repo, engine):
     """The app deployed with autoscaling; its base URL. Deletes it (and Serve, if started here) after."""
     from ray import serve
 
@@ -52,7 +59,7 @@ def server(ray_cluster, repo):
 
         port = _get_global_client().http_config.port
     try:
-        serve.run(app({"overrides": OVERRIDES}), name=APP, route_prefix=PREFIX)
+        serve.run(app({"overrides": OVERRIDES + engine_overrides(engine)}), name=APP, route_prefix=PREFIX)
         yield f"http://127.0.0.1:{port}{PREFIX}"
     finally:
         serve.delete(APP)
