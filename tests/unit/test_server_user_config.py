@@ -16,6 +16,7 @@ class _Replica:
         self.config = load_config(None, overrides)
         self.applied: tuple[int, float] | None = None
         self.controller = None  # monitor.adaptive_batching off
+        self.vllm = None  # the native engine
 
     def _set_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
         self.applied = (max_batch_size, batch_wait_timeout_s)
@@ -87,3 +88,16 @@ def test_batch_settings_and_the_run_config_agree_on_the_bounds():
         batch_settings({"max_batch_size": 1025}, batching)
     with pytest.raises(ValueError, match=r"batch_wait_timeout_s=10\.5"):
         batch_settings({"batch_wait_timeout_s": 10.5}, batching)
+
+
+def test_a_vllm_replica_checks_the_user_config_and_says_a_new_size_needs_a_redeploy(caplog):
+    replica = _Replica(["serving.batching.max_batch_size=8"])
+    replica.vllm, replica.max_batch_size = object(), 8  # vLLM's max_num_seqs is fixed at its start
+    with caplog.at_level("WARNING", logger="ray.serve"):
+        LLMServer.func_or_class.reconfigure(replica, {"max_batch_size": 8, "batch_wait_timeout_s": None})
+        assert not caplog.records
+        LLMServer.func_or_class.reconfigure(replica, {"max_batch_size": 16})
+    assert replica.applied is None
+    assert "not applied" in caplog.text and "serving.batching.max_batch_size=16" in caplog.text
+    with pytest.raises(ValueError, match="unknown keys"):
+        LLMServer.func_or_class.reconfigure(replica, {"max_batch": 16})
