@@ -339,7 +339,9 @@ def test_metrics_reach_prometheus(server, ray_cluster, engine):
     node = ray_cluster._private.worker.global_worker.node
     url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
     _complete(server, PROMPTS[0])
+    assert _complete(server, PROMPTS[0], headers={}).status_code == 401  # counted by its status code
     wanted = [
+        'code="401"',
         "ray_llmopt_requests_total",
         "ray_llmopt_errors_total",
         "ray_llmopt_time_to_first_token_seconds",
@@ -358,7 +360,6 @@ def test_metrics_reach_prometheus(server, ray_cluster, engine):
         if missing:
             time.sleep(2)
     assert not missing, f"not exported on {url}: {missing}"
-    assert 'code="401"' in text  # errors are counted by status code
 
 
 def test_overload_returns_503_with_retry_after(server, setup):
