@@ -145,13 +145,22 @@ def test_adapters_vllm_serves_and_those_it_cannot(tmp_path):
         peft_config=LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
     )
     _peft_adapter(tmp_path / "ia3", peft_config=IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
+    _peft_adapter(tmp_path / "bias", peft_config=LoraConfig(r=4, target_modules=["q_proj"], bias="lora_only"))
     with pytest.raises(ServingSetupError) as refused:
         check_adapters(
-            {"d": str(tmp_path / "dora"), "s": str(tmp_path / "saves"), "i": str(tmp_path / "ia3")}
+            {
+                key: str(tmp_path / folder)
+                for key, folder in zip("dsib", ("dora", "saves", "ia3", "bias"), strict=True)
+            }
         )
     lines = str(refused.value).splitlines()
-    assert len(lines) == 3 and all("merge" in line and "serving.engine=native" in line for line in lines)
-    assert "DoRA" in lines[0] and "modules_to_save" in lines[1] and "IA3" in lines[2]
+    assert len(lines) == 4 and all("merge" in line and "serving.engine=native" in line for line in lines)
+    assert "DoRA" in lines[0] and "modules_to_save" in lines[1] and "IA3" in lines[2] and "bias" in lines[3]
+    _peft_adapter(
+        tmp_path / "pattern",
+        peft_config=LoraConfig(r=8, target_modules=["q_proj"], rank_pattern={"q_proj": 40}),
+    )
+    assert check_adapters({"p": str(tmp_path / "pattern")})[0].rank == 40  # the largest rank sizes the slots
 
 
 def test_unknown_engine_kwargs_are_named_with_the_close_ones():

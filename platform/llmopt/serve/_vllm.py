@@ -160,9 +160,10 @@ class VllmAdapter:
 def check_adapters(adapters: dict[str, str]) -> list[VllmAdapter]:
     """The configured adapters as vLLM loads them, or an error naming each one it cannot.
 
-    vLLM serves plain LoRA: ``peft_type`` LORA without DoRA and without ``modules_to_save`` layers (fully
-    trained copies of layers, e.g. a resized embedding or a classification head, which vLLM's LoRA
-    manager does not apply).
+    vLLM serves plain LoRA: ``peft_type`` LORA without DoRA, trained biases or ``modules_to_save`` layers
+    (fully trained copies of layers, e.g. a resized embedding, which vLLM's LoRA manager does not apply);
+    these are the refusals of vLLM's own ``PEFTHelper`` that llmopt's configs can produce, checked here
+    without vLLM so that they fail before any replica starts.
 
     Raises:
         ServingSetupError: Naming each adapter vLLM cannot load and the fix.
@@ -177,6 +178,8 @@ def check_adapters(adapters: dict[str, str]) -> list[VllmAdapter]:
             why = f"it is a {peft_type} adapter; vLLM serves LoRA adapters only"
         elif spec.get("use_dora"):
             why = "it is a DoRA adapter (use_dora), which vLLM does not serve"
+        elif spec.get("bias", "none") != "none" or spec.get("lora_bias"):
+            why = f"it trains biases (bias={spec.get('bias')!r}), which vLLM's LoRA support does not apply"
         elif spec.get("modules_to_save"):
             why = (
                 "it trains whole layers besides its LoRA weights "
@@ -188,7 +191,8 @@ def check_adapters(adapters: dict[str, str]) -> list[VllmAdapter]:
                 "merge_and_unload, then serve the merged model) or set serving.engine=native"
             )
             continue
-        found.append(VllmAdapter(name, folder, int(spec.get("r", 8)), index))
+        rank = max([int(spec.get("r", 8)), *map(int, (spec.get("rank_pattern") or {}).values())])
+        found.append(VllmAdapter(name, folder, rank, index))
     if problems:
         raise ServingSetupError("\n".join(problems))
     return found
