@@ -518,7 +518,6 @@ class VllmEngine:
     def stats(self) -> dict[str, Any]:
         """What ``/api/v1/stats`` shows of the engine."""
         return {
-            "engine": "vllm",
             "vllm_version": self.version,
             "start_s": round(self.start_s, 1),
             "running": self.running,
