@@ -120,6 +120,36 @@ def test_cross_field_errors_name_both_values_and_the_fix():
     assert "max_ongoing_requests=4 is below serving.batching.max_batch_size=16" in issues[0].message
 
 
+def test_peft_method_combinations_peft_cannot_train_name_the_fix():
+    cases = {
+        ("lora.method=dora", "lora.target_parameters=[mlp.experts.down_proj]"): "plain LoRA only",
+        ("lora.method=ia3", "lora.bias=all"): "only lora and dora train biases",
+        ("lora.method=prompt_tuning", "lora.target_modules=all-linear"): "leave target_modules at auto",
+        ("lora.method=loha", "quantization.mode=nf4"): "do not wrap bitsandbytes-quantized layers",
+        ("lora.method=prefix_tuning", "checkpointing.policy=uniform"): "set checkpointing.policy=none",
+        ("lora.method=prompt_tuning", "data.packing=true"): "set data.packing=false",
+        ("lora.method=prefix_tuning", "training.save_merged=true"): "cannot be merged",
+        (
+            "lora.method=dora",
+            "model.name_or_path=tiny-moe",
+            "moe.mode=finetune",
+            "moe.adapter_targets=[experts]",
+        ): ("use lora.method=lora or moe.adapter_targets=[attention]"),
+        ("lora.method=prefix_tuning", "moe.mode=finetune", "moe.adapter_targets=[attention,router]"): (
+            "set moe.adapter_targets=[attention]"
+        ),
+    }
+    for overrides, fix in cases.items():
+        text = " | ".join(i.message for i in _errors({}, list(overrides)))
+        assert fix in text and overrides[0].split("=")[1] in text, (overrides, text)
+    ok = load_config(None, ["lora.method=dora", "quantization.mode=nf4", "lora.modules_to_save=[lm_head]"])
+    assert ok.lora.method == "dora"
+    for method in ("ia3", "prompt_tuning", "prefix_tuning", "loha", "lokr"):
+        load_config(None, [f"lora.method={method}", "lora.modules_to_save=[lm_head]"])
+    issues = _errors({}, ["lora.method=bottleneck"])
+    assert "lora.method" in issues[0].path and "prompt_tuning" in issues[0].message
+
+
 def test_overrides_parse_yaml_values_and_create_sections():
     data = apply_overrides(
         {},

@@ -134,6 +134,46 @@ def test_zero2_matches_deepspeeds_own_estimator():
         assert sum(states.values()) == pytest.approx(gpu, rel=1e-6), n
 
 
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "loha", "lokr", "prompt_tuning", "prefix_tuning"])
+def test_every_peft_method_counts_what_peft_builds(method):
+    from llmopt.models import apply_strategy, load_model
+
+    for name, extra in (
+        ("tiny-llama", ["lora.modules_to_save=[lm_head]"]),
+        ("tiny-moe", ["moe.mode=finetune"]),
+    ):
+        cfg = config(f"lora.method={method}", "lora.r=4", *extra, model=name)
+        cost = CostModel(model_shape(name), CPU)
+        count = cost.lora(cfg, cost.shape)
+        _, report = apply_strategy(load_model(name), cfg)
+        assert report.peft_method == method
+        assert report.trainable_parameters == count.trainable, (name, method)
+    if method == "ia3":  # k and v scale their 128 outputs, down_proj its 688 inputs, in 4 layers
+        llama = CostModel(model_shape("tiny-llama"), CPU)
+        assert llama.lora(config("lora.method=ia3"), llama.shape).adapter_params == 4 * (KV + KV + FF)
+
+
+def test_peft_methods_cost_what_they_compute():
+    cost = CostModel(model_shape("tiny-llama"), CPU)
+    work = Workload.fixed(64)
+
+    def flops(*overrides):
+        return cost.time_terms(config(*overrides), work, 1, 1, 0)["flops"]
+
+    wide = {
+        m: flops(f"lora.method={m}", "lora.target_modules=all-linear")
+        for m in ("lora", "loha", "lokr", "ia3")
+    }
+    # LoHa and LoKr multiply by a full delta weight per adapted linear: far more than LoRA's rank-r path.
+    assert wide["loha"] > 1.5 * wide["lora"] and wide["lokr"] > 1.5 * wide["lora"]
+    assert wide["ia3"] < wide["lora"]
+    # Prompt tuning runs 16 more positions through every layer; prefix tuning only attends to 16 more keys.
+    base = flops("lora.method=prefix_tuning", "lora.num_virtual_tokens=1")
+    prompt = flops("lora.method=prompt_tuning", "lora.num_virtual_tokens=16")
+    prefix = flops("lora.method=prefix_tuning", "lora.num_virtual_tokens=16")
+    assert prompt > 1.2 * base and base < prefix < prompt
+
+
 def test_activation_formulas_match_measured_saved_tensors():
     """Per-token saved bytes per layer and outside equal what autograd really keeps (sdpa, no mask)."""
     from llmopt.models import apply_strategy, load_model

@@ -106,7 +106,8 @@ def finetune_command(
         f"finished {m.get('step')} steps in {result.seconds:.0f} s: loss {m.get('loss', float('nan')):.4f}, "
         f"held-out loss {m.get('eval_loss', float('nan')):.4f}, "
         f"exact match {m.get('eval_exact_match', 0):.1%}, "
-        f"{m.get('tokens_per_s', 0):.0f} tokens/s, {m.get('trainable_parameters', 0):,} trainable parameters",
+        f"{m.get('tokens_per_s', 0):.0f} tokens/s, {m.get('trainable_parameters', 0):,} trainable parameters "
+        f"({m.get('trainable_fraction', 0):.2%}, {m.get('peft_method', 'full')})",
         highlight=False,
     )
     _print_run(result.run_dir)

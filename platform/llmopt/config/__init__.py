@@ -10,6 +10,9 @@ from llmopt.config._loader import (
 )
 from llmopt.config._resolve import PrecisionError, checkpoint_layers, format_bytes, resolve_precision
 from llmopt.config._schema import (
+    LAYER_METHODS,
+    PEFT_METHODS,
+    PROMPT_METHODS,
     AdaptiveBatchingConfig,
     AutoscalingConfig,
     BatchingConfig,
@@ -37,6 +40,9 @@ from llmopt.config._templates import (
 )
 
 __all__ = [
+    "LAYER_METHODS",
+    "PEFT_METHODS",
+    "PROMPT_METHODS",
     "AdaptiveBatchingConfig",
     "AutoscalingConfig",
     "BatchingConfig",

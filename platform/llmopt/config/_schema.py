@@ -74,10 +74,29 @@ class DataConfig(StrictModel):
         return self
 
 
-class LoraConfig(StrictModel):
-    """Low-rank adapters through peft (QLoRA when `quantization.mode` is int8 or nf4)."""
+PEFT_METHODS = ("lora", "dora", "ia3", "loha", "lokr", "prompt_tuning", "prefix_tuning")
+# Methods whose adapters wrap linear layers (target_modules applies) and can be merged into the weights.
+LAYER_METHODS = ("lora", "dora", "ia3", "loha", "lokr")
+# Methods that add learned virtual tokens in front of every sequence (no layer is wrapped).
+PROMPT_METHODS = ("prompt_tuning", "prefix_tuning")
 
-    enabled: bool = Field(True, description="Train LoRA adapters; false means a full fine-tune.")
+
+class LoraConfig(StrictModel):
+    """Parameter-efficient fine-tuning through peft: LoRA and its relatives, IA3, prompt and prefix tuning
+    (QLoRA when `quantization.mode` is int8 or nf4)."""
+
+    enabled: bool = Field(True, description="Train adapters (`method`); false means a full fine-tune.")
+    method: Literal["lora", "dora", "ia3", "loha", "lokr", "prompt_tuning", "prefix_tuning"] = Field(
+        "lora",
+        description="peft method: `lora`; `dora` (LoRA with a learned magnitude per output); `ia3` (learned "
+        "scaling vectors, no rank); `loha` / `lokr` (LyCORIS Hadamard / Kronecker products of rank `r`); "
+        "`prompt_tuning` (`num_virtual_tokens` learned input embeddings); `prefix_tuning` (learned keys and "
+        "values of `num_virtual_tokens` positions in every layer). Bottleneck adapters are not in peft; "
+        "`lora` with `target_modules: all-linear` is the closest.",
+    )
+    num_virtual_tokens: int = Field(
+        20, ge=1, le=1024, description="Virtual tokens of `prompt_tuning` and `prefix_tuning`."
+    )
     r: int = Field(8, ge=1, le=4096, description="Adapter rank.")
     alpha: float = Field(16.0, gt=0, description="Scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
@@ -94,6 +113,28 @@ class LoraConfig(StrictModel):
         default_factory=list, description="Modules trained in full next to the adapters (e.g. `lm_head`)."
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+
+    @model_validator(mode="after")
+    def _method_options(self) -> LoraConfig:
+        errors = []
+        if self.method != "lora" and self.target_parameters:
+            errors.append(
+                f"lora.target_parameters with lora.method={self.method!r}: peft adapts 3-D parameters "
+                "(fused MoE experts) with plain LoRA only; use lora.method=lora or drop target_parameters"
+            )
+        if self.method not in ("lora", "dora") and self.bias != "none":
+            errors.append(
+                f"lora.bias={self.bias!r} with lora.method={self.method!r}: only lora and dora train "
+                "biases; set lora.bias=none"
+            )
+        if self.method in PROMPT_METHODS and self.target_modules != "auto":
+            errors.append(
+                f"lora.target_modules={self.target_modules!r} with lora.method={self.method!r}: prompt "
+                "learning wraps no layer; leave target_modules at auto"
+            )
+        if errors:
+            raise ValueError("\n".join(errors))
+        return self
 
 
 class QuantizationConfig(StrictModel):
@@ -594,6 +635,41 @@ class RunConfig(StrictModel):
                 f"quantization.mode={self.quantization.mode!r} needs lora.enabled=true: quantized base "
                 "weights cannot be trained in full (QLoRA trains adapters); enable LoRA or set "
                 "quantization.mode=none"
+            )
+        if self.quantization.mode != "none" and self.lora.enabled and self.lora.method in ("loha", "lokr"):
+            errors.append(
+                f"lora.method={self.lora.method!r} with quantization.mode={self.quantization.mode!r}: peft's "
+                "LoHa and LoKr layers do not wrap bitsandbytes-quantized layers; use lora.method lora, dora "
+                "or ia3 on a quantized base, or quantization.mode=none"
+            )
+        if self.moe.mode != "none" and self.lora.enabled and self.lora.method != "lora":
+            if self.moe.mode == "upcycle" or "experts" in self.moe.adapter_targets:
+                errors.append(
+                    f"lora.method={self.lora.method!r} with MoE expert adapters: peft adapts fused experts "
+                    "with plain LoRA only; use lora.method=lora or moe.adapter_targets=[attention]"
+                )
+            elif self.lora.method in PROMPT_METHODS and self.moe.adapter_targets != ["attention"]:
+                errors.append(
+                    f"lora.method={self.lora.method!r} with moe.adapter_targets={self.moe.adapter_targets}: "
+                    "prompt learning trains no router or shared expert; set moe.adapter_targets=[attention]"
+                )
+        if self.lora.enabled and self.lora.method == "prefix_tuning" and self.checkpointing.policy != "none":
+            # GradientCheckpointingLayer sets the cache to None in training: recomputing a layer would
+            # append its keys and values twice.
+            errors.append(
+                f"lora.method='prefix_tuning' with checkpointing.policy={self.checkpointing.policy!r}: "
+                "transformers drops the KV cache, which holds the learned prefix, in checkpointed layers; "
+                "set checkpointing.policy=none (or use lora.method=prompt_tuning)"
+            )
+        if self.lora.enabled and self.lora.method in PROMPT_METHODS and self.training.save_merged:
+            errors.append(
+                f"training.save_merged=true with lora.method={self.lora.method!r}: virtual tokens cannot be "
+                "merged into the weights; serve the adapter (serving.adapters) or set save_merged=false"
+            )
+        if self.lora.enabled and self.lora.method in PROMPT_METHODS and self.data.packing:
+            errors.append(
+                f"lora.method={self.lora.method!r} with data.packing=true: peft puts the virtual tokens "
+                "once in front of a packed block and ignores its position_ids; set data.packing=false"
             )
         if self.resources.accelerator == "cpu" and self.precision == "fp16":
             errors.append(

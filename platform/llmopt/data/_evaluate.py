@@ -57,6 +57,8 @@ def response_loss_sum(
         encoded = [encode_example(r, tokenizer, prompt_template, max_length) for r in chunk]
         batch = {k: v.to(device) for k, v in pad_batch(encoded, _pad_id(tokenizer)).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        # Prompt tuning returns logits for its virtual tokens first; the sequence's own are the last ones.
+        logits = logits[:, -batch["input_ids"].shape[1] :]
         shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:].clone()
         shift_labels[max(0, num_real - start) :] = -100  # rows that only pad an uneven shard
         losses = torch.nn.functional.cross_entropy(

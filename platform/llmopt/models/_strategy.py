@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from llmopt.config import RunConfig
+from llmopt.config import PROMPT_METHODS, RunConfig
 from llmopt.models._upcycle import upcycle_to_moe
 from llmopt.models._zoo import _DTYPES, load_model
 
@@ -62,6 +62,7 @@ class StrategyReport:
     total_parameters: int
     lora_targets: dict[str, list[str]] = field(default_factory=dict)
     moe: dict[str, Any] = field(default_factory=dict)
+    peft_method: str | None = None  # lora.method when adapters train
 
     @property
     def trainable_fraction(self) -> float:
@@ -133,7 +134,11 @@ def lora_targets(config: RunConfig, model_type: str) -> dict[str, list[str]]:
         StrategyError: `auto` on an architecture without a preset, or MoE targets on a dense model.
     """
     lora, moe = config.lora, config.moe
+    if lora.method in PROMPT_METHODS:  # prompt learning wraps no layer
+        return {"target_modules": [], "target_parameters": [], "modules_to_save": list(lora.modules_to_save)}
     modules: list[str] | str
+    if lora.method == "ia3":
+        return _ia3_targets(config, model_type)
     if lora.target_modules == "auto":
         if model_type not in ATTENTION_TARGETS:
             raise StrategyError(
@@ -165,6 +170,49 @@ def lora_targets(config: RunConfig, model_type: str) -> dict[str, list[str]]:
             parameters += spec.get("target_parameters", [])
             to_save += spec.get("modules_to_save", [])
     return {"target_modules": modules, "target_parameters": parameters, "modules_to_save": to_save}
+
+
+def _ia3_targets(config: RunConfig, model_type: str) -> dict[str, Any]:
+    """IA3's targets: peft's per-architecture preset for `auto` (keys, values and the MLP's output
+    projection, whose input it scales), else the listed modules; `feedforward_modules` are the targets that
+    peft's preset marks as feed-forward."""
+    from peft.utils.constants import (
+        TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD,
+    )
+    from peft.utils.constants import (
+        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as PRESET,
+    )
+
+    lora = config.lora
+    # MoE models fuse their experts into 3-D parameters that IA3 cannot wrap; their preset is k and v.
+    fused = model_type in MOE_TARGETS
+    feedforward = [] if fused else list(FEEDFORWARD.get(model_type, []))
+    if lora.target_modules == "auto":
+        if fused:
+            modules: list[str] | str = ["k_proj", "v_proj"]
+        elif model_type in PRESET:
+            modules = list(PRESET[model_type])
+        else:
+            raise StrategyError(
+                f"lora.target_modules='auto' with lora.method='ia3' has no preset for model_type "
+                f"{model_type!r}; list the module names (e.g. lora.target_modules=[k_proj,v_proj,down_proj])"
+            )
+    else:
+        modules = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    to_save = list(lora.modules_to_save)
+    for part in config.moe.adapter_targets if config.moe.mode != "none" else []:
+        spec = MOE_TARGETS.get(model_type, {}).get(part, {})  # experts are refused by the config
+        if isinstance(modules, list):
+            modules += spec.get("target_modules", [])
+        to_save += spec.get("modules_to_save", [])
+    if isinstance(modules, list):
+        feedforward = [m for m in feedforward if m in modules]
+    return {
+        "target_modules": modules,
+        "target_parameters": [],
+        "modules_to_save": to_save,
+        "feedforward_modules": feedforward,
+    }
 
 
 def set_experts_per_token(model, top_k: int) -> None:
@@ -236,18 +284,55 @@ def apply_strategy(model, config: RunConfig):
     import peft
 
     targets = lora_targets(config, model_type)
-    peft_config = peft.LoraConfig(
-        r=config.lora.r,
-        lora_alpha=config.lora.alpha,
-        lora_dropout=config.lora.dropout,
-        bias=config.lora.bias,
-        target_modules=targets["target_modules"] or None,
-        target_parameters=targets["target_parameters"] or None,
-        modules_to_save=targets["modules_to_save"] or None,
-        task_type="CAUSAL_LM",
-    )
     torch.manual_seed(config.training.seed)  # adapter initialisation
-    model = peft.get_peft_model(model, peft_config)
+    model = peft.get_peft_model(model, build_peft_config(config, targets))
     trainable, total = model.get_nb_trainable_parameters()
     method = "qlora" if config.quantization.mode != "none" else "lora"
-    return model, StrategyReport(model_type, method, trainable, total, targets, moe_info)
+    return model, StrategyReport(
+        model_type, method, trainable, total, targets, moe_info, peft_method=config.lora.method
+    )
+
+
+def build_peft_config(config: RunConfig, targets: dict[str, Any]):
+    """peft's config for `lora.method`, over the targets `lora_targets` resolved."""
+    import peft
+
+    lora = config.lora
+    modules = targets.get("target_modules") or None
+    to_save = targets.get("modules_to_save") or None
+    if lora.method in ("lora", "dora"):
+        return peft.LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            bias=lora.bias,
+            use_dora=lora.method == "dora",
+            target_modules=modules,
+            target_parameters=targets.get("target_parameters") or None,
+            modules_to_save=to_save,
+            task_type="CAUSAL_LM",
+        )
+    if lora.method == "ia3":
+        return peft.IA3Config(
+            target_modules=modules,
+            feedforward_modules=targets.get("feedforward_modules") or [],
+            modules_to_save=to_save,
+            task_type="CAUSAL_LM",
+        )
+    if lora.method in ("loha", "lokr"):
+        kind = peft.LoHaConfig if lora.method == "loha" else peft.LoKrConfig
+        return kind(
+            r=lora.r,
+            alpha=lora.alpha,
+            rank_dropout=lora.dropout,
+            target_modules=modules,
+            modules_to_save=to_save,
+            task_type="CAUSAL_LM",
+        )
+    if lora.method == "prompt_tuning":
+        return peft.PromptTuningConfig(
+            num_virtual_tokens=lora.num_virtual_tokens, modules_to_save=to_save, task_type="CAUSAL_LM"
+        )
+    return peft.PrefixTuningConfig(
+        num_virtual_tokens=lora.num_virtual_tokens, modules_to_save=to_save, task_type="CAUSAL_LM"
+    )

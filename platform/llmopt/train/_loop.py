@@ -288,7 +288,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         plan,
         memory_budget_bytes(config.resources, device),
         config.monitor.memory_ceiling,
-        enabled=config.monitor.adaptive_checkpointing,
+        # transformers drops the cache in checkpointed layers, and prefix tuning's virtual tokens live in it.
+        enabled=config.monitor.adaptive_checkpointing
+        and not (config.lora.enabled and config.lora.method == "prefix_tuning"),
         rank=rank,
     )
     # Peaks are taken per window between two checkpointing decisions; past a ceiling a window ends with the
@@ -298,6 +300,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         "device": describe_device(device),
         "trainable_parameters": strategy.trainable_parameters,
         "total_parameters": strategy.total_parameters,
+        "trainable_fraction": strategy.trainable_fraction,
+        "peft_method": strategy.peft_method or "full",
         "world_size": world,
         "node_id": ray.get_runtime_context().get_node_id(),  # rank 0's: where a search trial ran
         "torch_threads": threads,

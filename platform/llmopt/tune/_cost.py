@@ -50,7 +50,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from llmopt.config import RunConfig, checkpoint_layers, format_bytes, resolve_precision
+from llmopt.config import PROMPT_METHODS, RunConfig, checkpoint_layers, format_bytes, resolve_precision
 from llmopt.runtime import threads_for_cpus
 from llmopt.tune._hardware import GIB, Hardware
 from llmopt.tune._shape import LoraCount, ModelShape
@@ -247,11 +247,14 @@ class CostModel:
         key = (
             shape.model_type, shape.num_experts, lora.r, str(lora.target_modules),
             tuple(lora.target_parameters), tuple(lora.modules_to_save), moe.mode, tuple(moe.adapter_targets),
+            lora.method, lora.num_virtual_tokens,
         )  # fmt: skip
         if key not in self._lora_cache:
             from llmopt.models import lora_targets
 
-            self._lora_cache[key] = shape.lora_count(lora_targets(config, shape.model_type), lora.r)
+            self._lora_cache[key] = shape.lora_count(
+                lora_targets(config, shape.model_type), lora.r, lora.method, lora.num_virtual_tokens
+            )
         return self._lora_cache[key]
 
     def model_states(self, config: RunConfig) -> tuple[dict[str, int], int, int, int]:
@@ -322,6 +325,8 @@ class CostModel:
         ab = 4 if resolve_precision_for(config, self.hardware) == "fp32" else 2
         micro = config.training.micro_batch_size
         seq = workload.padded_length(micro)
+        if lora is not None and lora.method == "prompt_tuning":
+            seq += lora.virtual_tokens  # every layer keeps the virtual tokens' activations too
         tokens = micro * seq
         # Per token and layer, eager attention keeps the (heads x seq) scores and probabilities; with a
         # mask (padding, or packed blocks) sdpa keeps the (seq x seq) mask: seq more elements per token.
@@ -376,15 +381,22 @@ class CostModel:
         seq = workload.padded_length(micro)
         head = shape.vocab * shape.hidden
         layers_linear = 2 * (shape.matmul_params_per_token() - head)
-        attention = 2 * shape.q_dim * seq * shape.num_layers
         lora = self.lora(config, shape)
+        # Prefix tuning attends to its virtual keys; prompt tuning runs them through every layer as well.
+        keys = seq + (lora.virtual_tokens if lora else 0)
+        attention = 2 * shape.q_dim * keys * shape.num_layers
         if lora is None:
             per_token = 3 * (layers_linear + 2 * head + attention)
         else:
-            per_token = 2 * (layers_linear + 2 * head) + 3 * attention + 6 * lora.adapter_params
+            adapters = 6 * lora.adapter_params if lora.method not in PROMPT_METHODS else 0
+            per_token = 2 * (layers_linear + 2 * head) + 3 * attention + adapters
+            # LoHa / LoKr multiply by the built delta weight: forward, input and weight gradients.
+            per_token += 6 * lora.delta_elems_per_layer * shape.num_layers
             if lora.saves_lm_head:
                 per_token += 2 * head
         per_token += (checkpointed / shape.num_layers) * (layers_linear + attention)
+        if lora is not None and lora.method == "prompt_tuning":
+            per_token *= keys / seq  # the virtual tokens are computed like real ones, but not counted
         dequant = 0.0
         if config.quantization.mode != "none":
             dequant = (2 + checkpointed / shape.num_layers) * shape.linear_params * c.dequant_s_per_param

@@ -37,10 +37,11 @@ MIN_OBSERVATIONS = 3
 
 
 def family(config: RunConfig) -> str:
-    """`lora` (adapters), `qlora` (adapters on a quantized base) or `full`."""
+    """`full`, or the peft method (`lora`, `dora`, `ia3`, ...), prefixed `q` on a quantized base
+    (`qlora`): methods learn at different rates for the same steps x learning rate."""
     if not config.lora.enabled:
         return "full"
-    return "lora" if config.quantization.mode == "none" else "qlora"
+    return config.lora.method if config.quantization.mode == "none" else f"q{config.lora.method}"
 
 
 def progress(steps: int, lr: float) -> float:

@@ -21,6 +21,8 @@ COST_PATHS = frozenset(
         "model.attn_implementation",
         "data.packing",
         "lora.enabled",
+        "lora.method",
+        "lora.num_virtual_tokens",
         "lora.r",
         "lora.target_modules",
         "lora.target_parameters",
@@ -124,19 +126,39 @@ class Ranking:
         }
 
 
+_METHOD_NAMES = {
+    "lora": "LoRA",
+    "dora": "DoRA",
+    "ia3": "IA3",
+    "loha": "LoHa",
+    "lokr": "LoKr",
+    "prompt_tuning": "prompt-tuning",
+    "prefix_tuning": "prefix-tuning",
+}
+
+
 def describe(config: RunConfig) -> str:
     """A compact one-line summary of a config's strategy, e.g. `LoRA r8 auto ckpt/1 Z2 fp32 mb16x1`.
 
-    Method (`full`, `LoRA`, `QLoRA-int8/nf4` with rank and targets), MoE settings, checkpointing
+    Method (`full`, `LoRA`, `QLoRA-int8/nf4`, `DoRA`, `IA3`, `LoHa`, `LoKr` with rank and targets, or
+    `prompt-tuning` / `prefix-tuning` with their virtual tokens), MoE settings, checkpointing
     (`no-ckpt`, `ckpt/k` every k-th layer, `ckpt<=BUDGETG`), ZeRO stage (`+oo` optimizer offload, `+po`
     parameter offload), precision, micro-batch x accumulation, and workers when more than one.
     """
     parts = []
     if config.lora.enabled:
-        targets = config.lora.target_modules
+        lora = config.lora
+        targets = lora.target_modules
         targets = targets if isinstance(targets, str) else ",".join(targets)
-        method = {"none": "LoRA", "int8": "QLoRA-int8", "nf4": "QLoRA-nf4"}[config.quantization.mode]
-        parts.append(f"{method} r{config.lora.r} {targets}")
+        name = _METHOD_NAMES[lora.method]
+        if config.quantization.mode != "none":
+            name = f"Q{name}-{config.quantization.mode}"
+        if lora.method in ("prompt_tuning", "prefix_tuning"):
+            parts.append(f"{name} {lora.num_virtual_tokens}vt")
+        elif lora.method == "ia3":
+            parts.append(f"{name} {targets}")
+        else:
+            parts.append(f"{name} r{lora.r} {targets}")
     else:
         parts.append("full")
     if config.moe.mode != "none":

@@ -28,6 +28,11 @@ class LoraCount:
         targeted: Short names of the adapted parts in a decoder layer (`q_proj`, ..., `experts`).
         saves_lm_head: Whether the output head trains in full.
         rank_elems_per_token: Adapter intermediate elements (r per adapted linear) per token per layer.
+        method: `lora.method`.
+        delta_elems_per_layer: LoHa and LoKr build each adapted linear's full delta weight in every forward
+            and multiply by it: its elements per layer (0 for the other methods).
+        virtual_tokens: Prompt tuning's extra positions in every sequence; prefix tuning's extra keys and
+            values in every attention.
     """
 
     adapter_params: int
@@ -35,6 +40,9 @@ class LoraCount:
     targeted: frozenset[str]
     saves_lm_head: bool
     rank_elems_per_token: int
+    method: str = "lora"
+    delta_elems_per_layer: int = 0
+    virtual_tokens: int = 0
 
     @property
     def trainable(self) -> int:
@@ -188,18 +196,25 @@ class ModelShape:
         return self.num_layers * layer + self.vocab * self.hidden
 
     # --- LoRA --------------------------------------------------------------------------------------
-    def lora_count(self, targets: dict[str, Any], r: int) -> LoraCount:
-        """Adapter and fully-trained parameters of a LoRA strategy.
+    def lora_count(
+        self, targets: dict[str, Any], r: int, method: str = "lora", virtual_tokens: int = 0
+    ) -> LoraCount:
+        """Adapter and fully-trained parameters of a peft strategy.
 
         Args:
             targets: What `llmopt.models.lora_targets` resolves (`target_modules` as a list or
-                `all-linear`, `target_parameters`, `modules_to_save`).
+                `all-linear`, `target_parameters`, `modules_to_save`, IA3's `feedforward_modules`).
             r: Adapter rank.
+            method: `lora.method`.
+            virtual_tokens: `lora.num_virtual_tokens` (prompt and prefix tuning).
 
         Returns:
-            The counts. A linear (in, out) gets r * (in + out) adapter weights; a fused expert parameter
-            of `num_experts` matrices (in, out) gets r * num_experts * (in + out), as peft's
-            `target_parameters` builds it.
+            The counts, as peft builds the adapters for a linear (in, out): LoRA r * (in + out); DoRA that
+            plus a magnitude per output; IA3 one scale per output (per input for feed-forward modules);
+            LoHa 2 * r * (in + out); LoKr a full Kronecker factor and a rank-r (or full) second factor over
+            peft's factorisation of in and out. A fused expert parameter of `num_experts` matrices (in, out)
+            gets r * num_experts * (in + out) (plain LoRA). Prompt tuning learns `virtual_tokens` input
+            embeddings; prefix tuning their keys and values in every layer.
         """
         linear = self.linear_shapes()
         modules = targets.get("target_modules") or []
@@ -207,7 +222,8 @@ class ModelShape:
             chosen = set(linear)
         else:
             chosen = {name for name in linear if any(_matches(name, t) for t in modules)}
-        adapter = sum(r * (linear[n][0] + linear[n][1]) for n in chosen)
+        feedforward = targets.get("feedforward_modules") or []
+        adapter = sum(_adapter_params(method, r, *linear[n], _feedforward(n, feedforward)) for n in chosen)
         experts = {
             name
             for name in self.expert_shapes()
@@ -222,12 +238,23 @@ class ModelShape:
             else:
                 saved += self.num_layers * sum(a * b for n, (a, b) in linear.items() if _matches(n, target))
         short = {n.rsplit(".", 1)[-1] for n in chosen} | ({"experts"} if experts else set())
+        adapter *= self.num_layers
+        if method == "prompt_tuning":
+            adapter = virtual_tokens * self.hidden
+        elif method == "prefix_tuning":
+            adapter = virtual_tokens * self.num_layers * 2 * self.kv_dim
+        rank = {"ia3": 0, "prompt_tuning": 0, "prefix_tuning": 0}.get(method, r)
         return LoraCount(
-            adapter_params=self.num_layers * adapter,
+            adapter_params=adapter,
             saved_params=saved,
             targeted=frozenset(short),
             saves_lm_head=saves_head,
-            rank_elems_per_token=r * len(chosen),
+            rank_elems_per_token=rank * len(chosen),
+            method=method,
+            delta_elems_per_layer=sum(a * b for n, (a, b) in linear.items() if n in chosen)
+            if method in ("loha", "lokr")
+            else 0,
+            virtual_tokens=virtual_tokens if method in ("prompt_tuning", "prefix_tuning") else 0,
         )
 
     # --- activations -------------------------------------------------------------------------------
@@ -284,9 +311,33 @@ class ModelShape:
         constant = 0.0
         if "experts" in targeted:  # peft adds B @ A to the fused weights: one delta per expert matrix
             constant = float(self.num_experts * sum(a_ * b_ for a_, b_ in self.expert_shapes().values()))
+        if lora is not None:  # LoHa / LoKr keep each adapted linear's built delta weight for backward
+            constant += float(lora.delta_elems_per_layer)
         outside = v + h + d + 3 + aux + (2 * h + 2 if lora and lora.saves_lm_head else 0)
         # The first layer's input is the frozen embedding output, which its norm need not keep.
         return float(layer - h - 1), float(layer), constant, float(outside)
+
+
+def _feedforward(name: str, feedforward: list[str]) -> bool:
+    return any(_matches(name, t) for t in feedforward)
+
+
+def _adapter_params(method: str, r: int, fan_in: int, fan_out: int, feedforward: bool = False) -> int:
+    """Adapter parameters peft adds to one linear layer (fan_in -> fan_out) for `method`."""
+    if method == "ia3":
+        return fan_in if feedforward else fan_out
+    if method == "loha":
+        return 2 * r * (fan_in + fan_out)
+    if method == "lokr":
+        # peft's LoKr: W = kron(w1, w2) over factorisations out = l * k, in = m * n; w1 (l, m) in full,
+        # w2 (k, n) as w2_a @ w2_b of rank r unless r is at least half of max(k, n).
+        from peft.tuners.lokr.layer import factorization
+
+        m, n = factorization(fan_in, -1)
+        l_, k = factorization(fan_out, -1)
+        second = k * n if r >= max(k, n) / 2 else r * (k + n)
+        return l_ * m + second
+    return r * (fan_in + fan_out) + (fan_out if method == "dora" else 0)
 
 
 def _matches(name: str, target: str) -> bool:
