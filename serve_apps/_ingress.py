@@ -489,7 +489,9 @@ class LLMIngress:
         session_id: str | None,
     ) -> tuple[GenerationRequest, str]:
         """The replica's request and the multiplexed model id (adapter, plus session digest) for routing."""
-        session = SessionKey(owner, session_id) if session_id else None
+        # A session's cache is per model: keys and values computed with one adapter are not another's.
+        slot = f"{session_id}@{adapter}" if session_id and adapter else session_id
+        session = SessionKey(owner, slot) if slot else None
         route = adapter or ""
         if session:
             route = f"{adapter or 'base'}|{hashlib.sha256(f'{owner}:{session_id}'.encode()).hexdigest()[:16]}"

@@ -43,6 +43,7 @@ from llmopt.serve import (
     SessionCacheManager,
     TokenChunk,
     VllmEngine,
+    copy_cache,
     expand_choices,
     merge_chunks,
     resolve_engine,
@@ -242,7 +243,7 @@ class LLMServer:
         from llmopt.devices import ray_assigned_device
         from llmopt.models import load_tokenizer
         from llmopt.runtime import set_torch_threads
-        from llmopt.serve import load_adapters, load_serving_model
+        from llmopt.serve import load_adapters, load_serving_model, load_virtual_prefixes
 
         self.config = RunConfig.model_validate(config)
         # Threads from this replica's CPU share: 1 thread per 0.5-1 CPU ran ~10x faster than oversubscribing.
@@ -266,8 +267,11 @@ class LLMServer:
             return
         self.tokenizer = load_tokenizer(self.config.model)
         model = load_serving_model(self.config, self.device)
-        if self.config.serving.adapters:
-            model = load_adapters(model, self.config.serving.adapters, self.device)
+        adapters = self.config.serving.adapters
+        # Prompt and prefix tuning adapters become KV prefixes of the plain base model, computed once.
+        self.prefixes = load_virtual_prefixes(model, adapters, self.device) if adapters else {}
+        if adapters:
+            model = load_adapters(model, adapters, self.device)
         self.model = model
         kv = self.config.serving.kv_cache
         self.sessions = (
@@ -486,11 +490,14 @@ class LLMServer:
             async for chunk in self._generate_vllm(request):
                 yield chunk
             return
+        virtual = self._virtual_prefix(request)
         session = request.session
         if session is not None and self.sessions is not None:
             entry = self.sessions.lookup(session.owner, session.id, request.prompt_ids)
             request.prefix_cache = entry.cache if entry is not None else None
             request.keep_cache = True
+        if virtual is not None and request.prefix_cache is None:
+            request.prefix_cache = copy_cache(virtual)
         queue = await self._admit(request)
         serving = self.config.serving
         finished, first, last_sent = False, True, 0.0
@@ -532,6 +539,20 @@ class LLMServer:
                     self._queues.pop(request_id, None)
                     self._timing.pop(request_id, None)
                     self._inbox.put(("cancel", request_id))
+
+    def _virtual_prefix(self, request: GenerationRequest):
+        """For a prompt or prefix tuning adapter: its KV prefix, with the request turned into a base-model
+        request whose prompt starts with one placeholder per virtual token (so that positions, batch
+        padding and session matching count them like tokens). None for other requests."""
+        prefix = self.prefixes.get(request.adapter) if request.adapter else None
+        if prefix is None:
+            return None
+        n = prefix.get_seq_length()
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        request.prompt_ids = [pad] * n + list(request.prompt_ids)
+        request.virtual_tokens = n
+        request.adapter = None  # the base model computes every real token
+        return prefix
 
     async def _generate_vllm(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
         """`generate` on vLLM's engine: its records coalesced per stream interval, as the native path does.
@@ -609,6 +630,8 @@ class LLMServer:
         prompt_logprobs = next(
             (item.prompt_logprobs for item in items if item.prompt_logprobs is not None), None
         )
+        if prompt_logprobs is not None and request.virtual_tokens:  # the caller's tokens only
+            prompt_logprobs = [None, *prompt_logprobs[request.virtual_tokens + 1 :]]
         return TokenChunk(
             token_ids=[item.token_id for item in produced],
             text="".join(item.text for item in items),

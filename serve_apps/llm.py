@@ -26,7 +26,7 @@ from ray.serve import Application
 from llmopt.cluster import check_resources
 from llmopt.config import load_config
 from llmopt.deployment import INGRESS, SERVER, deployment_options
-from llmopt.serve import check_vllm_setup
+from llmopt.serve import check_native_setup, check_vllm_setup
 from serve_apps._ingress import LLMIngress
 from serve_apps._server import LLMServer
 
@@ -50,6 +50,7 @@ def app(args: dict[str, Any]) -> Application:
     overrides += [f"{key}={value}" for key, value in args.items()]
     config = load_config(path, overrides)
     check_vllm_setup(config)  # serving.engine=vllm: what vLLM does not do fails here, before any replica
+    check_native_setup(config)  # adapters the native engine cannot serve, likewise
     if ray.is_initialized():  # `llmopt serve` and `serve deploy`: fail now, not wait for GPUs no node has
         check_resources(config, "serving")
     options = deployment_options(config)

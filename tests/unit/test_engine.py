@@ -451,3 +451,47 @@ def test_churn_of_joins_and_leaves_equals_each_alone(model, tok):
     assert moved and widened  # both a middle-row exit and a left-widening join happened
     for rid, request in requests.items():
         _assert_same(got[rid], _alone(model, tok, request))
+
+
+@pytest.mark.parametrize("kind", ["prompt_tuning", "prefix_tuning"])
+def test_virtual_tokens_of_prompt_learning_match_peft_in_a_mixed_batch(model, tok, tmp_path, kind):
+    """A prompt / prefix tuning adapter served as a KV prefix gives peft's forward (recomputed in full at
+    every token) in a batch with base-model rows, and its prompt log-probabilities follow the prefix."""
+    import peft
+
+    from llmopt.serve import copy_cache, load_virtual_prefixes
+
+    config = (peft.PromptTuningConfig if kind == "prompt_tuning" else peft.PrefixTuningConfig)(
+        num_virtual_tokens=6, task_type="CAUSAL_LM"
+    )
+    torch.manual_seed(0)
+    tuned = peft.get_peft_model(load_model("tiny-llama"), config)
+    for param in tuned.prompt_encoder.parameters():
+        param.normal_(0.0, 1.0)
+    tuned.save_pretrained(tmp_path / "a")
+    tuned.eval()
+    prefix = load_virtual_prefixes(model, {"a": str(tmp_path / "a")}, "cpu")["a"]
+    assert prefix.get_seq_length() == 6 and not hasattr(model, "peft_config")  # the base stays plain
+    ids = tok(TEXTS[2]).input_ids
+    truth, seq = [], list(ids)
+    for _ in range(6):
+        truth.append(int(tuned(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+        seq.append(truth[-1])
+    engine = GenerationEngine(model, tok, max_batch_size=4)
+    virtual = GenerationRequest(
+        "v",
+        [0] * 6 + ids,
+        SamplingParams(max_tokens=6, prompt_logprobs=0),
+        copy_cache(prefix),
+        virtual_tokens=6,
+    )
+    outs = engine.generate([virtual, _req(tok, "b", TEXTS[1], max_tokens=6)])
+    assert [o.token_id for o in outs["v"]] == truth
+    assert outs["v"][0].cached_tokens == 0  # virtual tokens are not the caller's cached prompt
+    scores = tuned(input_ids=torch.tensor([ids])).logits[0, -len(ids) :].log_softmax(-1)
+    served = outs["v"][0].prompt_logprobs
+    assert served[:7] == [None] * 7 and len(served) == 6 + len(ids)
+    want = [float(scores[i, ids[i + 1]]) for i in range(len(ids) - 1)]
+    assert [v for v, _ in served[7:]] == pytest.approx(want, abs=1e-4)
+    with pytest.raises(ValueError, match="virtual tokens"):
+        engine.add(GenerationRequest("x", [0] * 6, SamplingParams(), copy_cache(prefix), virtual_tokens=6))

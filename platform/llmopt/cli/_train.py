@@ -77,6 +77,26 @@ def eval_command(
     return result
 
 
+@app.command("merge")
+def merge_command(
+    run: Annotated[Path, typer.Argument(help="Fine-tuning run directory, or a peft adapter folder.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Where to write (default: RUN/merged).")
+    ] = None,
+):
+    """Merge a run's adapter (LoRA, DoRA, IA3, LoHa, LoKr) into its base model and save a plain model
+    directory, for `model.name_or_path` anywhere (DoRA, IA3, LoHa and LoKr adapters are served this way)."""
+    from llmopt.models import MergeError, merge_adapter
+
+    _quiet_transformers()
+    try:
+        target = merge_adapter(run, output)
+    except MergeError as exc:
+        raise _fail(str(exc), 2) from None
+    console.print(f"merged model: {target}", highlight=False)
+    console.print(f"serve it: llmopt serve model.name_or_path={target}", highlight=False)
+
+
 @app.command("finetune")
 def finetune_command(
     config_file: Annotated[Path | None, typer.Option("--config", "-c", help="Run config YAML.")] = None,

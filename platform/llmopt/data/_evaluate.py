@@ -85,6 +85,8 @@ def generate_greedy(
 
     `generate_kwargs` go to `model.generate` (e.g. `synced_gpus=True` under ZeRO-3).
     """
+    if _prompt_learning(model):
+        return _greedy_recomputed(model, tokenizer, prompts, max_new_tokens)
     encoded = [
         {"input_ids": ids, "attention_mask": [1] * len(ids)}
         for ids in (encode_prompt(p, tokenizer) for p in prompts)
@@ -102,6 +104,40 @@ def generate_greedy(
     )
     new_tokens = out[:, batch["input_ids"].shape[1] :]
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def _prompt_learning(model) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def _greedy_recomputed(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy completions of a prompt or prefix tuning model by whole forward passes, one per new token.
+
+    peft 0.21's `generate` for prompt learning disagrees with its own forward under transformers 5 (the
+    cached steps, and for prefix tuning the first token, differ from recomputing the sequence), so the
+    held-out exact match would not measure the trained model. Rows are right-padded so that every row's
+    tokens follow the virtual tokens at the positions peft trains them at (it ignores `position_ids`), and
+    every call runs `max_new_tokens` forwards (ranks under ZeRO-3 must run the same number).
+    """
+    pad, eos = _pad_id(tokenizer), tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    rows = [encode_prompt(p, tokenizer) for p in prompts]
+    new: list[list[int]] = [[] for _ in rows]
+    done = [False] * len(rows)
+    for _ in range(max_new_tokens):
+        seqs = [r + n for r, n in zip(rows, new, strict=True)]
+        batch = pad_batch([{"input_ids": s, "attention_mask": [1] * len(s)} for s in seqs], pad)
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits
+        offset = logits.shape[1] - batch["input_ids"].shape[1]  # prompt tuning's virtual positions first
+        for i, seq in enumerate(seqs):
+            if not done[i]:
+                token = int(logits[i, offset + len(seq) - 1].argmax())
+                new[i].append(token)
+                done[i] = token == eos
+    return tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
 def evaluate(

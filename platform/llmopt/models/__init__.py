@@ -1,6 +1,7 @@
 """Model zoo: deterministic tiny presets, a local tokenizer, loading of any model, size figures."""
 
 from llmopt.models._info import ModelInfo, load_config_only, model_info
+from llmopt.models._merge import MergeError, merge_adapter
 from llmopt.models._presets import PRESETS, Preset
 from llmopt.models._strategy import (
     ATTENTION_TARGETS,
@@ -28,6 +29,7 @@ __all__ = [
     "ATTENTION_TARGETS",
     "MOE_TARGETS",
     "PRESETS",
+    "MergeError",
     "ModelInfo",
     "ModelLoadError",
     "Preset",
@@ -42,6 +44,7 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "lora_targets",
+    "merge_adapter",
     "model_info",
     "preset_key",
     "quantization_config",

@@ -118,6 +118,10 @@ class GenerationRequest:
             with different adapters share a batch through peft's mixed-batch ``adapter_names``.
         session: The session whose cache a serving replica looks up for ``prefix_cache`` and stores the
             grown cache back to (the engine itself does not read it).
+        virtual_tokens: The first ``virtual_tokens`` prompt ids are placeholders for a prompt or prefix
+            tuning adapter's virtual tokens, whose keys and values ``prefix_cache`` starts with. They take
+            positions like real tokens but are never recomputed: prompt log-probabilities start after them
+            and they do not count as cached prompt tokens.
     """
 
     request_id: str
@@ -127,6 +131,7 @@ class GenerationRequest:
     keep_cache: bool = False
     adapter: str | None = None
     session: SessionKey | None = None
+    virtual_tokens: int = 0
 
 
 @dataclass
@@ -311,6 +316,16 @@ class GenerationEngine:
                 f"Request id {request.request_id!r} is already live; use a unique id per request."
             )
         prefix = request.prefix_cache
+        if request.virtual_tokens and (
+            not self.use_cache
+            or prefix is None
+            or prefix.get_seq_length() < request.virtual_tokens
+            or len(request.prompt_ids) <= request.virtual_tokens
+        ):
+            raise ValueError(
+                f"Request {request.request_id!r} has {request.virtual_tokens} virtual tokens; they need the "
+                "KV cache on, a prefix_cache that holds them and at least one real prompt token after them."
+            )
         if prefix is not None:
             if not self.use_cache:
                 request.prefix_cache = None
@@ -460,14 +475,20 @@ class GenerationEngine:
     def _prompt_logprobs(self, seq: _Sequence) -> list:
         """Log-probabilities of each prompt token given the ones before it (one forward pass of the whole
         prompt with every position's logits, outside the batch: echo with logprobs is rare)."""
-        prompt = seq.request.prompt_ids
+        virtual = seq.request.virtual_tokens
+        prompt = seq.request.prompt_ids[virtual:]
         ids = torch.tensor([prompt], device=self.device)
-        out = self.model(input_ids=ids, use_cache=False, **_adapter_kwargs([seq], self._peft))
+        extra: dict = {"use_cache": False}
+        if virtual:  # the real tokens after the adapter's virtual ones, from a copy of their keys and values
+            prefix = copy_cache(seq.request.prefix_cache)
+            crop_cache(prefix, virtual)
+            extra = {"use_cache": True, "past_key_values": prefix}
+        out = self.model(input_ids=ids, **extra, **_adapter_kwargs([seq], self._peft))
         scores = out.logits[0, :-1].float().log_softmax(dim=-1)
         chosen = scores.gather(1, ids[0, 1:].unsqueeze(1)).squeeze(1).tolist()
         k = seq.request.params.prompt_logprobs
         top = scores.topk(k, dim=-1) if k else None
-        result: list = [None]
+        result: list = [None] * (virtual + 1)
         for i, value in enumerate(chosen):
             alternatives = (
                 list(zip(top.indices[i].tolist(), top.values[i].tolist(), strict=True))
@@ -485,7 +506,7 @@ class GenerationEngine:
         ids = torch.tensor([prompt[cached:]], device=self.device)
         mask = torch.ones(1, len(prompt), dtype=torch.long, device=self.device)
         positions = torch.arange(cached, len(prompt), device=self.device).unsqueeze(0)
-        seq.cached_tokens = cached
+        seq.cached_tokens = max(0, cached - seq.request.virtual_tokens)
         return self._forward(ids, mask, positions, cache, [seq]), cache, mask
 
     def _recompute(self, seqs: list[_Sequence]) -> torch.Tensor:
@@ -711,7 +732,7 @@ def expand_choices(request: GenerationRequest) -> list[GenerationRequest]:
                 request,
                 request_id=f"{request.request_id}/{i}",
                 params=params,
-                prefix_cache=_copy_cache(prefix) if prefix is not None else None,
+                prefix_cache=copy_cache(prefix) if prefix is not None else None,
                 keep_cache=False,
                 session=None,
             )
@@ -719,7 +740,7 @@ def expand_choices(request: GenerationRequest) -> list[GenerationRequest]:
     return choices
 
 
-def _copy_cache(cache: DynamicCache) -> DynamicCache:
+def copy_cache(cache: DynamicCache) -> DynamicCache:
     copy = DynamicCache()
     for index, layer in enumerate(cache.layers):
         copy.update(layer.keys.clone(), layer.values.clone(), index)

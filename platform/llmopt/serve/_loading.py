@@ -156,25 +156,151 @@ def resolve_adapter(name: str, path: str) -> Path:
     )
 
 
+# peft types served in mixed batches through peft's `adapter_names` (LoRA; peft refuses it for DoRA).
+MIXED_TYPES = ("LORA",)
+# Prompt learning: the adapter is a fixed key/value prefix, served in mixed batches as a KV cache.
+PREFIX_TYPES = ("PROMPT_TUNING", "PREFIX_TUNING")
+# Adapters that change the weights in a way peft cannot mix per row: served merged into a model.
+MERGEABLE_TYPES = ("IA3", "LOHA", "LOKR")
+
+
+def adapter_spec(name: str, path: str) -> dict:
+    """The adapter's ``adapter_config.json`` (peft_type, use_dora, modules_to_save, ...)."""
+    import json
+
+    return json.loads((resolve_adapter(name, path) / "adapter_config.json").read_text())
+
+
+def check_native_setup(config: RunConfig) -> None:
+    """What the native engine cannot serve, refused when the app is built (before any replica starts).
+
+    Raises:
+        ServingSetupError: an adapter it cannot serve (see `check_adapters`), or prompt / prefix tuning
+            adapters with the KV cache off (their virtual tokens live in it).
+    """
+    serving = config.serving
+    if serving.engine == "vllm" or not serving.adapters:
+        return
+    check_adapters(serving.adapters)
+    if not serving.kv_cache.enabled:
+        prompt = [
+            n for n, p in serving.adapters.items() if adapter_spec(n, p).get("peft_type") in PREFIX_TYPES
+        ]
+        if prompt:
+            raise ServingSetupError(
+                f"serving.adapters {prompt} are prompt or prefix tuning adapters, whose virtual tokens are "
+                "served as KV-cache prefixes; set serving.kv_cache.enabled=true"
+            )
+
+
+def check_adapters(adapters: dict[str, str]) -> None:
+    """Refuse adapters the native engine cannot serve next to others, before any weight is loaded.
+
+    LoRA adapters share batches through peft's mixed-batch forward; prompt and prefix tuning adapters
+    become a fixed KV prefix per request (so they mix too). peft has no per-row forward for DoRA, IA3,
+    LoHa or LoKr: those are served as their merged model.
+
+    Raises:
+        ServingSetupError: naming each adapter that cannot be served and the fix.
+    """
+    problems = []
+    for name, path in adapters.items():
+        spec = adapter_spec(name, path)
+        kind = spec.get("peft_type")
+        if kind in MERGEABLE_TYPES or (kind == "LORA" and spec.get("use_dora")):
+            what = "DoRA" if kind == "LORA" else kind
+            problems.append(
+                f"serving.adapters.{name} is {what}, an adapter type that peft cannot mix with other rows "
+                "in a batch; serve its merged model instead: `llmopt merge RUN` (or "
+                "training.save_merged=true) writes RUN/merged; serve it with model.name_or_path=RUN/merged"
+            )
+        elif kind in PREFIX_TYPES and spec.get("modules_to_save"):
+            problems.append(
+                f"serving.adapters.{name} is a {kind} adapter that also trained {spec['modules_to_save']} "
+                "(lora.modules_to_save); its virtual tokens are served as a KV prefix on the shared base "
+                "model, which cannot carry those modules: retrain with lora.modules_to_save=[]"
+            )
+        elif kind not in MIXED_TYPES + PREFIX_TYPES:
+            problems.append(
+                f"serving.adapters.{name} is a {kind} adapter; llmopt serves LoRA, DoRA, prompt and prefix "
+                "tuning adapters (merge others into the model with peft's merge_and_unload)"
+            )
+    if problems:
+        raise ServingSetupError("; ".join(problems))
+
+
 def load_adapters(model, adapters: dict[str, str], device: torch.device | str):
-    """Wrap `model` in a PeftModel holding every configured adapter (mixed batches need them all in one
-    model), on `device` (peft would otherwise pick the first device it infers).
+    """Wrap `model` in a PeftModel holding every configured LoRA adapter (mixed batches need them
+    all in one model), on `device` (peft would otherwise pick the first device it infers).
+
+    Prompt and prefix tuning adapters are not loaded here: see `load_virtual_prefixes`.
 
     Args:
         model: The loaded base model.
         adapters: `serving.adapters`: name -> run directory or adapter folder.
         device: The replica's device.
 
+    Returns:
+        The PeftModel, or `model` itself when no LoRA adapter is configured.
+
     Raises:
-        ServingSetupError: A path that holds no LoRA adapter.
+        ServingSetupError: A path that holds no adapter, or an adapter that cannot be served.
     """
     from peft import PeftModel
 
+    check_adapters(adapters)
     peft_model = None
     for name, path in adapters.items():
+        if adapter_spec(name, path).get("peft_type") not in MIXED_TYPES:
+            continue
         folder = str(resolve_adapter(name, path))
         if peft_model is None:
             peft_model = PeftModel.from_pretrained(model, folder, adapter_name=name, torch_device=str(device))
         else:
             peft_model.load_adapter(folder, adapter_name=name, torch_device=str(device))
-    return peft_model.eval()
+    return peft_model.eval() if peft_model is not None else model
+
+
+@torch.no_grad()
+def load_virtual_prefixes(model, adapters: dict[str, str], device: torch.device | str) -> dict:
+    """The key/value prefix of every prompt or prefix tuning adapter, on the plain base `model`.
+
+    peft runs prompt tuning as learned embeddings in front of the input and prefix tuning as learned keys
+    and values in front of every layer's cache; in a causal model neither depends on the tokens after
+    them. So each adapter is exactly a batch-1 ``DynamicCache`` of ``num_virtual_tokens`` positions that a
+    request starts from, with its own tokens at positions ``num_virtual_tokens`` on, as in peft's forward.
+
+    Returns:
+        adapter name -> DynamicCache (computed once, copied per request).
+    """
+    from peft import PeftModel
+    from transformers import DynamicCache
+
+    prefixes = {}
+    for name, path in adapters.items():
+        kind = adapter_spec(name, path).get("peft_type")
+        if kind not in PREFIX_TYPES:
+            continue
+        wrapped = PeftModel.from_pretrained(model, str(resolve_adapter(name, path)), torch_device=str(device))
+        wrapped.eval()
+        dtype = next(model.parameters()).dtype
+        if kind == "PROMPT_TUNING":
+            embeds = wrapped.get_prompt(batch_size=1).to(device=device, dtype=dtype)
+            out = model(inputs_embeds=embeds, use_cache=True, past_key_values=DynamicCache())
+            cache = out.past_key_values
+        else:
+            cache = wrapped.get_prompt(batch_size=1)
+            if not isinstance(cache, DynamicCache):  # legacy tuples: one (keys, values) per layer
+                legacy, cache = cache, DynamicCache()
+                for index, (keys, values) in enumerate(legacy):
+                    cache.update(keys, values, index)
+        copy = DynamicCache()
+        for index, layer in enumerate(cache.layers):
+            copy.update(
+                layer.keys.detach().to(device, dtype).clone(),
+                layer.values.detach().to(device, dtype).clone(),
+                index,
+            )
+        prefixes[name] = copy
+        del wrapped
+    return prefixes
