@@ -13,6 +13,8 @@
     python -m jobs.benchmark faults                      # a replica SIGKILLed under load; a burst (~3 min)
     python -m jobs.benchmark stops                       # every way of stopping each command (~10 min)
     python -m jobs.benchmark compare                     # llmopt (native, engine=vllm) beside vllm serve
+    python -m jobs.benchmark peft                        # every peft method, same token budget (~10 min)
+    python -m jobs.benchmark cache                       # response-cache hit against miss latency (~3 min)
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.benchmark serve
 
 `train` measures, in one run on the tiny dense preset: full fine-tune vs LoRA vs QLoRA, gradient
@@ -38,8 +40,8 @@ pass/fail; continuous batching is compared with batching off at concurrency 1 (t
 concurrency 32. Writes serve.json and serve.png; any failed case or request fails the run (files written
 first).
 
-`adaptive`, `choices`, `churn`, `faults`, `stops` and `compare` are described in their modules under
-benchmarks/.
+`adaptive`, `choices`, `churn`, `faults`, `stops`, `compare`, `peft` and `cache` are described in their
+modules under benchmarks/.
 """
 
 from __future__ import annotations
@@ -48,10 +50,12 @@ import argparse
 from typing import Any
 
 from benchmarks.adaptive import add_adaptive_parser, run_adaptive
+from benchmarks.cache import add_cache_parser, run_cache
 from benchmarks.choices import add_choices_parser, run_choices
 from benchmarks.churn import add_churn_parser, run_churn
 from benchmarks.compare import add_compare_parser, run_compare
 from benchmarks.faults import add_faults_parser, run_faults
+from benchmarks.peft import add_peft_parser, run_peft
 from benchmarks.serve import add_serve_parser, run_serve
 from benchmarks.stops import add_stops_parser, run_stops
 from benchmarks.train import run_train
@@ -74,6 +78,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_faults_parser(sub)
     add_stops_parser(sub)
     add_compare_parser(sub)
+    add_peft_parser(sub)
+    add_cache_parser(sub)
     args = parser.parse_args(argv)
     runs = {
         "serve": run_serve,
@@ -84,6 +90,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "faults": run_faults,
         "stops": run_stops,
         "compare": run_compare,
+        "peft": run_peft,
+        "cache": run_cache,
     }
     return runs[args.benchmark](args)
 

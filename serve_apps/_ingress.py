@@ -38,13 +38,18 @@ from llmopt.serve import (
     InvalidRequest,
     Limits,
     LogprobFormatter,
+    ResponseCache,
     SamplingParams,
     SessionKey,
     TokenChunk,
     TokenizeRequest,
+    cache_key,
+    cacheable,
     check_request,
     load_api_keys,
     owner_of,
+    replay_events,
+    replay_whole,
     sampling_params,
 )
 from serve_apps._errors import (
@@ -374,6 +379,22 @@ class _ReplicaStream:
         return dataclasses.replace(chunk, text=delta, cached_tokens=self.cached)
 
 
+HIT = {"X-Cache": "hit"}
+
+
+def _with_header(response, value: str):
+    """`response` (a JSON-able dict or a Response) with `X-Cache: value`."""
+    if isinstance(response, dict):
+        return JSONResponse(response, headers={"X-Cache": value})
+    response.headers["X-Cache"] = value
+    return response
+
+
+async def _aiter(items) -> AsyncIterator[str]:
+    for item in items:
+        yield item
+
+
 # serve.ingress pickles the FastAPI app (and the globals its routes reference) when the class is decorated:
 # everything the routes use is defined or imported above.
 @serve.deployment
@@ -402,6 +423,15 @@ class LLMIngress:
         self.limits = Limits.from_serving(serving, self.vocab_size)
         self._token_texts: dict[int, str] = {}
         self._metrics_url: str | None = None
+        cache = serving.response_cache
+        self.cache = ResponseCache.from_config(cache) if cache.enabled else None
+        # What the cache keys answers by besides the body: the weights, adapters and output settings.
+        served = {
+            "model": self.config.model.model_dump(mode="json"),
+            "adapters": serving.adapters,
+            "outputs": [serving.precision, serving.quantization, serving.engine, serving.max_new_tokens],
+        }
+        self.cache_model = hashlib.sha256(json.dumps(served, sort_keys=True).encode()).hexdigest()
 
     def token_text(self, token: int) -> str:
         """One token's text, as OpenAI's logprobs name tokens (cached: a request's tokens repeat)."""
@@ -693,6 +723,42 @@ class LLMIngress:
             check_request(body, self.limits)
         except InvalidRequest as exc:
             raise Reject(400, exc.message, param=exc.param, code=exc.code) from None
+        if self.cache is None:
+            return await self._answer(body, owner, chat)
+        fields = body.model_dump(mode="json", exclude_unset=True)
+        if not cacheable(fields):
+            self.cache.bypass()
+            self.metrics.response_cache("bypass")
+            return _with_header(await self._answer(body, owner, chat), "bypass")
+        key = cache_key(owner, "chat" if chat else "completions", self.cache_model, fields)
+        entry = await self.cache.get(key)
+        if entry is not None:
+            self.metrics.response_cache("hit")
+            response_id, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+            if entry["kind"] == "stream":
+                events = replay_events(entry, response_id, created)
+                return StreamingResponse(_aiter(events), media_type="text/event-stream", headers=HIT)
+            return JSONResponse(replay_whole(entry, response_id, created), headers=HIT)
+        self.metrics.response_cache("miss")
+        answer = await self._answer(body, owner, chat)
+        if isinstance(answer, StreamingResponse):
+            answer.body_iterator = self._recorded(answer.body_iterator, key)
+            return _with_header(answer, "miss")
+        await self.cache.put(key, {"kind": "whole", "body": answer})
+        return JSONResponse(answer, headers={"X-Cache": "miss"})
+
+    async def _recorded(self, events: AsyncIterator[str], key: str) -> AsyncIterator[str]:
+        """Pass a stream's events on and store them once it ended well (an error event is never stored)."""
+        sent, failed = [], False
+        async for event in events:
+            sent.append(event)
+            failed = failed or event.startswith('data: {"error"')
+            yield event
+        if not failed and self.cache is not None:
+            await self.cache.put(key, {"kind": "stream", "events": sent})
+
+    async def _answer(self, body, owner: str, chat: bool):
+        """Generate the answer to a checked OpenAI body: its JSON, or a streaming response."""
         user = body.user or (body.safety_identifier if chat else None)
         if user or (chat and body.metadata):
             logger.info("llmopt request user=%r metadata=%r", user, body.metadata if chat else None)
@@ -836,7 +902,10 @@ class LLMIngress:
     async def _stats(self) -> dict[str, Any]:
         for _ in range(REPLICA_LOSSES_ABSORBED + 1):
             try:
-                return await self.llm.stats.remote()
+                stats = await self.llm.stats.remote()
+                if self.cache is not None:  # the answering ingress replica's
+                    stats["response_cache"] = self.cache.stats()
+                return stats
             except RayActorError as exc:  # that replica died: ask another (Serve no longer routes to it)
                 lost = exc
         raise ReplicaLost(type(lost).__name__)

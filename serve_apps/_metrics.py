@@ -39,6 +39,14 @@ class IngressMetrics:
             tag_keys=("route",),
         )
         self.output_tokens = Counter("llmopt_output_tokens_total", "Generated tokens.", tag_keys=("route",))
+        self.cache_lookups = Counter(
+            "llmopt_response_cache_requests_total",
+            "OpenAI requests by response-cache result: hit, miss, or bypass (not deterministic).",
+            tag_keys=("result",),
+        )
+
+    def response_cache(self, result: str) -> None:
+        self.cache_lookups.inc(tags={"result": result})
 
     def response(self, route: str, code: int) -> None:
         """Count one response (and one error when ``code >= 400``)."""

@@ -27,6 +27,24 @@ def test_quick_train_benchmark(ray_cluster, tmp_path):
     assert "ray_deepspeed_1_worker_vs_plain_torch" in report["figures"]
 
 
+def test_quick_peft_benchmark(ray_cluster, repo, tmp_path):
+    from jobs.benchmark import main
+
+    config = str(repo / "jobs" / "configs" / "tiny-llama-reverse.yaml")
+    report = main(["peft", "--quick", "--config", config, "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "peft.json").read_text())
+    assert (tmp_path / "peft.png").read_bytes()[:4] == b"\x89PNG"
+    rows = {r["method"]: r for r in saved["methods"]}
+    assert set(rows) == {"lora", "prompt_tuning"} and saved == json.loads(json.dumps(report))
+    for row in rows.values():
+        # The cost model counts what peft built; the shipped config also trains the output head.
+        assert row["predicted_trainable_parameters"] == row["trainable_parameters"]
+        assert 0 < row["adapter_parameters"] < row["trainable_parameters"] and row["steps"] == 6
+        assert row["tokens_per_s"] > 0 and row["eval_loss"] > 0
+    # 20 virtual token embeddings of 256 against LoRA's rank-8 attention adapters in 4 layers.
+    assert rows["prompt_tuning"]["adapter_parameters"] == 20 * 256 < rows["lora"]["adapter_parameters"]
+
+
 def test_quick_serve_benchmark(ray_cluster, tmp_path):
     """`serve --quick`: every load point, both session cases and the precision rows have positive figures.
 

@@ -379,6 +379,39 @@ class AutoscalingConfig(StrictModel):
         }
 
 
+class ResponseCacheConfig(StrictModel):
+    """Whole responses to repeated deterministic requests (temperature 0, or a fixed seed), per API key."""
+
+    enabled: bool = Field(
+        False,
+        description="Answer a repeated greedy or seeded request (same caller, model, prompt and every "
+        "sampling field) from the cache, streams replayed as streams; responses carry `X-Cache: "
+        "hit|miss|bypass`.",
+    )
+    max_mb: float = Field(64.0, gt=0, description="Byte budget of the in-process LRU store, MiB.")
+    ttl_s: float = Field(3600.0, gt=0, description="How long an entry lives, seconds.")
+    redis_url: str | None = Field(
+        None,
+        description="Keep entries in this Redis (e.g. `redis://127.0.0.1:6379/0`), shared by every ingress "
+        "replica and kept across restarts, instead of in process.",
+    )
+    key_prefix: str = Field("llmopt:response:", description="Prefix of the cache's Redis keys.")
+
+    @model_validator(mode="after")
+    def _redis_needs_enabled(self) -> ResponseCacheConfig:
+        if self.redis_url and not self.enabled:
+            raise ValueError(
+                "serving.response_cache.redis_url is set but the cache is off; set "
+                "serving.response_cache.enabled=true (or drop redis_url)"
+            )
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"serving.response_cache.redis_url={self.redis_url!r} is not a Redis URL; use "
+                "redis://HOST:PORT/DB, rediss://... or unix:///path/to/socket"
+            )
+        return self
+
+
 class ServingConfig(StrictModel):
     """Ray Serve application settings."""
 
@@ -410,6 +443,9 @@ class ServingConfig(StrictModel):
     )
     batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Dynamic batching.")
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig, description="KV caches.")
+    response_cache: ResponseCacheConfig = Field(
+        default_factory=ResponseCacheConfig, description="Cached answers to repeated deterministic requests."
+    )
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replica scaling.")
     max_ongoing_requests: int | None = Field(
         None, ge=1, description="Per-replica concurrency; defaults to 2 x batching.max_batch_size."

@@ -46,6 +46,7 @@ from llmopt.serve._protocol import (
     error_body,
     stream_interval,
 )
+from llmopt.serve._response_cache import ResponseCache, cache_key, cacheable, replay_events, replay_whole
 from llmopt.serve._sessions import CacheStats, SessionCacheManager, SessionEntry, cache_nbytes, crop_cache
 from llmopt.serve._vllm import VllmEngine, merge_chunks, resolve_engine
 from llmopt.serve._vllm import check_setup as check_vllm_setup
@@ -65,6 +66,7 @@ __all__ = [
     "InvalidRequest",
     "Limits",
     "LogprobFormatter",
+    "ResponseCache",
     "SamplingParams",
     "ServingPrecisionError",
     "ServingSetupError",
@@ -75,7 +77,9 @@ __all__ = [
     "TokenChunk",
     "TokenizeRequest",
     "VllmEngine",
+    "cache_key",
     "cache_nbytes",
+    "cacheable",
     "check_adapters",
     "check_native_setup",
     "check_request",
@@ -90,6 +94,8 @@ __all__ = [
     "load_virtual_prefixes",
     "merge_chunks",
     "owner_of",
+    "replay_events",
+    "replay_whole",
     "resolve_adapter",
     "resolve_engine",
     "sampling_params",
