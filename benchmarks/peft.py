@@ -50,6 +50,7 @@ def run_peft(args: argparse.Namespace) -> dict[str, Any]:
     common = ["checkpointing.policy=none", f"output_dir={out / 'peft-runs'}", *args.override]
     if steps is not None:
         common += [f"training.max_steps={steps}", f"training.eval_every_steps={steps}"]
+        common += ["training.warmup_steps=0"] if args.quick else []
     started = not ray.is_initialized()
     if started:
         ray.init(include_dashboard=False, log_to_driver=False)

@@ -15,6 +15,7 @@
     python -m jobs.benchmark compare                     # llmopt (native, engine=vllm) beside vllm serve
     python -m jobs.benchmark peft                        # every peft method, same token budget (~10 min)
     python -m jobs.benchmark cache                       # response-cache hit against miss latency (~3 min)
+    python -m jobs.benchmark compress                    # original, int8, nf4, pruned (+recovery), merged
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.benchmark serve
 
 `train` measures, in one run on the tiny dense preset: full fine-tune vs LoRA vs QLoRA, gradient
@@ -40,8 +41,8 @@ pass/fail; continuous batching is compared with batching off at concurrency 1 (t
 concurrency 32. Writes serve.json and serve.png; any failed case or request fails the run (files written
 first).
 
-`adaptive`, `choices`, `churn`, `faults`, `stops`, `compare`, `peft` and `cache` are described in their
-modules under benchmarks/.
+`adaptive`, `choices`, `churn`, `faults`, `stops`, `compare`, `peft`, `cache` and `compress` are described in
+their modules under benchmarks/.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from benchmarks.cache import add_cache_parser, run_cache
 from benchmarks.choices import add_choices_parser, run_choices
 from benchmarks.churn import add_churn_parser, run_churn
 from benchmarks.compare import add_compare_parser, run_compare
+from benchmarks.compress import add_compress_parser, run_compress
 from benchmarks.faults import add_faults_parser, run_faults
 from benchmarks.peft import add_peft_parser, run_peft
 from benchmarks.serve import add_serve_parser, run_serve
@@ -80,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_compare_parser(sub)
     add_peft_parser(sub)
     add_cache_parser(sub)
+    add_compress_parser(sub)
     args = parser.parse_args(argv)
     runs = {
         "serve": run_serve,
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "compare": run_compare,
         "peft": run_peft,
         "cache": run_cache,
+        "compress": run_compress,
     }
     return runs[args.benchmark](args)
 

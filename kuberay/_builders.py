@@ -364,8 +364,18 @@ def build_rayservice(
         extra_ports=serve_ports,
         env=env,
     )
+    upgrade: dict[str, Any] = {"type": options.upgrade_strategy}
+    if options.upgrade_strategy == "NewClusterWithIncrementalUpgrade":
+        # KubeRay moves the Gateway's traffic to the new cluster stepSizePercent at a time, every
+        # intervalSeconds, growing the new cluster by at most maxSurgePercent of the old one's capacity.
+        upgrade["clusterUpgradeOptions"] = {
+            "gatewayClassName": options.gateway_class,
+            "stepSizePercent": options.upgrade_step_percent,
+            "intervalSeconds": options.upgrade_interval_s,
+            "maxSurgePercent": options.upgrade_max_surge_percent,
+        }
     spec = {
-        "upgradeStrategy": {"type": options.upgrade_strategy},
+        "upgradeStrategy": upgrade,
         "serveConfigV2": yaml.safe_dump(serve_config, sort_keys=False),
         "serveService": {
             "metadata": {"name": f"{name}-serve", "labels": dict(labels)},

@@ -6,7 +6,7 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kuberay import _pods
 
@@ -70,9 +70,34 @@ class KubeRayOptions(BaseModel):
         description="RayService: Ray Serve's high-throughput mode on every pod (Ray 2.55+): HAProxy instead "
         "of the Python proxy, ingress replicas listening directly, gRPC between deployments.",
     )
-    upgrade_strategy: Literal["NewCluster", "None"] = Field(
-        "NewCluster", description="RayService upgrades: blue/green on a new cluster, or in place."
+    upgrade_strategy: Literal["NewCluster", "NewClusterWithIncrementalUpgrade", "None"] = Field(
+        "NewCluster",
+        description="RayService upgrades: blue/green on a new cluster; a new cluster that takes the traffic "
+        "step by step through a Gateway (KubeRay 1.5+, feature gate RayServiceIncrementalUpgrade); or in "
+        "place.",
     )
+    gateway_class: str | None = Field(
+        None,
+        description="Incremental upgrades: the Gateway API GatewayClass that shifts traffic (e.g. istio); "
+        "required for NewClusterWithIncrementalUpgrade.",
+    )
+    upgrade_step_percent: int = Field(
+        10, ge=1, le=100, description="Incremental upgrades: traffic moved to the new cluster per step, %."
+    )
+    upgrade_interval_s: int = Field(60, ge=1, description="Incremental upgrades: seconds between steps.")
+    upgrade_max_surge_percent: int = Field(
+        100, ge=1, le=100, description="Incremental upgrades: capacity the new cluster may add per step, %."
+    )
+
+    @model_validator(mode="after")
+    def _incremental_needs_gateway(self) -> KubeRayOptions:
+        if self.upgrade_strategy == "NewClusterWithIncrementalUpgrade" and not self.gateway_class:
+            raise ValueError(
+                "upgrade_strategy NewClusterWithIncrementalUpgrade shifts traffic through a Gateway: pass "
+                "--gateway-class (the GatewayClass of your Gateway API implementation, e.g. istio)"
+            )
+        return self
+
     # RayCluster
     min_workers: int | None = Field(None, ge=0, description="RayCluster: fewest worker pods (default 0).")
     max_workers: int | None = Field(

@@ -91,6 +91,19 @@ def render(
         bool,
         typer.Option(help="RayService: Ray Serve's high-throughput mode (HAProxy, direct ingress, gRPC)."),
     ] = False,
+    upgrade_strategy: Annotated[
+        str,
+        typer.Option(help="RayService upgrades: NewCluster, NewClusterWithIncrementalUpgrade or None."),
+    ] = "NewCluster",
+    gateway_class: Annotated[
+        str | None, typer.Option(help="RayService incremental upgrades: the Gateway API GatewayClass.")
+    ] = None,
+    upgrade_step_percent: Annotated[
+        int, typer.Option(help="RayService incremental upgrades: traffic moved per step, %.")
+    ] = 10,
+    upgrade_interval_s: Annotated[
+        int, typer.Option(help="RayService incremental upgrades: seconds between steps.")
+    ] = 60,
     min_workers: Annotated[int | None, typer.Option(help="RayCluster: fewest worker pods.")] = None,
     max_workers: Annotated[int | None, typer.Option(help="RayCluster: most worker pods.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the YAML here.")] = None,
@@ -106,6 +119,10 @@ def render(
             auth=auth,
             api_keys_secret=api_keys_secret,
             throughput_optimized=throughput_optimized,
+            upgrade_strategy=upgrade_strategy,
+            gateway_class=gateway_class,
+            upgrade_step_percent=upgrade_step_percent,
+            upgrade_interval_s=upgrade_interval_s,
             min_workers=min_workers,
             max_workers=max_workers,
         )

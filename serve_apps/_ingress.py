@@ -39,6 +39,7 @@ from llmopt.serve import (
     Limits,
     LogprobFormatter,
     ResponseCache,
+    Router,
     SamplingParams,
     SessionKey,
     TokenChunk,
@@ -390,6 +391,10 @@ def _with_header(response, value: str):
     return response
 
 
+def _as_response(answer):
+    return JSONResponse(answer) if isinstance(answer, dict) else answer
+
+
 async def _aiter(items) -> AsyncIterator[str]:
     for item in items:
         yield item
@@ -425,6 +430,9 @@ class LLMIngress:
         self._metrics_url: str | None = None
         cache = serving.response_cache
         self.cache = ResponseCache.from_config(cache) if cache.enabled else None
+        self.router = Router(serving.routes) if serving.routes else None
+        self._evaluations: set[asyncio.Task] = set()
+        self._evaluations_started = False
         # What the cache keys answers by besides the body: the weights, adapters and output settings.
         served = {
             "model": self.config.model.model_dump(mode="json"),
@@ -472,13 +480,15 @@ class LLMIngress:
         return owner_of(key)
 
     def _adapter(self, model: str | None) -> str | None:
-        """The adapter a `model` field names: None (base), `base:adapter` or a bare adapter name."""
-        if model is None or model == self.model_id:
+        """The adapter a `model` field names: None (base), `base:adapter` or a bare adapter name (a split
+        route's name, where only the tokenizer matters, is the base)."""
+        if model is None or model == self.model_id or (self.router is not None and model in self.router):
             return None
         base, _, adapter = model.rpartition(":")
         if base in ("", self.model_id) and adapter in self.adapters:
             return adapter
         known = [self.model_id, *(f"{self.model_id}:{a}" for a in sorted(self.adapters))]
+        known += sorted(self.router.routes) if self.router is not None else []
         raise Reject(
             404,
             f"The model {model!r} does not exist; this server serves {known}.",
@@ -533,7 +543,10 @@ class LLMIngress:
     ) -> tuple[GenerationRequest, str]:
         """The seed API's request (one choice; its fields are a subset of the OpenAI ones)."""
         max_tokens = self._fit(prompt_ids, body.max_tokens, "max_tokens")
-        adapter = self._adapter(body.model)
+        model = body.model
+        if self.router is not None and model in self.router:  # a split route: the caller's arm
+            _, model = self.router.pick(model, None, session_id, owner)
+        adapter = self._adapter(model)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         params = SamplingParams(
             max_tokens=max_tokens,
@@ -667,11 +680,77 @@ class LLMIngress:
 
     @fastapi_app.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
-        """OpenAI model list: the base model and one `base:adapter` entry per adapter."""
+        """OpenAI model list: the base model, one `base:adapter` entry per adapter, and each split route."""
         self._owner(request)
         ids = [self.model_id, *(f"{self.model_id}:{a}" for a in sorted(self.adapters))]
+        ids += sorted(self.router.routes) if self.router is not None else []
         data = [{"id": i, "object": "model", "created": 0, "owned_by": "llmopt"} for i in ids]
         return {"object": "list", "data": data}
+
+    @fastapi_app.get("/api/v1/routes")
+    async def routes(self, request: Request) -> dict[str, Any]:
+        """Each split route's live weights and shares, and per arm: requests, errors, latency, evaluation."""
+        self._owner(request)
+        return {"routes": self.router.describe() if self.router is not None else {}}
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply new route weights (`{"routes": {route: {arm: weight}}}`) to the live ingress: requests in
+        flight keep their arm, the next ones draw with the new weights; nothing restarts.
+
+        Raises:
+            RouteWeightsError: weights that cannot apply (Serve keeps the previous ones, or fails the
+                deployment at its first start).
+        """
+        if self.router is None:
+            return
+        changed = self.router.set_weights(user_config)
+        if changed or not self._evaluations_started:  # at start, and after each change of weights
+            self._evaluations_started = True
+            logger.info("llmopt routes: weights now %s", self.router.weights)
+            for name, route in self.router.routes.items():
+                if route.eval_samples:
+                    task = asyncio.get_running_loop().create_task(
+                        self._evaluate_arms(name, route.eval_samples)
+                    )
+                    self._evaluations.add(task)
+                    task.add_done_callback(self._evaluations.discard)
+
+    async def _evaluate_arms(self, route: str, samples: int) -> None:
+        """Greedy exact match of each arm with weight on `samples` held-out rows (data.eval_split)."""
+        from llmopt.data import load_rows
+        from llmopt.data._evaluate import normalize_answer
+        from llmopt.data._tokenize import render
+
+        data = self.config.data
+        try:
+            rows = await asyncio.to_thread(load_rows, data.dataset, data.eval_split, data.format, samples)
+            rendered = [render(row, self.tokenizer, data.prompt_template) for row in rows]
+            longest = max(
+                len(self.tokenizer.encode(answer, add_special_tokens=False)) for _, answer in rendered
+            )
+            for arm, spec in self.router.routes[route].arms.items():
+                if self.router.weights[route][arm] <= 0:
+                    continue
+                adapter = self._adapter(spec.model)
+
+                async def one(prompt: str, adapter: str | None = adapter) -> str:
+                    ids = encode_prompt(prompt, self.tokenizer)
+                    params = SamplingParams(
+                        max_tokens=self._fit(ids, longest + 2, "max_tokens"), temperature=0.0
+                    )
+                    request = GenerationRequest(uuid.uuid4().hex, ids, params, adapter=adapter)
+                    return (await self._collect(request, adapter or "", "eval"))[0]["text"]
+
+                answers = await asyncio.gather(*(one(prompt) for prompt, _ in rendered))
+                correct = sum(
+                    normalize_answer(a) == normalize_answer(e)
+                    for a, (_, e) in zip(answers, rendered, strict=True)
+                )
+                score = {"exact_match": correct / len(rendered), "rows": len(rendered), "at": time.time()}
+                self.router.stats[route][arm].evaluation = score
+                self.metrics.route_evaluation(route, arm, score["exact_match"])
+        except Exception:  # a score is a report, never a reason to fail the route
+            logger.exception("llmopt routes: evaluating the arms of %s failed", route)
 
     @fastapi_app.get("/api/v1/stats")
     async def stats(self, request: Request) -> dict[str, Any]:
@@ -723,14 +802,50 @@ class LLMIngress:
             check_request(body, self.limits)
         except InvalidRequest as exc:
             raise Reject(400, exc.message, param=exc.param, code=exc.code) from None
+        if self.router is None or body.model not in self.router:
+            return await self._cached(body, owner, chat, body.model)
+        user = body.user or (body.safety_identifier if chat else None)
+        arm, served = self.router.pick(body.model, user, body.session_id, owner)
+        started, ok = time.monotonic(), False
+        try:
+            answer = await self._cached(body, owner, chat, served)
+            ok = True
+        except Reject as exc:
+            ok = exc.status < 500
+            raise
+        finally:
+            if not ok or not isinstance(answer, StreamingResponse):
+                self._arm_done(body.model, arm, time.monotonic() - started, ok)
+        answer.headers["X-Route-Arm"] = arm
+        if isinstance(answer, StreamingResponse):  # its latency and errors are known when it ends
+            answer.body_iterator = self._arm_stream(answer.body_iterator, body.model, arm, started)
+        return answer
+
+    def _arm_done(self, route: str, arm: str, seconds: float, ok: bool) -> None:
+        self.router.stats[route][arm].record(seconds, ok)
+        self.metrics.route(route, arm, seconds, ok)
+
+    async def _arm_stream(self, events: AsyncIterator[str], route: str, arm: str, started: float):
+        ok = True
+        try:
+            async for event in events:
+                ok = ok and not event.startswith('data: {"error"')
+                yield event
+        finally:
+            self._arm_done(route, arm, time.monotonic() - started, ok)
+
+    async def _cached(self, body, owner: str, chat: bool, model: str | None):
+        """The answer to a checked body for the served `model` (a route's arm, or the body's own), from
+        the response cache when it has it."""
         if self.cache is None:
-            return await self._answer(body, owner, chat)
+            return _as_response(await self._answer(body, owner, chat, model))
         fields = body.model_dump(mode="json", exclude_unset=True)
         if not cacheable(fields):
             self.cache.bypass()
             self.metrics.response_cache("bypass")
-            return _with_header(await self._answer(body, owner, chat), "bypass")
-        key = cache_key(owner, "chat" if chat else "completions", self.cache_model, fields)
+            return _with_header(await self._answer(body, owner, chat, model), "bypass")
+        served = f"{self.cache_model}:{model}"  # a route's arms answer differently
+        key = cache_key(owner, "chat" if chat else "completions", served, fields)
         entry = await self.cache.get(key)
         if entry is not None:
             self.metrics.response_cache("hit")
@@ -740,7 +855,7 @@ class LLMIngress:
                 return StreamingResponse(_aiter(events), media_type="text/event-stream", headers=HIT)
             return JSONResponse(replay_whole(entry, response_id, created), headers=HIT)
         self.metrics.response_cache("miss")
-        answer = await self._answer(body, owner, chat)
+        answer = await self._answer(body, owner, chat, model)
         if isinstance(answer, StreamingResponse):
             answer.body_iterator = self._recorded(answer.body_iterator, key)
             return _with_header(answer, "miss")
@@ -757,12 +872,13 @@ class LLMIngress:
         if not failed and self.cache is not None:
             await self.cache.put(key, {"kind": "stream", "events": sent})
 
-    async def _answer(self, body, owner: str, chat: bool):
-        """Generate the answer to a checked OpenAI body: its JSON, or a streaming response."""
+    async def _answer(self, body, owner: str, chat: bool, model: str | None):
+        """Generate the answer to a checked OpenAI body from the served `model`: its JSON, or a streaming
+        response."""
         user = body.user or (body.safety_identifier if chat else None)
         if user or (chat and body.metadata):
             logger.info("llmopt request user=%r metadata=%r", user, body.metadata if chat else None)
-        adapter = self._adapter(body.model)
+        adapter = self._adapter(model)
         prompts = self._chat_prompt(body) if chat else self._completion_prompts(body)
         n = body.n or 1
         asked, param = body.max_tokens, "max_tokens"

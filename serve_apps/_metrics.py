@@ -45,6 +45,31 @@ class IngressMetrics:
             tag_keys=("result",),
         )
 
+        self.route_requests = Counter(
+            "llmopt_route_requests_total",
+            "Requests to a split route by arm and outcome (ok, or error: a 5xx or a failed stream).",
+            tag_keys=("route", "arm", "outcome"),
+        )
+        self.route_latency = Histogram(
+            "llmopt_route_latency_seconds",
+            "Whole request latency (to a stream's end) of a split route's answered requests, by arm.",
+            boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60],
+            tag_keys=("route", "arm"),
+        )
+        self.route_score = Gauge(
+            "llmopt_route_eval_exact_match",
+            "Held-out greedy exact match of a split route's arm (routes with eval_samples).",
+            tag_keys=("route", "arm"),
+        )
+
+    def route(self, route: str, arm: str, seconds: float, ok: bool) -> None:
+        self.route_requests.inc(tags={"route": route, "arm": arm, "outcome": "ok" if ok else "error"})
+        if ok:
+            self.route_latency.observe(seconds, tags={"route": route, "arm": arm})
+
+    def route_evaluation(self, route: str, arm: str, exact_match: float) -> None:
+        self.route_score.set(exact_match, tags={"route": route, "arm": arm})
+
     def response_cache(self, result: str) -> None:
         self.cache_lookups.inc(tags={"result": result})
 

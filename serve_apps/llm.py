@@ -25,7 +25,7 @@ from ray.serve import Application
 
 from llmopt.cluster import check_resources
 from llmopt.config import load_config
-from llmopt.deployment import INGRESS, SERVER, deployment_options
+from llmopt.deployment import INGRESS, SERVER, deployment_args, deployment_options
 from llmopt.serve import check_native_setup, check_vllm_setup
 from serve_apps._ingress import LLMIngress
 from serve_apps._server import LLMServer
@@ -53,7 +53,6 @@ def app(args: dict[str, Any]) -> Application:
     check_native_setup(config)  # adapters the native engine cannot serve, likewise
     if ray.is_initialized():  # `llmopt serve` and `serve deploy`: fail now, not wait for GPUs no node has
         check_resources(config, "serving")
-    options = deployment_options(config)
-    data = config.model_dump(mode="json")
-    server = LLMServer.options(**options[SERVER]).bind(data)
-    return LLMIngress.options(**options[INGRESS]).bind(server, data)
+    options, data = deployment_options(config), deployment_args(config)
+    server = LLMServer.options(**options[SERVER]).bind(data[SERVER])
+    return LLMIngress.options(**options[INGRESS]).bind(server, data[INGRESS])

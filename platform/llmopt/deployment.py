@@ -16,13 +16,31 @@ SERVER = "LLMServer"
 INGRESS = "LLMIngress"
 
 
+def deployment_args(config: RunConfig) -> dict[str, dict[str, Any]]:
+    """The constructor arguments (the config as data) of both deployments.
+
+    What changes at runtime stays out of them, so that changing it reconfigures the live replicas instead
+    of replacing them: the model replicas never see `serving.routes`, and the ingress sees the routes with
+    every weight 1 (the real ones are its `user_config`).
+    """
+    data = config.model_dump(mode="json")
+    server = {**data, "serving": {**data["serving"], "routes": {}}}
+    routes = {
+        name: {**route, "arms": {arm: {**spec, "weight": 1.0} for arm, spec in route["arms"].items()}}
+        for name, route in data["serving"]["routes"].items()
+    }
+    ingress = {**data, "serving": {**data["serving"], "routes": routes}}
+    return {SERVER: server, INGRESS: ingress}
+
+
 def deployment_options(config: RunConfig, *, kuberay: bool = False) -> dict[str, dict[str, Any]]:
     """Options of both deployments (`LLMServer`, `LLMIngress`), as `Deployment.options` and a Serve
     config's `deployments` entries take them.
 
     The model deployment gets its replicas (fixed or autoscaled), its queue bounds, its resolved batch
     settings as `user_config` (applied by `LLMServer.reconfigure` without a restart) and its actor's CPUs
-    and GPUs; the ingress one replica with a sliver of CPU and room for every request the replicas can hold.
+    and GPUs; the ingress one replica with a sliver of CPU and room for every request the replicas can hold,
+    and the weights of `serving.routes` as its `user_config` (applied by `LLMIngress.reconfigure`).
 
     Args:
         config: The run config (`serving` and `resources`).
@@ -58,6 +76,10 @@ def deployment_options(config: RunConfig, *, kuberay: bool = False) -> dict[str,
         "max_ongoing_requests": scaling.max_replicas * (ongoing + queued) + 16,
         "ray_actor_options": {"num_cpus": 0 if kuberay else 0.1},
     }
+    if serving.routes:  # the split's weights: changed on the live ingress by LLMIngress.reconfigure
+        ingress["user_config"] = {
+            "routes": {n: {a: arm.weight for a, arm in r.arms.items()} for n, r in serving.routes.items()}
+        }
     if kuberay:
         server["max_replicas_per_node"] = 1
     return {SERVER: server, INGRESS: ingress}

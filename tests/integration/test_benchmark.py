@@ -45,6 +45,31 @@ def test_quick_peft_benchmark(ray_cluster, repo, tmp_path):
     assert rows["prompt_tuning"]["adapter_parameters"] == 20 * 256 < rows["lora"]["adapter_parameters"]
 
 
+def test_quick_compress_benchmark(ray_cluster, repo, tmp_path):
+    from jobs.benchmark import main
+
+    config = str(repo / "jobs" / "configs" / "tiny-llama-reverse.yaml")
+    report = main(["compress", "--quick", "--config", config, "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "compress.json").read_text())
+    assert (tmp_path / "compress.png").read_bytes()[:4] == b"\x89PNG" and saved == json.loads(
+        json.dumps(report)
+    )
+    rows = {r["variant"]: r for r in saved["variants"]}
+    assert set(rows) == {"original", "lora-merged", "int8-dynamic", "nf4", "pruned50", "pruned50-recovered"}
+    fp32 = rows["lora-merged"]
+    # Quantized weights are smaller on disk and in memory; pruned ones are zeros stored dense.
+    assert rows["int8-dynamic"]["memory_bytes"] < 0.5 * fp32["memory_bytes"]
+    assert (
+        rows["nf4"]["memory_bytes"] < 0.5 * fp32["memory_bytes"]
+        and rows["nf4"]["disk_bytes"] < fp32["disk_bytes"]
+    )
+    assert rows["pruned50"]["memory_bytes"] == fp32["memory_bytes"]
+    assert saved["recovery"]["steps"] == 4
+    for row in rows.values():
+        assert set(row["prefill"]) == {"64", "128"} and row["decode"]["tokens_per_s"] > 0
+        assert 0.0 <= row["eval_exact_match"] <= 1.0 and row["eval_loss"] > 0
+
+
 def test_quick_serve_benchmark(ray_cluster, tmp_path):
     """`serve --quick`: every load point, both session cases and the precision rows have positive figures.
 

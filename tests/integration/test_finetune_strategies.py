@@ -140,3 +140,27 @@ def test_every_peft_method_trains_saves_and_reports_its_share(ray_cluster, tmp_p
         if extra:  # the merged model is a plain model directory
             merged = load_model(str(result.run_dir / "merged"))
             assert sum(p.numel() for p in merged.parameters()) == load_model_params()
+
+
+def test_pruning_with_lora_recovery_keeps_the_sparsity_pattern(ray_cluster, tmp_path):
+    from llmopt.models._prune import prunable_layers
+    from llmopt.train import prune_to_directory
+
+    config = load_config(
+        None, [*SHORT, f"output_dir={tmp_path}", "name=pr", "lora.modules_to_save=[lm_head]"]
+    )
+    target, report = prune_to_directory(config, 0.5, "2:4", recover_steps=4)
+    assert target == tmp_path / "pr-pruned50-2of4"
+    assert report["recovery"]["steps"] == 4 and math.isfinite(report["recovery"]["eval_loss"])
+    recovered = load_model(str(target))
+    for _, layer in prunable_layers(recovered):  # the merged LoRA update did not fill the pruned weights
+        groups = layer.weight.reshape(layer.weight.shape[0], -1, 4)
+        assert int((groups != 0).sum(-1).max()) <= 2
+    # The output head trained in full during recovery and stays dense.
+    assert not torch_equal(recovered.lm_head.weight, load_model("tiny-llama").lm_head.weight)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))

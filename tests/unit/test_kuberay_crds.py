@@ -192,3 +192,38 @@ def test_cli_validate(tmp_path, examples):
     assert result.exit_code == 1 and "spec.entrypoint: ['python'] is not of type 'string'" in result.output
     result = runner.invoke(app, ["validate", str(path), "--crds", str(tmp_path)])
     assert result.exit_code == 2 and "not found" in result.output
+
+
+def test_a_canary_rayservice_with_incremental_upgrades_is_valid():
+    """Split-route weights go in the ingress's user_config (KubeRay applies a changed serveConfigV2 to the
+    running cluster); an image or cluster change rolls out through KubeRay's incremental upgrade."""
+    from kuberay import KubeRayOptions, build_rayservice, llm_application
+    from llmopt.config import load_config
+
+    overrides = [
+        "serving.adapters.v2=/home/ray/runs/v2",
+        "serving.routes.assistant.arms.stable.model=tiny-llama",
+        "serving.routes.assistant.arms.stable.weight=90",
+        "serving.routes.assistant.arms.canary.model=v2",
+        "serving.routes.assistant.arms.canary.weight=10",
+    ]
+    options = KubeRayOptions(
+        auth=False,
+        upgrade_strategy="NewClusterWithIncrementalUpgrade",
+        gateway_class="istio",
+        upgrade_step_percent=20,
+    )
+    service = build_rayservice(load_config(None, overrides), llm_application(None, overrides), options)
+    assert validate_manifest(service).ok, validate_manifest(service).errors
+    upgrade = service["spec"]["upgradeStrategy"]
+    assert upgrade == {
+        "type": "NewClusterWithIncrementalUpgrade",
+        "clusterUpgradeOptions": {
+            "gatewayClassName": "istio", "stepSizePercent": 20, "intervalSeconds": 60, "maxSurgePercent": 100,
+        },
+    }  # fmt: skip
+    deployments = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["deployments"]
+    ingress = next(d for d in deployments if d["name"] == "LLMIngress")
+    assert ingress["user_config"] == {"routes": {"assistant": {"stable": 90.0, "canary": 10.0}}}
+    with pytest.raises(ValueError, match="--gateway-class"):
+        KubeRayOptions(upgrade_strategy="NewClusterWithIncrementalUpgrade")

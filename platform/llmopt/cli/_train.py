@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -95,6 +96,56 @@ def merge_command(
         raise _fail(str(exc), 2) from None
     console.print(f"merged model: {target}", highlight=False)
     console.print(f"serve it: llmopt serve model.name_or_path={target}", highlight=False)
+
+
+@app.command("prune")
+def prune_command(
+    config_file: Annotated[Path | None, typer.Option("--config", "-c", help="Run config YAML.")] = None,
+    overrides: Overrides = None,
+    sparsity: Annotated[
+        float, typer.Option(help="Fraction of each decoder linear layer's weights to zero.")
+    ] = 0.5,
+    pattern: Annotated[
+        str, typer.Option(help="`unstructured` (magnitude, per layer) or `2:4`.")
+    ] = "unstructured",
+    recover_steps: Annotated[
+        int, typer.Option(help="LoRA recovery fine-tune steps on the config's data (0: none).")
+    ] = 0,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Model directory (default: output_dir/NAME-prunedP)."),
+    ] = None,
+):
+    """Prune the config's model (magnitude pruning of its decoder's linear layers through torch's pruning
+    utilities), optionally recover with a short LoRA fine-tune on Ray Train, and write a model directory
+    that `model.name_or_path` loads anywhere."""
+    from llmopt.processes import ray_session
+    from llmopt.train import prune_to_directory
+
+    config = _load(config_file, overrides)
+    _quiet_transformers()
+    # Only the recovery fine-tune needs Ray (a local cluster, or RAY_ADDRESS's).
+    with ray_session("llmopt prune") if recover_steps > 0 else contextlib.nullcontext():
+        try:
+            target, report = prune_to_directory(config, sparsity, pattern, output, recover_steps)
+        except (ValueError, ConfigError) as exc:
+            raise _fail(str(exc), 2) from None
+        except RuntimeError as exc:
+            raise _fail(str(exc)) from None
+    console.print(
+        f"pruned {report['layers']} linear layers of {report['source']}: {report['sparsity']:.1%} of their "
+        f"weights are zero ({report['pattern']})",
+        highlight=False,
+    )
+    if report["recovery"]:
+        rec = report["recovery"]
+        console.print(
+            f"recovered with {rec['steps']} LoRA steps: held-out loss {rec['eval_loss']:.4f}, exact match "
+            f"{rec['eval_exact_match']:.1%} (run {rec['run_dir']})",
+            highlight=False,
+        )
+    console.print(f"model directory: {target}", highlight=False)
+    console.print(f"use it: model.name_or_path={target}", highlight=False)
 
 
 @app.command("finetune")

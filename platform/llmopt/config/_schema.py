@@ -412,6 +412,40 @@ class ResponseCacheConfig(StrictModel):
         return self
 
 
+class RouteArm(StrictModel):
+    """One arm of a traffic split: a served model and its share."""
+
+    model: str = Field(
+        description="What the arm serves, as an OpenAI `model` field names it: the base model, "
+        "`base:adapter` or an adapter's name."
+    )
+    weight: float = Field(ge=0.0, description="Relative share of the route's traffic (e.g. 90 and 10).")
+
+
+class RouteConfig(StrictModel):
+    """A model name that clients call, split between arms by weight (canary and A/B rollouts)."""
+
+    arms: dict[str, RouteArm] = Field(min_length=1, description="Arm name -> what it serves and its weight.")
+    sticky: Literal["auto", "user", "session", "key", "none"] = Field(
+        "auto",
+        description="What keeps a caller on one arm: the OpenAI `user` field, the session id, the API key, "
+        "or nothing (each request drawn anew); `auto` takes the first of user, session and key it finds.",
+    )
+    eval_samples: int | None = Field(
+        None,
+        ge=1,
+        le=10_000,
+        description="Score each arm on this many held-out rows (data.eval_split; greedy exact match) when "
+        "the app starts and whenever its weights change; off when unset.",
+    )
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> RouteConfig:
+        if sum(arm.weight for arm in self.arms.values()) <= 0:
+            raise ValueError("every arm of the route has weight 0; give at least one arm a positive weight")
+        return self
+
+
 class ServingConfig(StrictModel):
     """Ray Serve application settings."""
 
@@ -468,6 +502,11 @@ class ServingConfig(StrictModel):
     )
     adapters: dict[str, str] = Field(
         default_factory=dict, description="LoRA adapters to serve: name -> run directory or adapter path."
+    )
+    routes: dict[str, RouteConfig] = Field(
+        default_factory=dict,
+        description="Model names whose traffic is split between arms by weight (canary, A/B), sticky per "
+        "user, session or API key; the weights change at runtime through the ingress's user_config.",
     )
     api_keys_env: str | None = Field(
         None, description="Environment variable holding comma-separated API keys; auth is off when unset."
@@ -707,6 +746,7 @@ class RunConfig(StrictModel):
                 f"lora.method={self.lora.method!r} with data.packing=true: peft puts the virtual tokens "
                 "once in front of a packed block and ignores its position_ids; set data.packing=false"
             )
+        errors += _route_errors(self)
         if self.resources.accelerator == "cpu" and self.precision == "fp16":
             errors.append(
                 "precision='fp16' with resources.accelerator='cpu': DeepSpeed refuses fp16 on CPU; "
@@ -732,6 +772,25 @@ class RunConfig(StrictModel):
         if errors:
             raise ValueError("\n".join(errors))
         return self
+
+
+def _route_errors(config: RunConfig) -> list[str]:
+    """Each route's arms name a served model; a route's name is not one already."""
+    base, adapters = config.model.name_or_path, config.serving.adapters
+    served = {base, *adapters, *(f"{base}:{a}" for a in adapters)}
+    errors = []
+    for name, route in config.serving.routes.items():
+        if name in served:
+            errors.append(
+                f"serving.routes.{name}: {name!r} is already a served model name; give the route its own name"
+            )
+        for arm, spec in route.arms.items():
+            if spec.model not in served:
+                errors.append(
+                    f"serving.routes.{name}.arms.{arm}.model={spec.model!r} is not served here; use one of "
+                    f"{sorted(served)} (add the adapter to serving.adapters first)"
+                )
+    return errors
 
 
 def backend_errors(config: RunConfig) -> list[str]:

@@ -3,6 +3,7 @@
 from llmopt.models._info import ModelInfo, load_config_only, model_info
 from llmopt.models._merge import MergeError, merge_adapter
 from llmopt.models._presets import PRESETS, Preset
+from llmopt.models._prune import PruneReport, apply_masks, prune_model, weight_masks
 from llmopt.models._strategy import (
     ATTENTION_TARGETS,
     MOE_TARGETS,
@@ -33,8 +34,10 @@ __all__ = [
     "ModelInfo",
     "ModelLoadError",
     "Preset",
+    "PruneReport",
     "StrategyError",
     "StrategyReport",
+    "apply_masks",
     "apply_strategy",
     "build_preset",
     "build_tokenizer",
@@ -47,7 +50,9 @@ __all__ = [
     "merge_adapter",
     "model_info",
     "preset_key",
+    "prune_model",
     "quantization_config",
     "resolve_model_path",
     "upcycle_to_moe",
+    "weight_masks",
 ]

@@ -47,6 +47,7 @@ from llmopt.serve._protocol import (
     stream_interval,
 )
 from llmopt.serve._response_cache import ResponseCache, cache_key, cacheable, replay_events, replay_whole
+from llmopt.serve._routes import Router, RouteWeightsError
 from llmopt.serve._sessions import CacheStats, SessionCacheManager, SessionEntry, cache_nbytes, crop_cache
 from llmopt.serve._vllm import VllmEngine, merge_chunks, resolve_engine
 from llmopt.serve._vllm import check_setup as check_vllm_setup
@@ -67,6 +68,8 @@ __all__ = [
     "Limits",
     "LogprobFormatter",
     "ResponseCache",
+    "RouteWeightsError",
+    "Router",
     "SamplingParams",
     "ServingPrecisionError",
     "ServingSetupError",
