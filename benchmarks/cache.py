@@ -78,6 +78,15 @@ def _redis(url: str | None, tmp: Path):
         proc.wait(timeout=10)
 
 
+def _new(prompts: list[str], seen: set[str]) -> list[str]:
+    """`prompts` without repeats and without those in `seen` (the corpus slices can coincide)."""
+    out: list[str] = []
+    for prompt in prompts:
+        if prompt not in seen and prompt not in out:
+            out.append(prompt)
+    return out
+
+
 def _timed(url: str, body: dict[str, Any]) -> tuple[float, str]:
     import httpx
 
@@ -136,11 +145,16 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
                 serve.start(http_options={"host": "127.0.0.1", "port": port})
                 try:
                     serve.run(app({"overrides": [*base, *extra]}), name=APP_NAME, route_prefix="/")
-                    warm_up(url, prompts_of_length(tokenizer, args.tokens, 1, salt=77)[0], args.tokens)
+                    warm = prompts_of_length(tokenizer, args.tokens, 1, salt=77)[0]
+                    warm_up(url, warm, args.tokens)
+                    seen = {warm}  # a prompt asked before is a hit: each measured prompt must be new
                     for stream in (False, True):
-                        prompts = prompts_of_length(
-                            tokenizer, args.tokens, args.requests, salt=int(stream) + 3
+                        prompts = _new(
+                            prompts_of_length(tokenizer, args.tokens, 3 * args.requests, salt=3 + stream),
+                            seen,
                         )
+                        prompts = prompts[: args.requests]
+                        seen.update(prompts)
                         times: dict[str, list[float]] = {"miss": [], "hit": []}
                         for prompt in prompts:
                             body = {"prompt": prompt, "max_tokens": args.tokens, "temperature": 0,

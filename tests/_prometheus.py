@@ -3,26 +3,9 @@ installed (as root, with apt) on first use; otherwise the test is skipped, sayin
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-
-import pytest
+from tests._debian import debian_binary
 
 
 def prometheus_binary(name: str) -> str:
     """The path of `name` (`prometheus` or `promtool`), installing Debian's `prometheus` if need be."""
-    found = shutil.which(name)
-    if not found and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"],
-            env=env,
-            capture_output=True,
-            timeout=600,
-        )
-        found = shutil.which(name)
-    if not found:
-        pytest.skip(f"{name} not found and Debian's `prometheus` could not be installed (needs root and apt)")
-    return found
+    return debian_binary(name, "prometheus")

@@ -5,34 +5,16 @@ skipped, saying why."""
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
 
-import pytest
-
+from tests._debian import debian_binary
 from tests._serve import free_port
 
 
 def redis_binary() -> str:
-    found = shutil.which("redis-server")
-    if not found and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "redis-server"],
-            env=env,
-            capture_output=True,
-            timeout=600,
-        )
-        found = shutil.which("redis-server")
-    if not found:
-        pytest.skip(
-            "redis-server not found and Debian's `redis-server` could not be installed (needs root and apt)"
-        )
-    return found
+    return debian_binary("redis-server", "redis-server")
 
 
 @contextlib.contextmanager

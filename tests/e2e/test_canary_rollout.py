@@ -131,6 +131,7 @@ def test_canary_split_promotion_and_rollback_under_load(deploy):
     assert {ROUTE, "tiny-llama", "tiny-llama:v2"} <= models
     users = [f"user-{i}" for i in range(400)]
     split = _split(url, users)
+    print(f"observed split at 90/10 over {len(users)} users: {dict(split)}")
     assert split["canary"] / len(users) == pytest.approx(0.10, abs=0.05), split
     assert len({_ask(url, "user-3").headers["x-route-arm"] for _ in range(3)}) == 1  # sticky per user
     replica = httpx.get(f"{url}/api/v1/stats", timeout=30).json()["replica"]
@@ -152,6 +153,7 @@ def test_canary_split_promotion_and_rollback_under_load(deploy):
         run(50, 50)  # promotion: the canary takes half
         _wait_share(url, "canary", 0.5)
         promoted = _split(url, users)
+        print(f"observed split at 50/50 over {len(users)} users: {dict(promoted)}")
         assert promoted["canary"] / len(users) == pytest.approx(0.5, abs=0.08), promoted
         run(100, 0)  # rollback
         _wait_share(url, "canary", 0.0)
@@ -160,6 +162,7 @@ def test_canary_split_promotion_and_rollback_under_load(deploy):
         stop.set()
         for thread in threads:
             thread.join()
+    print(f"requests under load through both changes: {dict(Counter(statuses))}")
     assert len(statuses) > 20 and set(statuses) == {200}, Counter(statuses)
     assert (
         httpx.get(f"{url}/api/v1/stats", timeout=30).json()["replica"] == replica
