@@ -222,8 +222,8 @@ def check_adapters(adapters: dict[str, str]) -> None:
             )
         elif kind not in MIXED_TYPES + PREFIX_TYPES:
             problems.append(
-                f"serving.adapters.{name} is a {kind} adapter; llmopt serves LoRA, DoRA, prompt and prefix "
-                "tuning adapters (merge others into the model with peft's merge_and_unload)"
+                f"serving.adapters.{name} is a {kind} adapter; llmopt serves LoRA, prompt and prefix tuning "
+                "adapters, and DoRA, IA3, LoHa and LoKr merged (merge others with peft's merge_and_unload)"
             )
     if problems:
         raise ServingSetupError("; ".join(problems))
