@@ -341,6 +341,11 @@ def build_rayservice(
     ingress = _deployment(app, INGRESS)
     for key, value in derived[INGRESS].items():
         ingress.setdefault(key, copy.deepcopy(value))
+    for name in config.serving.models:  # each extra model's deployment: the model deployment's options
+        extra = _deployment(app, f"{SERVER}-{name}")
+        for key, value in server.items():
+            if key != "name":
+                extra.setdefault(key, copy.deepcopy(value))
     serve_config = {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": _pods.SERVE_PORT},
@@ -348,6 +353,7 @@ def build_rayservice(
     }
 
     low, high = _replica_bounds(server)
+    low, high = (n * (1 + len(config.serving.models)) for n in (low, high))  # a pod per model replica
     actor = server["ray_actor_options"]
     serve_ports = {"serve": _pods.SERVE_PORT}
     head = _head_group(options, labels, extra_ports=serve_ports, env=env, autoscaling=True)

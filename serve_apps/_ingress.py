@@ -381,6 +381,8 @@ class _ReplicaStream:
 
 
 HIT = {"X-Cache": "hit"}
+# In a request's route, `model>>` sends it to that model of `serving.models` instead of the main model.
+MODEL_SEPARATOR = ">>"
 
 
 def _with_header(response, value: str):
@@ -410,12 +412,16 @@ class LLMIngress:
     Args:
         llm: Handle of the ``LLMServer`` deployment.
         config: A :class:`RunConfig` as ``model_dump(mode="json")``.
+        models: Handles of the `serving.models` deployments, by model name.
     """
 
-    def __init__(self, llm: DeploymentHandle, config: dict[str, Any]):
+    def __init__(
+        self, llm: DeploymentHandle, config: dict[str, Any], models: dict[str, DeploymentHandle] | None = None
+    ):
         from llmopt.models import load_tokenizer, model_info
 
         self.llm = llm
+        self.models = dict(models or {})
         self.config = RunConfig.model_validate(config)
         serving = self.config.serving
         self.tokenizer = load_tokenizer(self.config.model)
@@ -437,6 +443,7 @@ class LLMIngress:
         served = {
             "model": self.config.model.model_dump(mode="json"),
             "adapters": serving.adapters,
+            "models": serving.models,
             "outputs": [serving.precision, serving.quantization, serving.engine, serving.max_new_tokens],
         }
         self.cache_model = hashlib.sha256(json.dumps(served, sort_keys=True).encode()).hexdigest()
@@ -482,12 +489,18 @@ class LLMIngress:
     def _adapter(self, model: str | None) -> str | None:
         """The adapter a `model` field names: None (base), `base:adapter` or a bare adapter name (a split
         route's name, where only the tokenizer matters, is the base)."""
-        if model is None or model == self.model_id or (self.router is not None and model in self.router):
+        if model is None or model == self.model_id or model in self.models:
+            return None
+        if self.router is not None and model in self.router:
             return None
         base, _, adapter = model.rpartition(":")
         if base in ("", self.model_id) and adapter in self.adapters:
             return adapter
-        known = [self.model_id, *(f"{self.model_id}:{a}" for a in sorted(self.adapters))]
+        known = [
+            self.model_id,
+            *(f"{self.model_id}:{a}" for a in sorted(self.adapters)),
+            *sorted(self.models),
+        ]
         known += sorted(self.router.routes) if self.router is not None else []
         raise Reject(
             404,
@@ -520,6 +533,19 @@ class LLMIngress:
             )
         return min(asked or self.config.serving.max_new_tokens, room)
 
+    def _target(self, model: str | None) -> tuple[str | None, str | None]:
+        """(one of `serving.models` or None for the main model, adapter) that a `model` field names."""
+        if model in self.models:
+            return model, None
+        return None, self._adapter(model)
+
+    def _handle(self, route: str) -> tuple[DeploymentHandle, str]:
+        """The deployment a request's route goes to, and its multiplexed model id."""
+        head, separator, rest = route.partition(MODEL_SEPARATOR)
+        if separator and head in self.models:
+            return self.models[head], rest
+        return self.llm, route
+
     def _generation(
         self,
         prompt_ids: list[int],
@@ -527,8 +553,10 @@ class LLMIngress:
         adapter: str | None,
         owner: str,
         session_id: str | None,
+        target: str | None = None,
     ) -> tuple[GenerationRequest, str]:
-        """The replica's request and the multiplexed model id (adapter, plus session digest) for routing."""
+        """The replica's request and its route: the multiplexed model id (adapter, plus session digest),
+        after `target>>` for a model of `serving.models`."""
         # A session's cache is per model: keys and values computed with one adapter are not another's.
         slot = f"{session_id}@{adapter}" if session_id and adapter else session_id
         session = SessionKey(owner, slot) if slot else None
@@ -536,7 +564,7 @@ class LLMIngress:
         if session:
             route = f"{adapter or 'base'}|{hashlib.sha256(f'{owner}:{session_id}'.encode()).hexdigest()[:16]}"
         request = GenerationRequest(uuid.uuid4().hex, prompt_ids, params, adapter=adapter, session=session)
-        return request, route
+        return request, f"{target}{MODEL_SEPARATOR}{route}" if target else route
 
     def _request(
         self, body, prompt_ids: list[int], owner: str, session_id: str | None
@@ -546,7 +574,7 @@ class LLMIngress:
         model = body.model
         if self.router is not None and model in self.router:  # a split route: the caller's arm
             _, model = self.router.pick(model, None, session_id, owner)
-        adapter = self._adapter(model)
+        target, adapter = self._target(model)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         params = SamplingParams(
             max_tokens=max_tokens,
@@ -557,7 +585,7 @@ class LLMIngress:
             stop=stop,
             ignore_eos=body.ignore_eos,
         )
-        return self._generation(prompt_ids, params, adapter, owner, session_id)
+        return self._generation(prompt_ids, params, adapter, owner, session_id, target)
 
     def _prompt_ids(self, text: str) -> list[int]:
         ids = encode_prompt(text, self.tokenizer)
@@ -575,7 +603,8 @@ class LLMIngress:
         before it answered) become real HTTP statuses even for streamed responses.
         """
         start = time.perf_counter()
-        stream = _ReplicaStream(self.llm, self.tokenizer, request, route, losses)
+        handle, route = self._handle(route)
+        stream = _ReplicaStream(handle, self.tokenizer, request, route, losses)
         async for chunk in stream:  # overload (BackPressureError) is answered by _guard
             return chunk, stream, start
         raise RuntimeError("the replica ended the stream before the first token")
@@ -682,7 +711,7 @@ class LLMIngress:
     async def models(self, request: Request) -> dict[str, Any]:
         """OpenAI model list: the base model, one `base:adapter` entry per adapter, and each split route."""
         self._owner(request)
-        ids = [self.model_id, *(f"{self.model_id}:{a}" for a in sorted(self.adapters))]
+        ids = [self.model_id, *(f"{self.model_id}:{a}" for a in sorted(self.adapters)), *sorted(self.models)]
         ids += sorted(self.router.routes) if self.router is not None else []
         data = [{"id": i, "object": "model", "created": 0, "owned_by": "llmopt"} for i in ids]
         return {"object": "list", "data": data}
@@ -731,15 +760,15 @@ class LLMIngress:
             for arm, spec in self.router.routes[route].arms.items():
                 if self.router.weights[route][arm] <= 0:
                     continue
-                adapter = self._adapter(spec.model)
+                target, adapter = self._target(spec.model)
 
-                async def one(prompt: str, adapter: str | None = adapter) -> str:
+                async def one(prompt: str, target=target, adapter=adapter) -> str:
                     ids = encode_prompt(prompt, self.tokenizer)
                     params = SamplingParams(
                         max_tokens=self._fit(ids, longest + 2, "max_tokens"), temperature=0.0
                     )
-                    request = GenerationRequest(uuid.uuid4().hex, ids, params, adapter=adapter)
-                    return (await self._collect(request, adapter or "", "eval"))[0]["text"]
+                    request, way = self._generation(ids, params, adapter, "", None, target)
+                    return (await self._collect(request, way, "eval"))[0]["text"]
 
                 answers = await asyncio.gather(*(one(prompt) for prompt, _ in rendered))
                 correct = sum(
@@ -878,7 +907,7 @@ class LLMIngress:
         user = body.user or (body.safety_identifier if chat else None)
         if user or (chat and body.metadata):
             logger.info("llmopt request user=%r metadata=%r", user, body.metadata if chat else None)
-        adapter = self._adapter(model)
+        target, adapter = self._target(model)
         prompts = self._chat_prompt(body) if chat else self._completion_prompts(body)
         n = body.n or 1
         asked, param = body.max_tokens, "max_tokens"
@@ -891,7 +920,7 @@ class LLMIngress:
             if echo and body.logprobs is not None:
                 params.prompt_logprobs = body.logprobs
             session_id = body.session_id if p == 0 else None  # one writer per session
-            jobs.append(self._generation(ids, params, adapter, owner, session_id))
+            jobs.append(self._generation(ids, params, adapter, owner, session_id, target))
         reply = _Reply(self, body, chat, prompts, n, echo)
         name = "chat" if chat else "completions"
         if not body.stream:

@@ -25,8 +25,8 @@ from ray.serve import Application
 
 from llmopt.cluster import check_resources
 from llmopt.config import load_config
-from llmopt.deployment import INGRESS, SERVER, deployment_args, deployment_options
-from llmopt.serve import check_native_setup, check_vllm_setup
+from llmopt.deployment import INGRESS, SERVER, deployment_args, deployment_options, model_deployment_args
+from llmopt.serve import check_models, check_native_setup, check_vllm_setup
 from serve_apps._ingress import LLMIngress
 from serve_apps._server import LLMServer
 
@@ -53,6 +53,11 @@ def app(args: dict[str, Any]) -> Application:
     check_native_setup(config)  # adapters the native engine cannot serve, likewise
     if ray.is_initialized():  # `llmopt serve` and `serve deploy`: fail now, not wait for GPUs no node has
         check_resources(config, "serving")
+    check_models(config)  # serving.models: each loads and shares the main model's tokenizer
     options, data = deployment_options(config), deployment_args(config)
     server = LLMServer.options(**options[SERVER]).bind(data[SERVER])
-    return LLMIngress.options(**options[INGRESS]).bind(server, data[INGRESS])
+    models = {
+        name: LLMServer.options(**options[SERVER], name=deployment).bind(args)
+        for name, (deployment, args) in model_deployment_args(config).items()
+    }
+    return LLMIngress.options(**options[INGRESS]).bind(server, data[INGRESS], models)

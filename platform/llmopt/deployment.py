@@ -24,13 +24,28 @@ def deployment_args(config: RunConfig) -> dict[str, dict[str, Any]]:
     every weight 1 (the real ones are its `user_config`).
     """
     data = config.model_dump(mode="json")
-    server = {**data, "serving": {**data["serving"], "routes": {}}}
+    server = {**data, "serving": {**data["serving"], "routes": {}, "models": {}}}
     routes = {
         name: {**route, "arms": {arm: {**spec, "weight": 1.0} for arm, spec in route["arms"].items()}}
         for name, route in data["serving"]["routes"].items()
     }
     ingress = {**data, "serving": {**data["serving"], "routes": routes}}
     return {SERVER: server, INGRESS: ingress}
+
+
+def model_deployment_args(config: RunConfig) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The extra model deployments of `serving.models`: name -> (deployment name, constructor arguments).
+
+    Each is the main model's deployment for another model: the same serving settings and options, its own
+    model, no adapters.
+    """
+    server = deployment_args(config)[SERVER]
+    out = {}
+    for name, path in config.serving.models.items():
+        data = {**server, "model": {**server["model"], "name_or_path": path}}
+        data["serving"] = {**server["serving"], "adapters": {}}
+        out[name] = (f"{SERVER}-{name}", data)
+    return out
 
 
 def deployment_options(config: RunConfig, *, kuberay: bool = False) -> dict[str, dict[str, Any]]:

@@ -20,7 +20,7 @@ OVERRIDES = [
     "serving.engine=native",
     "serving.batching.max_batch_size=8",
     "serving.max_new_tokens=16",
-    "resources.cpus_per_worker=1",
+    "resources.cpus_per_worker=0.5",  # two model deployments (the main model, `dora`) on 2 CPUs
 ]
 PROMPTS = ["Hello world", "The quick brown fox", "reverse: abc"]
 METHODS = ("lora", "prompt", "prefix")
@@ -55,14 +55,31 @@ def _save(kind: str, path) -> None:
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     root = tmp_path_factory.mktemp("peft")
-    for kind in METHODS:
+    for kind in (*METHODS, "dora"):
         _save(kind, root / kind)
-    return {kind: root / kind for kind in METHODS}
+    return {kind: root / kind for kind in (*METHODS, "dora")}
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, repo, adapters):
-    overrides = [*OVERRIDES, *(f"serving.adapters.{k}={p}" for k, p in adapters.items())]
+def merged_dora(adapters, tmp_path_factory):
+    """The DoRA adapter merged into its base (`llmopt merge`): a model served beside the main one."""
+    from llmopt.models import merge_adapter
+
+    return merge_adapter(adapters["dora"], tmp_path_factory.mktemp("merged") / "dora")
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, repo, adapters, merged_dora):
+    overrides = [
+        *OVERRIDES,
+        *(f"serving.adapters.{k}={adapters[k]}" for k in METHODS),
+        f"serving.models.dora={merged_dora}",
+        # A split between the main model and another model (the merged DoRA fine-tune), per user.
+        "serving.routes.mix.arms.base.model=tiny-llama",
+        "serving.routes.mix.arms.base.weight=50",
+        "serving.routes.mix.arms.new.model=dora",
+        "serving.routes.mix.arms.new.weight=50",
+    ]
     with llm_app(repo, overrides, name="peft") as url:
         yield url
 
@@ -188,3 +205,26 @@ def test_adapters_peft_cannot_mix_are_refused_before_any_replica_with_the_merge_
                 ]
             }
         )
+
+
+def test_a_merged_model_is_served_beside_the_main_one_and_in_a_split(server, truth):
+    """DoRA cannot share a batch, so its merged model is served as a model of its own (`serving.models`):
+    it answers as peft's DoRA model does, and a route splits users between it and the main model."""
+    greedy, _, tokenizer = truth
+    models = {m["id"] for m in httpx.get(f"{server}/v1/models", timeout=30).json()["data"]}
+    assert {"tiny-llama", "dora", "mix"} <= models
+    for prompt in PROMPTS:
+        answer = _complete(server, prompt, "dora")["choices"][0]["text"]
+        assert answer == tokenizer.decode(greedy("dora", prompt), skip_special_tokens=True), prompt
+    arms = {}
+    for i in range(40):
+        body = {"prompt": PROMPTS[0], "model": "mix", "max_tokens": 8, "temperature": 0, "user": f"u{i}"}
+        response = httpx.post(f"{server}/v1/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        arm = response.headers["x-route-arm"]
+        kind = "dora" if arm == "new" else None
+        assert response.json()["choices"][0]["text"] == tokenizer.decode(
+            greedy(kind, PROMPTS[0]), skip_special_tokens=True
+        )
+        arms[arm] = arms.get(arm, 0) + 1
+    assert set(arms) == {"base", "new"}, arms

@@ -202,6 +202,7 @@ def test_a_canary_rayservice_with_incremental_upgrades_is_valid():
 
     overrides = [
         "serving.adapters.v2=/home/ray/runs/v2",
+        "serving.models.merged=/home/ray/runs/v3/merged",
         "serving.routes.assistant.arms.stable.model=tiny-llama",
         "serving.routes.assistant.arms.stable.weight=90",
         "serving.routes.assistant.arms.canary.model=v2",
@@ -225,5 +226,13 @@ def test_a_canary_rayservice_with_incremental_upgrades_is_valid():
     deployments = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["deployments"]
     ingress = next(d for d in deployments if d["name"] == "LLMIngress")
     assert ingress["user_config"] == {"routes": {"assistant": {"stable": 90.0, "canary": 10.0}}}
+    # The extra model's deployment is sized like the main one, and the worker group holds both.
+    server, extra = (
+        next(d for d in deployments if d["name"] == n) for n in ("LLMServer", "LLMServer-merged")
+    )
+    assert {k: v for k, v in extra.items() if k != "name"} == {k: v for k, v in server.items() if k != "name"}
+    group = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    replicas = server.get("num_replicas") or server["autoscaling_config"]["max_replicas"]
+    assert group["maxReplicas"] == 2 * replicas
     with pytest.raises(ValueError, match="--gateway-class"):
         KubeRayOptions(upgrade_strategy="NewClusterWithIncrementalUpgrade")

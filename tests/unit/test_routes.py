@@ -76,3 +76,28 @@ def test_weights_reach_the_ingress_as_user_config_and_no_constructor():
     assert args[SERVER]["serving"]["routes"] == {}  # model replicas never restart for a weight change
     other = deployment_args(load_config(None, [*SPLIT, "serving.routes.assistant.arms.canary.weight=50"]))
     assert other == args  # constructor arguments equal: Serve reconfigures the live ingress
+
+
+def test_more_models_get_their_own_deployments_and_may_be_arms(tmp_path):
+    from llmopt.deployment import model_deployment_args
+    from llmopt.models import load_model, load_tokenizer
+    from llmopt.serve import ServingSetupError, check_models
+
+    config = load_config(None, ["serving.models.v3=tiny-moe", "serving.routes.r.arms.a.model=v3",
+                                "serving.routes.r.arms.a.weight=1"])  # fmt: skip
+    ((name, args),) = model_deployment_args(config).values()
+    assert name == "LLMServer-v3" and args["model"]["name_or_path"] == "tiny-moe"
+    assert args["serving"]["adapters"] == {} and args["serving"]["routes"] == {}
+    assert deployment_args(config)[SERVER]["serving"]["models"] == {}  # the main replica never sees them
+    check_models(config)  # the presets share one tokenizer
+    for bad, message in (("serving.models.tiny-llama=tiny-moe", "already a served model name"),
+                         ("serving.models.a/b=tiny-moe", "letters, digits")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [bad])
+    other = tmp_path / "other"
+    load_model("tiny-llama").save_pretrained(other)
+    tokenizer = load_tokenizer("tiny-llama")
+    tokenizer.add_tokens(["<extra-token>"])
+    tokenizer.save_pretrained(other)
+    with pytest.raises(ServingSetupError, match="has another tokenizer"):
+        check_models(load_config(None, [f"serving.models.x={other}"]))

@@ -7,6 +7,7 @@ name both values plus the fix.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -503,6 +504,12 @@ class ServingConfig(StrictModel):
     adapters: dict[str, str] = Field(
         default_factory=dict, description="LoRA adapters to serve: name -> run directory or adapter path."
     )
+    models: dict[str, str] = Field(
+        default_factory=dict,
+        description="More models served beside model.name_or_path, each by its own model deployment with "
+        "these serving settings: name -> preset or model directory (e.g. a merged fine-tune for a canary). "
+        "They must share the main model's tokenizer; clients call them by name.",
+    )
     routes: dict[str, RouteConfig] = Field(
         default_factory=dict,
         description="Model names whose traffic is split between arms by weight (canary, A/B), sticky per "
@@ -776,9 +783,18 @@ class RunConfig(StrictModel):
 
 def _route_errors(config: RunConfig) -> list[str]:
     """Each route's arms name a served model; a route's name is not one already."""
-    base, adapters = config.model.name_or_path, config.serving.adapters
+    base, adapters, models = config.model.name_or_path, config.serving.adapters, config.serving.models
     served = {base, *adapters, *(f"{base}:{a}" for a in adapters)}
     errors = []
+    for name in models:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            errors.append(
+                f"serving.models.{name}: a model name is letters, digits, '_', '.' and '-' (it is a Serve "
+                "deployment's name too); rename it"
+            )
+        if name in served:
+            errors.append(f"serving.models.{name}: {name!r} is already a served model name; rename it")
+    served |= set(models)
     for name, route in config.serving.routes.items():
         if name in served:
             errors.append(
@@ -788,7 +804,8 @@ def _route_errors(config: RunConfig) -> list[str]:
             if spec.model not in served:
                 errors.append(
                     f"serving.routes.{name}.arms.{arm}.model={spec.model!r} is not served here; use one of "
-                    f"{sorted(served)} (add the adapter to serving.adapters first)"
+                    f"{sorted(served)} (add the adapter to serving.adapters, or the model to serving.models, "
+                    "first)"
                 )
     return errors
 

@@ -17,6 +17,7 @@ from llmopt.serve._engine import (
 from llmopt.serve._loading import (
     ServingPrecisionError,
     check_adapters,
+    check_models,
     check_native_setup,
     load_adapters,
     load_serving_model,
@@ -84,6 +85,7 @@ __all__ = [
     "cache_nbytes",
     "cacheable",
     "check_adapters",
+    "check_models",
     "check_native_setup",
     "check_request",
     "check_vllm_setup",

@@ -171,6 +171,34 @@ def adapter_spec(name: str, path: str) -> dict:
     return json.loads((resolve_adapter(name, path) / "adapter_config.json").read_text())
 
 
+def check_models(config: RunConfig) -> None:
+    """Each of `serving.models` loads and shares the main model's tokenizer (the ingress tokenizes once for
+    every model it serves).
+
+    Raises:
+        ServingSetupError: a model that does not load, or has another tokenizer, naming the fix.
+    """
+    from llmopt.models import ModelLoadError, load_tokenizer
+
+    if not config.serving.models:
+        return
+    main = load_tokenizer(config.model)
+    problems = []
+    for name, path in config.serving.models.items():
+        try:
+            other = load_tokenizer(config.model.model_copy(update={"name_or_path": path}))
+        except (ModelLoadError, OSError, ValueError) as exc:
+            problems.append(f"serving.models.{name}={path!r} does not load: {exc}")
+            continue
+        if other.get_vocab() != main.get_vocab() or other.all_special_tokens != main.all_special_tokens:
+            problems.append(
+                f"serving.models.{name}={path!r} has another tokenizer than {config.model.name_or_path!r}; "
+                "serve it as its own app (llmopt serve model.name_or_path=...)"
+            )
+    if problems:
+        raise ServingSetupError("; ".join(problems))
+
+
 def check_native_setup(config: RunConfig) -> None:
     """What the native engine cannot serve, refused when the app is built (before any replica starts).
 
