@@ -101,6 +101,11 @@ def internal_error(exc: BaseException) -> Reject:
     return Reject(500, message, code="internal_error")
 
 
+def is_error_event(event: str) -> bool:
+    """Whether a server-sent event is the one `error_event` writes (a failed stream's end)."""
+    return event.startswith('data: {"error"')
+
+
 def error_event(exc: BaseException) -> str:
     """The server-sent event that ends a stream which failed after its headers went out."""
     reject = exc if isinstance(exc, Reject) else internal_error(exc)

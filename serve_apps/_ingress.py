@@ -60,6 +60,7 @@ from serve_apps._errors import (
     error_event,
     install_handlers,
     internal_error,
+    is_error_event,
     openai_finish_reason,
     overloaded,
     parse_body,
@@ -835,19 +836,18 @@ class LLMIngress:
             return await self._cached(body, owner, chat, body.model)
         user = body.user or (body.safety_identifier if chat else None)
         arm, served = self.router.pick(body.model, user, body.session_id, owner)
-        started, ok = time.monotonic(), False
+        started = time.monotonic()
         try:
             answer = await self._cached(body, owner, chat, served)
-            ok = True
-        except Reject as exc:
-            ok = exc.status < 500
+        except Exception as exc:  # a client's mistake (4xx) is no error of the arm
+            ok = isinstance(exc, Reject) and exc.status < 500
+            self._arm_done(body.model, arm, time.monotonic() - started, ok)
             raise
-        finally:
-            if not ok or not isinstance(answer, StreamingResponse):
-                self._arm_done(body.model, arm, time.monotonic() - started, ok)
         answer.headers["X-Route-Arm"] = arm
         if isinstance(answer, StreamingResponse):  # its latency and errors are known when it ends
             answer.body_iterator = self._arm_stream(answer.body_iterator, body.model, arm, started)
+        else:
+            self._arm_done(body.model, arm, time.monotonic() - started, True)
         return answer
 
     def _arm_done(self, route: str, arm: str, seconds: float, ok: bool) -> None:
@@ -858,7 +858,7 @@ class LLMIngress:
         ok = True
         try:
             async for event in events:
-                ok = ok and not event.startswith('data: {"error"')
+                ok = ok and not is_error_event(event)
                 yield event
         finally:
             self._arm_done(route, arm, time.monotonic() - started, ok)
@@ -896,7 +896,7 @@ class LLMIngress:
         sent, failed = [], False
         async for event in events:
             sent.append(event)
-            failed = failed or event.startswith('data: {"error"')
+            failed = failed or is_error_event(event)
             yield event
         if not failed and self.cache is not None:
             await self.cache.put(key, {"kind": "stream", "events": sent})
