@@ -574,7 +574,7 @@ class LLMIngress:
         max_tokens = self._fit(prompt_ids, body.max_tokens, "max_tokens")
         model = body.model
         if self.router is not None and model in self.router:  # a split route: the caller's arm
-            _, model = self.router.pick(model, None, session_id, owner)
+            _, model = self.router.pick(model, None, session_id, self._sticky_owner(owner))
         target, adapter = self._target(model)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         params = SamplingParams(
@@ -835,7 +835,7 @@ class LLMIngress:
         if self.router is None or body.model not in self.router:
             return await self._cached(body, owner, chat, body.model)
         user = body.user or (body.safety_identifier if chat else None)
-        arm, served = self.router.pick(body.model, user, body.session_id, owner)
+        arm, served = self.router.pick(body.model, user, body.session_id, self._sticky_owner(owner))
         started = time.monotonic()
         try:
             answer = await self._cached(body, owner, chat, served)
@@ -849,6 +849,10 @@ class LLMIngress:
         else:
             self._arm_done(body.model, arm, time.monotonic() - started, True)
         return answer
+
+    def _sticky_owner(self, owner: str) -> str | None:
+        """The caller's key digest for a split's stickiness; None with API keys off (one anonymous owner)."""
+        return owner if self.keys is not None else None
 
     def _arm_done(self, route: str, arm: str, seconds: float, ok: bool) -> None:
         self.router.stats[route][arm].record(seconds, ok)

@@ -101,3 +101,9 @@ def test_more_models_get_their_own_deployments_and_may_be_arms(tmp_path):
     tokenizer.save_pretrained(other)
     with pytest.raises(ServingSetupError, match="has another tokenizer"):
         check_models(load_config(None, [f"serving.models.x={other}"]))
+
+
+def test_a_caller_with_nothing_to_stick_to_is_drawn_per_request():
+    router = _router()
+    arms = [router.pick("assistant", None, None, None)[0] for _ in range(4000)]
+    assert arms.count("canary") / len(arms) == pytest.approx(0.10, abs=0.02)

@@ -107,16 +107,20 @@ class Router:
             self.changed_at = time.time()
         return changed
 
-    def pick(self, route: str, user: str | None, session: str | None, owner: str) -> tuple[str, str]:
-        """(arm, served model) for a request to `route`."""
+    def pick(self, route: str, user: str | None, session: str | None, owner: str | None) -> tuple[str, str]:
+        """(arm, served model) for a request to `route`; `owner` is None for a caller without an API key.
+
+        A request with nothing to stick to (no user, session or key) is drawn on its own: with keys off,
+        every caller shares one anonymous owner, which would send all of them to one arm.
+        """
         config = self.routes[route]
         sticky = {
             "auto": user or session or owner,
             "user": user or owner,
             "session": session or owner,
             "key": owner,
-            "none": uuid.uuid4().hex,
-        }[config.sticky]
+            "none": None,
+        }[config.sticky] or uuid.uuid4().hex
         point = int.from_bytes(hashlib.sha256(f"{route}\0{sticky}".encode()).digest()[:8], "big") / 2**64
         weights = self.weights[route]
         total = sum(weights.values())
