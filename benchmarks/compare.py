@@ -5,8 +5,10 @@
 
 Servers, started one at a time on loopback, each stopped (its whole process group) before the next starts:
 
-- ``llmopt``: ``llmopt serve`` with ``serving.engine=native`` (``--throughput-optimized`` with that flag);
-- ``llmopt-vllm``: the same command with ``serving.engine=vllm``, run from the vLLM environment;
+- ``llmopt``: ``llmopt serve`` with ``serving.engine=native``, on Serve's default HTTP path (a Python proxy);
+- ``llmopt-fast``: the same with ``--throughput-optimized`` (HAProxy in front of the ingress replica);
+- ``llmopt-vllm`` (not run unless named in ``--servers``): ``llmopt serve`` with ``serving.engine=vllm``, run
+  from the vLLM environment;
 - ``vllm``: plain ``vllm serve`` of the same model directory (fp32, the same ``max_num_seqs``).
 
 The vLLM environment is the Python given by ``--vllm-python`` (default: ``.venv-vllm/bin/python``, which
@@ -36,6 +38,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "jobs/configs/tiny-llama-reverse.yaml"
 VLLM_NAME = "m"  # the model name plain vLLM serves under
+SERVERS = ("llmopt", "llmopt-fast", "llmopt-vllm", "vllm")
+OURS = ("llmopt", "llmopt-fast", "llmopt-vllm")  # the columns compared with plain vLLM
 
 
 def add_compare_parser(sub) -> None:
@@ -50,9 +54,15 @@ def add_compare_parser(sub) -> None:
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument(
-        "--servers", nargs="+", default=["llmopt", "llmopt-vllm", "vllm"], help="Columns to run, in order."
+        "--servers",
+        nargs="+",
+        default=["llmopt", "llmopt-fast", "vllm"],
+        choices=SERVERS,
+        help="Columns to run, in order.",
     )
-    parser.add_argument("--throughput-optimized", action="store_true", help="llmopt columns: HAProxy path.")
+    parser.add_argument(
+        "--throughput-optimized", action="store_true", help="llmopt and llmopt-vllm too: the HAProxy path."
+    )
     parser.add_argument(
         "--vllm-python", default=None, help="Python of an environment with vLLM (and llmopt)."
     )
@@ -97,13 +107,13 @@ def _server_command(
             "--max-num-seqs", str(args.max_batch_size), "--max-model-len", max_len,
             "--kv-cache-memory-bytes", str(kv_bytes), "--disable-uvicorn-access-log",
         ]  # fmt: skip
-    engine = "native" if server == "llmopt" else "vllm"
+    engine = "vllm" if server == "llmopt-vllm" else "native"
     python = vllm_python if server == "llmopt-vllm" else Path(sys.executable)
     command = [
         str(python.parent / "llmopt"), "serve", "--config", CONFIG, "--port", str(args.port),
         f"serving.engine={engine}", *overrides,
     ]  # fmt: skip
-    if args.throughput_optimized:
+    if args.throughput_optimized or server == "llmopt-fast":
         command.insert(2, "--throughput-optimized")
     return command
 
@@ -210,7 +220,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
             "[yellow]No vLLM environment (--vllm-python, or .venv-vllm from `make test-vllm`): running "
             "llmopt alone, with llmopt's load generator in place of `vllm bench serve`.[/yellow]"
         )
-        servers = [s for s in servers if s == "llmopt"]
+        servers = [s for s in servers if s in ("llmopt", "llmopt-fast")]
     url = f"http://127.0.0.1:{args.port}"
     report: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count()},
@@ -283,10 +293,9 @@ def _table(console, table_cls, report: dict[str, Any], servers: list[str]) -> No
     table.add_column("c", justify="right")
     for server in servers:
         table.add_column(server, justify="right")
-    if "llmopt" in servers and "vllm" in servers:
-        table.add_column("llmopt / vllm", justify="right")
-    if "llmopt-vllm" in servers and "vllm" in servers:
-        table.add_column("llmopt-vllm / vllm", justify="right")
+    compared = [ours for ours in OURS if ours in servers and "vllm" in servers]
+    for ours in compared:
+        table.add_column(f"{ours} / vllm", justify="right")
     for preset in report["settings"]["presets"]:
         for concurrency in report["settings"]["concurrency"]:
             cells, rates = [], {}
@@ -298,10 +307,9 @@ def _table(console, table_cls, report: dict[str, Any], servers: list[str]) -> No
                 rates[server] = point["output_tokens_per_s"]
                 ttft = f"{point['ttft_p50_ms']:.0f} / {point['ttft_p99_ms']:.0f}"
                 cells.append(f"{point['output_tokens_per_s']:.1f} ({ttft})")
-            for ours in ("llmopt", "llmopt-vllm"):
-                if ours in servers and "vllm" in servers:
-                    both = ours in rates and "vllm" in rates and rates["vllm"]
-                    cells.append(f"{rates[ours] / rates['vllm']:.2f}x" if both else "-")
+            for ours in compared:
+                both = ours in rates and "vllm" in rates and rates["vllm"]
+                cells.append(f"{rates[ours] / rates['vllm']:.2f}x" if both else "-")
             table.add_row(preset, str(concurrency), *cells)
     console.print(table)
 

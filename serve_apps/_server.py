@@ -324,6 +324,7 @@ class LLMServer:
             max_batch_size=self.max_batch_size,
             continuous=batching.mode == "continuous",
             use_cache=self.config.serving.kv_cache.enabled,
+            max_prefill_tokens=batching.max_prefill_tokens,
         )
 
     def _set_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:

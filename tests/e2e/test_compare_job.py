@@ -23,11 +23,11 @@ def _compare(tmp_path, *extra: str) -> dict:
     return report
 
 
-def test_llmopt_alone_with_its_own_client(tmp_path):
+def test_llmopt_alone_on_both_http_paths_with_its_own_client(tmp_path):
     report = _compare(tmp_path, "--without-vllm")
     assert report["client"] == "llmopt load generator"
     cells = [(r["server"], r["concurrency"], r["completed"], r["failed"]) for r in report["results"]]
-    assert cells == [("llmopt", 1, 16, 0), ("llmopt", 4, 16, 0)]
+    assert cells == [(server, c, 16, 0) for server in ("llmopt", "llmopt-fast") for c in (1, 4)]
     assert all(
         r["output_tokens_per_s"] > 0 and r["ttft_p99_ms"] >= r["ttft_p50_ms"] > 0 for r in report["results"]
     )
@@ -36,10 +36,9 @@ def test_llmopt_alone_with_its_own_client(tmp_path):
 @pytest.mark.vllm
 def test_three_servers_with_vllms_client(tmp_path):
     pytest.importorskip("vllm", reason="vLLM is not installed here; `make test-vllm` runs this")
-    report = _compare(tmp_path, "--vllm-python", sys.executable)
+    servers = ("llmopt", "llmopt-vllm", "vllm")
+    report = _compare(tmp_path, "--vllm-python", sys.executable, "--servers", *servers)
     assert report["client"] == "vllm bench serve"
     cells = [(r["server"], r["concurrency"], r.get("completed"), r.get("failed")) for r in report["results"]]
-    assert cells == [(server, c, 16, 0) for server in ("llmopt", "llmopt-vllm", "vllm") for c in (1, 4)], (
-        report["results"]
-    )
+    assert cells == [(server, c, 16, 0) for server in servers for c in (1, 4)], report["results"]
     assert all(r["output_tokens_per_s"] > 0 for r in report["results"])

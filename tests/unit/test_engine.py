@@ -495,3 +495,43 @@ def test_virtual_tokens_of_prompt_learning_match_peft_in_a_mixed_batch(model, to
     assert [v for v, _ in served[7:]] == pytest.approx(want, abs=1e-4)
     with pytest.raises(ValueError, match="virtual tokens"):
         engine.add(GenerationRequest("x", [0] * 6, SamplingParams(), copy_cache(prefix), virtual_tokens=6))
+
+
+def test_prefill_token_budget_spreads_newcomers_over_steps_and_changes_no_output(model, tok):
+    prompts = [TEXTS[1], TEXTS[2], TEXTS[3], TEXTS[0]]
+    lengths = [len(tok(t).input_ids) for t in prompts]
+    budget = lengths[0] + lengths[1]  # the first two fit; the third (the longest) waits for the next step
+    outs = {}
+    for limit in (None, budget):
+        engine = _engine(model, tok, max_batch_size=8, max_prefill_tokens=limit)
+        for i, text in enumerate(prompts):
+            engine.add(_req(tok, f"r{i}", text, max_tokens=4))
+        steps = []
+        while engine.has_work():
+            steps.append(engine.step())
+        outs[limit] = steps
+    unlimited, budgeted = outs[None], outs[budget]
+    assert {o.request_id for o in unlimited[0]} == {"r0", "r1", "r2", "r3"}
+    assert {o.request_id for o in budgeted[0]} == {"r0", "r1"}
+    # The next step decodes r0 and r1 and admits r2 alone: it is longer than the budget, and runs anyway.
+    assert {o.request_id for o in budgeted[1]} == {"r0", "r1", "r2"}
+    assert {o.request_id for o in budgeted[2]} == {"r0", "r1", "r2", "r3"}
+
+    def by_request(steps):
+        got = {}
+        for step in steps:
+            for out in step:
+                got.setdefault(out.request_id, []).append(out)
+        return got
+
+    got, want = by_request(budgeted), by_request(unlimited)
+    assert got.keys() == want.keys()
+    for rid in want:
+        _assert_same(got[rid], want[rid])
+
+
+def test_prefill_token_budget_leaves_static_batches_whole(model, tok):
+    engine = _engine(model, tok, max_batch_size=4, continuous=False, max_prefill_tokens=1)
+    for i, text in enumerate(TEXTS):
+        engine.add(_req(tok, f"r{i}", text, max_tokens=2))
+    assert len(engine.step()) == 4

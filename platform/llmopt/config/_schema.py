@@ -327,6 +327,14 @@ class BatchingConfig(StrictModel):
         description="Wait for a batch to fill; default 0.01 s for `static`, 0 otherwise (a continuous batch "
         "takes newcomers at every decode step, so waiting only delays their first token).",
     )
+    max_prefill_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="`continuous` only: most prompt tokens prefilled in one engine step (at least one whole "
+        "prompt, never split); the rest wait for the next steps, with decode steps between. Lower: newcomers "
+        "get their first token sooner (TTFT p50), running streams see more, shorter pauses; null: every "
+        "waiting request that fits the batch is prefilled in the same step.",
+    )
 
     @property
     def wait_timeout_s(self) -> float:

@@ -200,6 +200,9 @@ class GenerationEngine:
             next is admitted (finished requests still return at once).
         use_cache: Keep KV caches while decoding. False recomputes every running sequence in full at each
             step (the no-cache baseline of the benchmark; sessions are not reused then).
+        lean_decode: Decode Llama models with the lean native step where it applies.
+        max_prefill_tokens: With ``continuous``, the most prompt tokens (not cached yet) prefilled in one
+            step, at least one whole prompt; None prefills every newcomer that fits the batch at once.
     """
 
     def __init__(
@@ -211,6 +214,7 @@ class GenerationEngine:
         continuous: bool = True,
         use_cache: bool = True,
         lean_decode: bool = True,
+        max_prefill_tokens: int | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError(
@@ -219,6 +223,7 @@ class GenerationEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
         self.keep_logits = keep_logits
         self.continuous = continuous
         self.use_cache = use_cache
@@ -404,7 +409,7 @@ class GenerationEngine:
             outputs += self._advance_rows(self._running, logits)
 
         room = self.max_batch_size - len(self._running) if admit else 0
-        newcomers = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+        newcomers = self._take_waiting(room)
         for seq in [s for s in newcomers if s.request.params.prompt_logprobs is not None]:
             try:
                 seq.prompt_logprobs = self._prompt_logprobs(seq)
@@ -440,6 +445,28 @@ class GenerationEngine:
                         self._export(out)
             self._keep([i for i, s in enumerate(self._running) if s.request.request_id not in finished])
         return outputs
+
+    def _take_waiting(self, room: int) -> list[_Sequence]:
+        """Up to ``room`` waiting requests for this step, in order, whose prompts (the part not cached yet)
+        fit ``max_prefill_tokens`` together; always at least one, so a prompt above the budget still runs.
+
+        Prefills run inside the step, before its outputs go out: 26 newcomers' prefills in one step (the
+        tiny preset, 64-token prompts) held every running stream and every newcomer's first token for 240 ms.
+        A budget spreads them over steps with decode steps between them, as vLLM's token budget per step
+        (``max_num_batched_tokens``) does with chunked prefill; a prompt here is never split.
+        """
+        newcomers: list[_Sequence] = []
+        budget = self.max_prefill_tokens if self.continuous else None  # a static batch is admitted whole
+        while self._waiting and len(newcomers) < room:
+            seq = self._waiting[0]
+            cached = seq.request.prefix_cache.get_seq_length() if seq.request.prefix_cache is not None else 0
+            tokens = max(1, len(seq.request.prompt_ids) - cached)
+            if budget is not None and newcomers and tokens > budget:
+                break
+            newcomers.append(self._waiting.popleft())
+            if budget is not None:
+                budget -= tokens
+        return newcomers
 
     def generate(self, requests: list[GenerationRequest]) -> dict[str, list[StepOutput]]:
         """Add every request, step until all are done and return each request's outputs in order."""
