@@ -331,6 +331,11 @@ def test_batch_generate_and_batching_under_concurrency(server, reference, engine
     assert stats["engine"]["decode_path"] == "transformers (PeftModel is not LlamaForCausalLM)"
     assert stats["batch_size"]["max"] > 1  # requests really were decoded together
     assert stats["kv_cache"]["hits"] >= 1
+    clock = stats["engine_thread"]
+    assert clock["steps_s"] > 0
+    if "on_cpu_s" in clock:  # Linux's per-thread scheduler counters
+        assert 0 < clock["on_cpu_s"] <= clock["steps_s"] + 0.01
+        assert clock["waiting_for_cpu_s"] >= 0 and clock["blocked_s"] >= 0
 
 
 def test_metrics_reach_prometheus(server, ray_cluster, engine):
