@@ -445,12 +445,7 @@ def _reap(command_pid: int, session_dir: str, poll_s: float = 0.5) -> None:
     ours = re.compile(re.escape(session_dir.rstrip("/")) + r"(?![\w.-])")  # not session_..._123 of _1234
 
     def of_session() -> list[psutil.Process]:
-        found = []
-        for proc in psutil.process_iter():
-            with contextlib.suppress(psutil.Error):
-                if proc.pid != me and any(ours.search(arg) for arg in proc.cmdline()):
-                    found.append(proc)
-        return found
+        return [proc for proc in psutil.process_iter() if proc.pid != me and _in_session(proc, ours)]
 
     for _ in range(3):  # a raylet still draining may start workers meanwhile
         procs = [p for p in {*tree, *of_session()} if _running(p)]
@@ -458,6 +453,23 @@ def _reap(command_pid: int, session_dir: str, poll_s: float = 0.5) -> None:
         if not procs:
             return
         _stop(procs, 2.0)
+
+
+def _in_session(proc: psutil.Process, session: re.Pattern[str]) -> bool:
+    """Whether the session directory is in the process's command line, or its stdout or stderr is a file
+    under it. A Ray worker renames itself (`ray::ProxyActor`), which drops the session from its command
+    line, but writes to `<session>/logs/worker-*.out`: a worker the draining raylet started after the
+    command's last look at its tree (a Serve proxy that then held the HTTP port) is found that way."""
+    try:
+        if any(session.search(arg) for arg in proc.cmdline()):
+            return True
+        for fd in (1, 2):
+            with contextlib.suppress(OSError):
+                if session.search(os.readlink(f"/proc/{proc.pid}/fd/{fd}")):
+                    return True
+    except psutil.Error:
+        pass
+    return False
 
 
 def _running(proc: psutil.Process) -> bool:

@@ -141,6 +141,10 @@ def test_the_reaper_ends_a_dead_command_s_tree_and_its_ray_session(tmp_path):
     sleeper = [sys.executable, "-c", "import sys, time; time.sleep(120)"]
     decoy = subprocess.Popen([*sleeper, f"{session}0/sockets/raylet"])  # another session: _10
     outsider = subprocess.Popen([*sleeper, f"--store={session}/sockets/plasma_store"])
+    # A renamed Ray worker: the session is not in its command line, only in where its output goes.
+    (session / "logs").mkdir(parents=True)
+    with (session / "logs" / "worker-1.out").open("w") as worker_log:
+        worker = subprocess.Popen(sleeper, stdout=worker_log)
     command = textwrap.dedent(
         f"""
         import os, subprocess, sys, time
@@ -155,13 +159,14 @@ def test_the_reaper_ends_a_dead_command_s_tree_and_its_ray_session(tmp_path):
         out = subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, timeout=60)
         child = int(out.stdout.split()[0])
         assert outsider.wait(timeout=30) == -signal.SIGTERM
+        assert worker.wait(timeout=30) == -signal.SIGTERM
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and _alive(child):
             time.sleep(0.2)
         assert not _alive(child)
         assert decoy.poll() is None  # a session whose name merely starts the same is not ours
     finally:
-        for proc in (decoy, outsider):
+        for proc in (decoy, outsider, worker):
             proc.kill()
             proc.wait()
 
