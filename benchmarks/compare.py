@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -118,30 +119,44 @@ def _server_command(
     return command
 
 
-def _wait_ready(url: str, process: subprocess.Popen, timeout_s: float) -> float:
+def _wait_ready(url: str, process: subprocess.Popen, model: str, timeout_s: float) -> float:
+    """Seconds until the server started here lists `model`: an answer from whatever else listens on the
+    port (a previous server's straggler) does not count."""
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
         if process.poll() is not None:
             raise RuntimeError(f"the server exited with {process.returncode} before it answered")
         try:
-            if httpx.get(f"{url}/v1/models", timeout=5).status_code == 200:
+            response = httpx.get(f"{url}/v1/models", timeout=5)
+            if response.status_code == 200 and model in {m.get("id") for m in response.json()["data"]}:
                 return time.monotonic() - start
-        except httpx.HTTPError:
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
             pass
         time.sleep(1.0)
-    raise TimeoutError(f"no answer from {url}/v1/models within {timeout_s:.0f} s")
+    raise TimeoutError(f"{url}/v1/models did not list {model} within {timeout_s:.0f} s")
+
+
+def _port_free(port: int, timeout_s: float) -> str | None:
+    """None once 127.0.0.1:port is free, else why not (naming the holder) after `timeout_s`."""
+    from llmopt.processes import port_problem
+
+    deadline = time.monotonic() + timeout_s
+    while (problem := port_problem("127.0.0.1", port)) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    return problem
 
 
 def _stop(process: subprocess.Popen) -> None:
     """SIGINT, as Ctrl-C (llmopt serve and vllm serve both shut down on it), then SIGKILL of the group."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGINT)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # what the server left in its group
         os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
 
 
 def _vllm_bench(
@@ -240,12 +255,20 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
                 "VLLM_NO_USAGE_STATS": "1",
                 "VLLM_USE_AOT_COMPILE": "0",
             }
+            # Each server gets the port to itself: one still held (the last server's stragglers, another
+            # program) fails this server with the holder named, not a measurement of the wrong server.
+            problem = _port_free(args.port, 60.0)
+            if problem:
+                console.print(f"[red]{preset} / {server} not started: {problem}[/red]")
+                report["results"].append({"preset": preset, "server": server, "error": problem})
+                log.close()
+                continue
             process = subprocess.Popen(
                 command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
             try:
-                ready_s = _wait_ready(url, process, args.ready_timeout)
                 model = VLLM_NAME if server == "vllm" else preset
+                ready_s = _wait_ready(url, process, model, args.ready_timeout)
                 for concurrency in args.concurrency:
                     n = max(16, args.prompts * concurrency)
                     if vllm_python is not None:
@@ -303,6 +326,9 @@ def _table(console, table_cls, report: dict[str, Any], servers: list[str]) -> No
                 point = _cell(report, preset, server, concurrency)
                 if point is None:
                     cells.append("failed")
+                    continue
+                if not point.get("completed", 1):
+                    cells.append(f"failed ({point['failed']})")
                     continue
                 rates[server] = point["output_tokens_per_s"]
                 ttft = f"{point['ttft_p50_ms']:.0f} / {point['ttft_p99_ms']:.0f}"
