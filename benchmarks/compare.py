@@ -327,7 +327,7 @@ def _table(console, table_cls, report: dict[str, Any], servers: list[str]) -> No
                 if point is None:
                     cells.append("failed")
                     continue
-                if not point.get("completed", 1):
+                if not point["completed"]:  # every request failed (None: vLLM's result lacked the count)
                     cells.append(f"failed ({point['failed']})")
                     continue
                 rates[server] = point["output_tokens_per_s"]

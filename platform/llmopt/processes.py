@@ -458,8 +458,8 @@ def _reap(command_pid: int, session_dir: str, poll_s: float = 0.5) -> None:
 def _in_session(proc: psutil.Process, session: re.Pattern[str]) -> bool:
     """Whether the session directory is in the process's command line, or its stdout or stderr is a file
     under it. A Ray worker renames itself (`ray::ProxyActor`), which drops the session from its command
-    line, but writes to `<session>/logs/worker-*.out`: a worker the draining raylet started after the
-    command's last look at its tree (a Serve proxy that then held the HTTP port) is found that way."""
+    line, but writes to `<session>/logs/worker-*.out`: a worker missing from the command's last look at
+    its tree (one the draining raylet started afterwards) is found that way."""
     try:
         if any(session.search(arg) for arg in proc.cmdline()):
             return True
