@@ -27,6 +27,7 @@ import re
 import shutil
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -35,7 +36,15 @@ from typing import Any, Literal
 from llmopt.config import ConfigError, ConfigIssue, RunConfig, format_bytes, validate_config
 from llmopt.tune._cost import CostModel
 from llmopt.tune._hardware import GIB
-from llmopt.tune._loss_guard import LossGuard, Observation, family, progress
+from llmopt.tune._loss_guard import (
+    LOSS_TOLERANCE,
+    SCALED_METHODS,
+    LossGuard,
+    Observation,
+    family,
+    progress,
+    update_scale,
+)
 from llmopt.tune._rank import COST_PATHS, baseline_config, describe, recommend
 from llmopt.tune._report import SearchResult, write_outputs
 from llmopt.tune._space import SearchSpace, space_facts
@@ -173,11 +182,8 @@ def trial_placement(
 
 # --- scoring (pure) ------------------------------------------------------------------------------------
 TRIAL_RESOURCES = {"memory": 64 * 2**20}  # a trial's own actor; see the module doc
-
-# Held-out losses within this share of the ceiling meet it: the template's own training computed in
-# another order (a ZeRO stage, checkpointing) lands a few 1e-6 from the template's loss, which is the
-# ceiling under `baseline`; a strict comparison made those runs a coin toss.
-LOSS_TOLERANCE = 1e-4
+SEED_SCALE_FACTOR = 2.0  # a seeded adapter's update scale over the baseline's; see `_seed_points`
+UNCALIBRATED_SPREAD = 0.25  # seeds of another precision within this share of the top, uncalibrated
 
 
 def feasibility(
@@ -350,11 +356,12 @@ def run_trial(
     if s.prune and not prediction.fits:
         return finish(status="pruned", reason="pruned by cost model: " + "; ".join(prediction.reasons))
     record.update(
-        family=family(config), loss_progress=progress(config.training.max_steps, config.training.lr)
+        family=family(config),
+        loss_progress=progress(config.training.max_steps, config.training.lr, update_scale(config)),
     )
     if s.prune and ctx.loss_ceiling is not None:
         guard = LossGuard(ctx.loss_ceiling, ctx.loss_reference, _observations(outcome_dir.parent))
-        why = guard.judge(record["family"], record["loss_progress"])
+        why = guard.judge(record["family"], record["loss_progress"], config.training.max_steps)
         if why:
             return finish(status="pruned", reason=why)
 
@@ -456,7 +463,7 @@ def _observation(record: Mapping[str, Any]) -> Observation | None:
         return None
     if not math.isfinite(loss):
         return None
-    return Observation(record["family"], value, loss)
+    return Observation(record["family"], value, loss, int(record.get("steps_planned") or 0))
 
 
 def _observations(experiment: Path) -> list[Observation]:
@@ -569,12 +576,24 @@ def _seed_points(
     n: int,
     max_batch: int | None = None,
     base_values: Mapping[str, Any] | None = None,
+    scale: float | None = None,
+    spread: float | None = None,
 ) -> list[dict[str, Any]]:
     """The ranking's top `n` distinct strategies as Optuna points (choice labels, active params only).
 
     With `max_batch` (micro-batch x accumulation), only strategies taking at least as many optimizer
     steps on the token budget as that batch are seeded: the cost model predicts speed, not loss, and
     under a loss ceiling its fastest (largest-batch) strategies take too few steps to meet it.
+
+    With `scale` (the baseline's adapter update scale, `alpha / r`), a seeded adapter's alpha is the
+    choice nearest twice that scale at the seed's rank, never under it. Alpha is a setting the cost model
+    ignores, so the base config's alpha is otherwise kept at every rank. Under a ceiling set by the
+    baseline's own loss, a seed that trains as the baseline does (the same steps, rate and scale) at best
+    ties it, and in bf16 it lost 0.005 to it on the shipped search; at twice the scale, the same steps and
+    rate (LoRA r4 at alpha 8 beside the baseline's r8 at alpha 8) beat it by 0.014.
+
+    With `spread` (the cost model's relative step-time error), the best strategy of another precision whose
+    predicted tokens/s are within that share of the top's takes the place of the last seed.
     """
     points = []
     if max_batch is not None:
@@ -585,13 +604,39 @@ def _seed_points(
         ]
         ranking = type(ranking)(ranked=keep)
     base = base_values or {}
-    for candidate, _ in ranking.distinct(n):
+    chosen = [candidate for candidate, _ in ranking.distinct(n)]
+    if spread is not None and chosen:
+        # The calibration measures one compute rate per precision from a few short probes; when another
+        # precision's best is predicted within the model's own error of the top, the probes have not
+        # decided between them, so a trial does (on an AVX512-BF16 CPU the probes put bf16 8% under fp32
+        # in one calibration and over it in another; measured, bf16 trained 23% faster).
+        top = chosen[0].prediction.tokens_per_s
+        for candidate in ranking.ranked:  # fastest first
+            if candidate.prediction.tokens_per_s < top * (1 - spread):
+                break
+            held = Counter(c.config.precision for c in chosen)
+            if candidate.config.precision in held:
+                continue
+            # The last seed whose precision another seed also has gives way.
+            slots = [i for i in range(len(chosen) - 1, 0, -1) if held[chosen[i].config.precision] > 1]
+            if not slots:
+                break
+            chosen[slots[0]] = candidate
+    for candidate in chosen:
         point = {}
         for key, value in candidate.values.items():
             param = next(p for p in space.parameters if p.key == key)
             if param.path not in COST_PATHS and _within(param, base.get(param.path)):
                 value = base[param.path]  # a setting the cost model ignores (lr): the base run's value
             point[key] = param.labels[param.values.index(value)] if param.type == "choice" else value
+        alpha = next((p for p in space.parameters if p.path == "lora.alpha"), None)
+        if scale and alpha is not None and alpha.key in point and alpha.type == "choice":
+            lora = candidate.config.lora
+            floor = [a for a in alpha.values if float(a) / lora.r >= scale * (1 - 1e-9)]
+            if lora.enabled and lora.method in SCALED_METHODS and floor:
+                wanted = math.log(SEED_SCALE_FACTOR * scale * lora.r)
+                best = min(floor, key=lambda a: abs(math.log(float(a)) - wanted))
+                point[alpha.key] = alpha.labels[alpha.values.index(best)]
         points.append(point)
     return points
 
@@ -732,13 +777,21 @@ def run_search(
             f"{grid['pruned']} pruned before running (budget "
             f"{format_bytes(settings.memory_budget_bytes) if settings.memory_budget_bytes else 'none'})"
         )
-        max_batch = None
+        max_batch, scale = None, None
+        # Twice the probes' mean leave-one-out step-time error: how far apart two predictions must be
+        # before the cost model has told them apart (uncalibrated: the defaults' own error is unknown).
+        loo = (probe_errors or {}).get("loo_step_time_error")
+        spread = min(0.5, 2 * loo) if loo is not None else UNCALIBRATED_SPREAD
         base_paths = {p.path: _get(trial_base, p.path) for p in space.parameters}
         if settings.loss_ceiling is not None and settings.baseline:
-            reference = baseline_config(trial_base, cost.shape.params).training
-            max_batch = reference.micro_batch_size * reference.gradient_accumulation_steps
+            reference = baseline_config(trial_base, cost.shape.params)
+            max_batch = reference.training.micro_batch_size * reference.training.gradient_accumulation_steps
+            scale = update_scale(reference) if reference.lora.enabled else None
         seeds = (
-            [*settings.points, *_seed_points(space, ranking, settings.seeds, max_batch, base_paths)]
+            [
+                *settings.points,
+                *_seed_points(space, ranking, settings.seeds, max_batch, base_paths, scale, spread),
+            ]
             if not resume
             else []
         )
