@@ -440,6 +440,7 @@ class LoraSpec:
     modules_to_save: tuple[str, ...]
     trainable_params: int | None
     note: str = ""
+    dropout: float | None = None  # on the adapters' inputs
 
 
 @dataclass(frozen=True)
@@ -556,6 +557,7 @@ def _lora(f: _Fields) -> LoraSpec:
         modules_to_save=f.strs("modules_to_save"),
         trainable_params=f.maybe_integer("trainable_params"),
         note=f.text("note", optional=True),
+        dropout=f.maybe_number("dropout"),
     )
 
 

@@ -321,8 +321,13 @@ class CostModel:
         )
         full_layer = shape.activation_elems(False, None, shape.top_k)[1]
         layers = shape.num_layers
-        per_layer = [first] + [other] * (layers - 1)
         ab = 4 if resolve_precision_for(config, self.hardware) == "fp32" else 2
+        if lora is not None and lora.method in ("lora", "dora") and config.lora.dropout > 0:
+            # On CPU dropout keeps a noise tensor of the input's dtype; on CUDA a bool mask.
+            mask = 1.0 if self.hardware.accelerator == "cpu" else 1 / ab
+            first_extra, other_extra = shape.adapter_dropout_elems(lora, mask_elems=mask)
+            first, other = first + first_extra, other + other_extra
+        per_layer = [first] + [other] * (layers - 1)
         micro = config.training.micro_batch_size
         seq = workload.padded_length(micro)
         if lora is not None and lora.method == "prompt_tuning":

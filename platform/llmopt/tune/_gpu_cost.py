@@ -19,7 +19,9 @@ Memory per GPU (bytes), the sum of
   (4). ZeRO >= 1 divides them by N; optimizer offload moves them (and the master copy) to the host.
 * activations: `ModelShape.activation_elems` (what autograd saves per token, sdpa/flash attention) times
   the micro-batch's tokens at the activation dtype. bitsandbytes / GPTQ quantized linears save their input
-  for the backward whether or not the layer carries an adapter, so QLoRA adds those inputs. With gradient
+  for the backward whether or not the layer carries an adapter, so QLoRA adds those inputs. An adapter's
+  input dropout (`lora_dropout` above 0) keeps a one-byte mask, and its output in place of the input
+  the adapter kept (`ModelShape.adapter_dropout_elems`). With gradient
   checkpointing every decoder layer keeps only its input, and one layer is alive again while it is
   recomputed. Eager (non-flash) attention adds the (heads x seq) probabilities per token and layer.
 * the loss: `loss_bytes_per_logit` x tokens x vocab, what the output head and cross-entropy hold at once
@@ -129,6 +131,10 @@ class GpuStrategy:
         loss: Cross-entropy implementation, a key of `LOSS_BYTES`.
         bucket_elems: DeepSpeed's reduce/all-gather bucket size in elements.
         fused_qkv: Adapters on a fused q/k/v projection (Qwen v1 `c_attn`): one (h, q + 2 kv) adapter.
+        lora_dropout: Dropout on the adapters' inputs. Above 0, each dropout keeps a one-byte mask per
+            element, and each adapter its dropped copy (at 0 the adapters share the input).
+        shared_qkv_input: The q/k/v adapters read one dropout of their shared input (LitGPT's
+            LoRAQKVLinear; implied by `fused_qkv`), not one each (peft).
         lora_target_parameters: Fused 3-D expert parameters with adapters (peft `target_parameters`).
     """
 
@@ -156,6 +162,8 @@ class GpuStrategy:
     bucket_elems: int = DEEPSPEED_BUCKET_ELEMS
     fused_qkv: bool = False
     lora_target_parameters: tuple[str, ...] = ()
+    lora_dropout: float = 0.0
+    shared_qkv_input: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in ("full", "lora", "qlora"):
@@ -333,6 +341,15 @@ def _quantized_input_elems(shape: ModelShape, lora: LoraCount | None) -> float:
     return extra
 
 
+def _dropout_elems(shape: ModelShape, lora: LoraCount | None, strategy: GpuStrategy) -> tuple[float, float]:
+    """Per token, first and other layers: what the adapters' input dropouts add to the saved tensors, in
+    elements of the activation dtype (CUDA's fused dropout keeps a one-byte bool mask)."""
+    if lora is None or strategy.lora_dropout <= 0:
+        return 0.0, 0.0
+    shared = strategy.fused_qkv or strategy.shared_qkv_input
+    return shape.adapter_dropout_elems(lora, shared, mask_elems=1 / strategy.dtype_bytes)
+
+
 def _gathered_params(shape: ModelShape) -> float:
     """Parameters a ZeRO-3 / FSDP worker holds gathered at once: the layer running and the one prefetched
     (or, at the loss, the last layer and the output head)."""
@@ -391,6 +408,8 @@ def predict_memory(
     if s.method == "qlora":
         first += _quantized_input_elems(shape, lora)
         other += _quantized_input_elems(shape, lora)
+    first_drop, other_drop = _dropout_elems(shape, lora, s)
+    first, other = first + first_drop, other + other_drop
     attn = 0.0 if s.flash_attention else 2.0 * shape.heads * s.seq_len
     t = s.tokens
     ab = wb
@@ -510,7 +529,7 @@ def predict_throughput(model_config: dict[str, Any] | Any, strategy: GpuStrategy
 # source (LitGPT `bf16-true` + chunked CE; Qwen v1's remote code under HF Trainer + peft; torchtune's
 # bf16 recipes with chunked CE; transformers Llama under Accelerate + DeepSpeed).
 _FRAMEWORKS: dict[str, dict[str, Any]] = {
-    "litgpt-": {"pure_16bit": True, "loss": "chunked"},
+    "litgpt-": {"pure_16bit": True, "loss": "chunked", "shared_qkv_input": True},
     "qwen-": {"pure_16bit": False, "loss": "hf-16bit", "fused_qkv": True},
     "torchtune-": {"pure_16bit": True, "loss": "chunked"},
     "ray-template-": {"pure_16bit": False, "loss": "hf-fp32"},
@@ -540,6 +559,7 @@ def strategy_for(row: PublishedMeasurement) -> tuple[GpuStrategy | None, str]:
         "pure_16bit": framework["pure_16bit"],
         "loss": framework["loss"],
         "fused_qkv": framework.get("fused_qkv", False),
+        "shared_qkv_input": framework.get("shared_qkv_input", False),
         "dtype": "fp16" if (row.precision or "").startswith("fp16") else "bf16",
         "gradient_checkpointing": row.gradient_checkpointing,
         "flash_attention": row.flash_attention is not False,
@@ -554,7 +574,7 @@ def strategy_for(row: PublishedMeasurement) -> tuple[GpuStrategy | None, str]:
         if lora is None or lora.rank is None or not lora.targets:
             return None, "LoRA rank / target modules not stated"
         targets = _QWEN_TARGETS if row.id.startswith("qwen-") else lora.targets
-        kwargs.update(lora_rank=lora.rank, lora_targets=tuple(targets))
+        kwargs.update(lora_rank=lora.rank, lora_targets=tuple(targets), lora_dropout=lora.dropout or 0.0)
         kwargs["modules_to_save"] = tuple(_QWEN_SAVE.get(m, m) for m in lora.modules_to_save)
     if row.method == "qlora":
         q = (row.quantization or "").lower()

@@ -104,6 +104,7 @@ def strategy_of(
         lora_targets=modules if isinstance(modules, str) else tuple(modules),
         lora_target_parameters=tuple(targets.get("target_parameters") or ()),
         modules_to_save=tuple(targets.get("modules_to_save") or ()),
+        lora_dropout=lora.dropout if method != "full" else 0.0,
         dtype=dtype,
         quantization=quantization,
         deepspeed=True,  # parallelism.backend is DeepSpeed: fp32 master and gradient partitions, buckets

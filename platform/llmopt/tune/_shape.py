@@ -317,6 +317,41 @@ class ModelShape:
         # The first layer's input is the frozen embedding output, which its norm need not keep.
         return float(layer - h - 1), float(layer), constant, float(outside)
 
+    def adapter_dropout_elems(
+        self, lora: LoraCount | None, shared_qkv_input: bool = False, mask_elems: float = 1.0
+    ) -> tuple[float, float]:
+        """What adapters' input dropouts add to a layer's saved tensors, per token: `(first_layer,
+        other_layer)` in elements of the activation dtype (measured against autograd's saved tensors in
+        tests/unit/test_tune_cost.py).
+
+        Each adapted linear's adapter keeps its own dropped copy of its input (peft), or the q/k/v adapters
+        share one (LitGPT's LoRAQKVLinear, a fused qkv). Where that input requires grad, dropout keeps its
+        mask too: `mask_elems` per element (1 on CPU, where dropout keeps a noise tensor of the input's
+        dtype; 1 / dtype bytes on CUDA, whose fused dropout keeps a bool mask). The copies replace the
+        inputs only the adapters kept without dropout (the normed inputs of q/k/v and of gate/up, the
+        input of down_proj); the attention output stays, as attention keeps it whenever q/k/v require
+        grad. In the first layer q/k/v's input (the frozen embedding's) requires no grad.
+        """
+        if lora is None:
+            return 0.0, 0.0
+        t = lora.targeted
+        h, i = self.hidden, self.intermediate
+        qkv, o = t & {"q_proj", "k_proj", "v_proj"}, "o_proj" in t
+        mlp_in = set() if self.is_moe else t & {"gate_proj", "up_proj"}
+        down = not self.is_moe and "down_proj" in t
+        qkv_copies = (1 if shared_qkv_input else len(qkv)) * h if qkv else 0
+        copies = qkv_copies + (self.q_dim if o else 0) + len(mlp_in) * h + (i if down else 0)
+        freed = (h if qkv else 0) + (h if mlp_in else 0) + (i if down else 0)
+        other = copies - freed + mask_elems * copies
+        # First layer: dropout records nothing on an input that requires no grad, and without q/k/v
+        # adapters attention keeps no output, so o_proj's copy replaces it too.
+        attention_grad = bool(qkv)
+        stream_grad = attention_grad or o
+        first_masked = (self.q_dim if o and attention_grad else 0) + (len(mlp_in) * h if stream_grad else 0)
+        first_masked += i if down and (stream_grad or mlp_in) else 0
+        first = copies - freed - (0 if attention_grad or not o else self.q_dim) + mask_elems * first_masked
+        return float(first), float(other)
+
 
 def _feedforward(name: str, feedforward: list[str]) -> bool:
     return any(_matches(name, t) for t in feedforward)
