@@ -241,6 +241,43 @@ def test_adapter_dropout_adds_what_autograd_keeps(targets):
     assert dropped["saved"] - plain["saved"] == pytest.approx(4 * 8 * 64 * (first + 3 * other))
 
 
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("tiny-llama", ["lora.enabled=false"]),
+        ("tiny-llama", []),
+        ("tiny-llama", ["lora.target_modules=all-linear"]),
+        ("tiny-llama", ["lora.target_modules=[gate_proj,down_proj]"]),
+        ("tiny-moe", ["moe.mode=finetune"]),
+        ("tiny-moe", ["lora.enabled=false", "moe.mode=finetune"]),
+    ],
+)
+def test_16bit_training_keeps_the_fp32_upcasts(name, overrides):
+    """bf16 against fp32, autograd's saved tensors layer by layer: what bf16 keeps beyond the fp32 count at
+    2 bytes an element is each recorded RMSNorm's fp32 copy of its input, the router's fp32 softmax and
+    indices, and the loss's fp32 logits (within 2 elements a token of thousands)."""
+    from llmopt.models import apply_strategy, load_model
+    from llmopt.train._checkpointing import measure_layer_activations
+
+    torch.manual_seed(0)
+    ids = torch.randint(5, 1000, (2, 24))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    cfg = config(*overrides, model=name)
+    cost = CostModel(model_shape(name), CPU)
+    lora = cost.lora(cfg, cost.shape)
+    saved = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model, _ = apply_strategy(load_model(name), cfg)
+        model.to(dtype).train()
+        saved[dtype] = measure_layer_activations(model, batch)
+    tokens = ids.numel()
+    fp32, bf16 = saved[torch.float32], saved[torch.bfloat16]
+    extra = [(b / 2 - f / 4) / tokens for f, b in zip(fp32[0], bf16[0], strict=True)]
+    first, other, outside = cost.shape.upcast_elems(lora is not None, lora, None, cfg.moe.mode != "none")
+    assert extra == pytest.approx([first] + [other] * 3, abs=2.1)
+    assert (bf16[2] / 2 - fp32[2] / 4) / tokens == pytest.approx(outside, abs=2.2)
+
+
 def test_activations_with_and_without_checkpointing_by_hand():
     model = CostModel(model_shape("tiny-llama"), CPU)
     workload = Workload.fixed(64)  # unmasked 64-token sequences

@@ -25,16 +25,11 @@ THROUGHPUT_AIM = 0.25
 
 # (id, quantity) -> tolerance, for the rows that miss the aims, with why.
 MISSES = {
-    # LitGPT (Oct 2023, bf16-true, no checkpointing): with its LoRA dropout counted (0.05 on the shared q/v
-    # input: a one-byte mask, the dropped copy in place of the input), the measured activations are still
-    # ~1.5x what autograd saves in the HF Llama layers that ModelShape's coefficients count (7B: 7.6 GB
-    # measured vs 5.0 predicted; 13B: 11.9 vs 7.8; the same ratio at both sizes, so it is LitGPT's own layer
-    # implementation - fused-qkv padding, rope copies - not a wrong size term). Not modelled.
-    ("litgpt-llama2-7b-lora-1xa100-40gb", "memory_gb"): 0.13,
-    ("litgpt-llama2-13b-lora-1xa100-40gb", "memory_gb"): 0.11,
-    # Same activation gap, which QLoRA makes larger (bitsandbytes saves every linear's input, too).
-    ("litgpt-llama2-7b-qlora-nf4-1xa100-40gb", "memory_gb"): 0.23,
-    ("litgpt-llama2-13b-qlora-nf4-1xa100-40gb", "memory_gb"): 0.21,
+    # LitGPT QLoRA (Oct 2023, bf16-true, no checkpointing): its LoRA rows are within the aim once the 16-bit
+    # upcasts and the LoRA dropout are counted; its QLoRA rows keep ~3 GB more than bitsandbytes' saved
+    # inputs and the dequantized weight account for. Not modelled.
+    ("litgpt-llama2-7b-qlora-nf4-1xa100-40gb", "memory_gb"): 0.18,
+    ("litgpt-llama2-13b-qlora-nf4-1xa100-40gb", "memory_gb"): 0.17,
     # Multi-GPU LitGPT (FSDP): 35.6 GB per GPU is barely below the 1-GPU figure while the training state is
     # sharded 4 ways; the peak is presumably when the full checkpoint is loaded into the FSDP module, not in
     # training. The model predicts the training peak only.
@@ -46,7 +41,7 @@ MISSES = {
     # torchtune 8B QLoRA on an RTX 4090: the README's config version is not pinned; later single-device
     # configs offload activations to the CPU, which would remove most of the predicted 1.8 GB of
     # activations and 2.1 GB of logits.
-    ("torchtune-llama31-8b-qlora-1xrtx4090", "memory_gb"): 0.30,
+    ("torchtune-llama31-8b-qlora-1xrtx4090", "memory_gb"): 0.31,
     # torchtune numbers are with torch.compile (README note): fused kernels run above the single eager
     # MFU constant (these rows imply ~0.6 of the A100's peak).
     ("torchtune-llama31-70b-lora-8xa100", "tokens_per_s"): 0.30,

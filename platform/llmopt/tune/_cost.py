@@ -327,6 +327,11 @@ class CostModel:
             mask = 1.0 if self.hardware.accelerator == "cpu" else 1 / ab
             first_extra, other_extra = shape.adapter_dropout_elems(lora, mask_elems=mask)
             first, other = first + first_extra, other + other_extra
+        if ab == 2:
+            first_up, other_up, outside_up = shape.upcast_elems(
+                lora is not None, lora, shape.top_k, router_loss
+            )
+            first, other, outside = first + first_up, other + other_up, outside + outside_up
         per_layer = [first] + [other] * (layers - 1)
         micro = config.training.micro_batch_size
         seq = workload.padded_length(micro)

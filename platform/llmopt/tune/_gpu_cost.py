@@ -18,7 +18,8 @@ Memory per GPU (bytes), the sum of
   fp32 master copy (4) for 16-bit trainables, and DeepSpeed's ZeRO optimizers an fp32 gradient partition
   (4). ZeRO >= 1 divides them by N; optimizer offload moves them (and the master copy) to the host.
 * activations: `ModelShape.activation_elems` (what autograd saves per token, sdpa/flash attention) times
-  the micro-batch's tokens at the activation dtype. bitsandbytes / GPTQ quantized linears save their input
+  the micro-batch's tokens at the activation dtype, plus in 16-bit training the fp32 copies its norms and
+  router keep (`ModelShape.upcast_elems`). bitsandbytes / GPTQ quantized linears save their input
   for the backward whether or not the layer carries an adapter, so QLoRA adds those inputs. An adapter's
   input dropout (`lora_dropout` above 0) keeps a one-byte mask, and its output in place of the input
   the adapter kept (`ModelShape.adapter_dropout_elems`). With gradient
@@ -410,6 +411,9 @@ def predict_memory(
         other += _quantized_input_elems(shape, lora)
     first_drop, other_drop = _dropout_elems(shape, lora, s)
     first, other = first + first_drop, other + other_drop
+    if wb == 2:  # fp32 upcasts in 16-bit training (norms, router); the logits' are the loss term's
+        first_up, other_up, outside_up = shape.upcast_elems(lora is not None, lora)
+        first, other, outside = first + first_up, other + other_up, outside + outside_up - shape.vocab
     attn = 0.0 if s.flash_attention else 2.0 * shape.heads * s.seq_len
     t = s.tokens
     ab = wb

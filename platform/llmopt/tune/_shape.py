@@ -317,6 +317,40 @@ class ModelShape:
         # The first layer's input is the frozen embedding output, which its norm need not keep.
         return float(layer - h - 1), float(layer), constant, float(outside)
 
+    def upcast_elems(
+        self,
+        frozen_base: bool,
+        lora: LoraCount | None = None,
+        top_k: int | None = None,
+        router_loss: bool = False,
+    ) -> tuple[float, float, float]:
+        """What 16-bit training keeps beyond `activation_elems` x 2 bytes, per token, in 16-bit elements:
+        `(first_layer, other_layer, outside)` (measured against autograd's saved tensors in
+        tests/unit/test_tune_cost.py).
+
+        `activation_elems` counts elements as fp32 training saves them, where an RMSNorm's upcast of its
+        input to fp32 is the input itself. In bf16 / fp16 each RMSNorm that autograd records keeps that fp32
+        copy (twice the input's bytes) and its fp32 statistics: `hidden + 3` more 16-bit elements; the
+        loss keeps the fp32 upcast of the logits beside the 16-bit logits (`vocab` more, in `outside`). An
+        MoE router's fp32 softmax and its index tensors take twice the 16-bit elements they take in fp32
+        ones (`top_k x 10 + experts + 1` more a layer; with the load-balancing loss, its fp32 softmax over
+        every layer's router logits: `experts x layers + 1` more outside). In the first layer a norm (and
+        the router after it) is recorded only when its input requires grad: under a full fine-tune (the
+        embedding trains), or when attention has adapters to train.
+        """
+        norm = self.hidden + 3
+        k = self.top_k if top_k is None else top_k
+        route = k * 10 + self.num_experts + 1 if self.is_moe else 0
+        outside = (
+            norm + self.vocab + (self.num_experts * self.num_layers + 1 if self.is_moe and router_loss else 0)
+        )
+        other = 2.0 * norm + route
+        if not frozen_base:
+            return other, other, float(outside)
+        targeted = lora.targeted if lora else frozenset()
+        attention = bool(targeted & {"q_proj", "k_proj", "v_proj", "o_proj"})
+        return float(norm + route if attention else 0), other, float(outside)
+
     def adapter_dropout_elems(
         self, lora: LoraCount | None, shared_qkv_input: bool = False, mask_elems: float = 1.0
     ) -> tuple[float, float]:
