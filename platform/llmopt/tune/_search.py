@@ -609,7 +609,7 @@ def _seed_points(
         # The calibration measures one compute rate per precision from a few short probes; when another
         # precision's best is predicted within the model's own error of the top, the probes have not
         # decided between them, so a trial does (on an AVX512-BF16 CPU the probes put bf16 8% under fp32
-        # in one calibration and over it in another; measured, bf16 trained 23% faster).
+        # in one calibration and over it in another; measured, bf16 trained 18-32% faster).
         top = chosen[0].prediction.tokens_per_s
         for candidate in ranking.ranked:  # fastest first
             if candidate.prediction.tokens_per_s < top * (1 - spread):
