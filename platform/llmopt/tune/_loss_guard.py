@@ -58,6 +58,11 @@ NOISE_SHARE = 0.002
 SCALED_METHODS = frozenset({"lora", "dora", "loha", "lokr"})  # peft multiplies their product by alpha / r
 
 
+def highest_meeting(ceiling: float) -> float:
+    """The highest held-out loss that meets `ceiling` (within `LOSS_TOLERANCE` of it)."""
+    return ceiling * (1 + LOSS_TOLERANCE)
+
+
 def family(config: RunConfig) -> str:
     """`full`, or the peft method (`lora`, `dora`, `ia3`, ...), prefixed `q` on a quantized base
     (`qlora`): methods learn at different rates for the same steps x learning rate."""
@@ -131,7 +136,7 @@ class LossGuard:
     def _dominated(self, kind: str, value: float, steps: int) -> str | None:
         """A finished run of the family with at least the candidate's progress and steps missed the ceiling
         by more than run-to-run noise: the loss falls with both, so the candidate lands higher still."""
-        over = self.ceiling * (1 + LOSS_TOLERANCE) + NOISE_SHARE * self.ceiling
+        over = highest_meeting(self.ceiling) + NOISE_SHARE * self.ceiling
         for o in self._all():
             if o.family != kind or o.loss <= over or o.progress < value - 1e-9:
                 continue
@@ -151,7 +156,7 @@ class LossGuard:
         ref = self.reference
         if not (steps and ref is not None and ref.steps and steps < ref.steps and self._strict()):
             return None
-        met = self.ceiling * (1 + LOSS_TOLERANCE)
+        met = highest_meeting(self.ceiling)
         if any(
             o.family == kind and o.steps and o.steps <= steps and o.loss <= met for o in self.observations
         ):

@@ -37,11 +37,11 @@ from llmopt.config import ConfigError, ConfigIssue, RunConfig, format_bytes, val
 from llmopt.tune._cost import CostModel
 from llmopt.tune._hardware import GIB
 from llmopt.tune._loss_guard import (
-    LOSS_TOLERANCE,
     SCALED_METHODS,
     LossGuard,
     Observation,
     family,
+    highest_meeting,
     progress,
     update_scale,
 )
@@ -200,9 +200,7 @@ def feasibility(
         return False, "run failed"
     if budget_bytes is not None and (peak_bytes or 0) > budget_bytes:
         return False, f"memory: peak {format_bytes(peak_bytes or 0)} > budget {format_bytes(budget_bytes)}"
-    if loss_ceiling is not None and (
-        eval_loss is None or not eval_loss <= loss_ceiling * (1 + LOSS_TOLERANCE)
-    ):
+    if loss_ceiling is not None and (eval_loss is None or not eval_loss <= highest_meeting(loss_ceiling)):
         return False, f"loss: held-out loss {eval_loss} > ceiling {loss_ceiling:.4f}"
     if time_limit_s is not None and seconds is not None and seconds > time_limit_s:
         return False, f"time: {seconds:.0f} s > {time_limit_s:.0f} s"
@@ -604,6 +602,7 @@ def _seed_points(
         ]
         ranking = type(ranking)(ranked=keep)
     base = base_values or {}
+    alpha = next((p for p in space.parameters if p.path == "lora.alpha"), None)
     chosen = [candidate for candidate, _ in ranking.distinct(n)]
     if spread is not None and chosen:
         # The calibration measures one compute rate per precision from a few short probes; when another
@@ -629,7 +628,6 @@ def _seed_points(
             if param.path not in COST_PATHS and _within(param, base.get(param.path)):
                 value = base[param.path]  # a setting the cost model ignores (lr): the base run's value
             point[key] = param.labels[param.values.index(value)] if param.type == "choice" else value
-        alpha = next((p for p in space.parameters if p.path == "lora.alpha"), None)
         if scale and alpha is not None and alpha.key in point and alpha.type == "choice":
             lora = candidate.config.lora
             floor = [a for a in alpha.values if float(a) / lora.r >= scale * (1 - 1e-9)]
