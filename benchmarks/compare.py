@@ -65,6 +65,14 @@ def add_compare_parser(sub) -> None:
         "--throughput-optimized", action="store_true", help="llmopt and llmopt-vllm too: the HAProxy path."
     )
     parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="A run-config override for llmopt's servers (repeatable), e.g. serving.layout=single.",
+    )
+    parser.add_argument(
         "--vllm-python", default=None, help="Python of an environment with vLLM (and llmopt)."
     )
     parser.add_argument(
@@ -112,7 +120,7 @@ def _server_command(
     python = vllm_python if server == "llmopt-vllm" else Path(sys.executable)
     command = [
         str(python.parent / "llmopt"), "serve", "--config", CONFIG, "--port", str(args.port),
-        f"serving.engine={engine}", *overrides,
+        f"serving.engine={engine}", *overrides, *args.settings,
     ]  # fmt: skip
     if args.throughput_optimized or server == "llmopt-fast":
         command.insert(2, "--throughput-optimized")

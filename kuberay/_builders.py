@@ -303,7 +303,8 @@ def build_rayservice(
     applied. Deployment options the application leaves out are filled from the run config by
     `llmopt.deployment.deployment_options`, the application builder's own mapping, in the pod layout: the
     model deployment's `autoscaling_config` (or `num_replicas`), `user_config` and `ray_actor_options`,
-    one model replica per worker pod; the ingress asks for no CPU so it can run anywhere, the head included.
+    one model replica per worker pod; the ingress asks for no CPU so it can run anywhere, the head included
+    (`serving.layout=single` has no ingress: the model replicas serve HTTP behind the proxies).
     The worker group spans the model deployment's replica bounds and Ray's autoscaler follows Serve's.
     With `options.auth`, the API keys come from a Secret through `serving.api_keys_env`.
 
@@ -332,15 +333,31 @@ def build_rayservice(
 
     # The application's own options win; the rest come from the run config through the mapping the app
     # builder uses, in its pod layout (one model replica per worker pod, an ingress that asks for no CPU).
+    declared = next((d for d in app.get("deployments", []) if d.get("name") == SERVER), None)
+    # `auto` decides from the run config, which cannot see replica bounds that the Serve config's own entry
+    # sets: with several replicas, the split layout's ingress keeps sending a session's turns to the replica
+    # that holds its cache.
+    auto_single = config.serving.layout == "auto" and config.serving.single_layout
+    if auto_single and declared and _replica_bounds(declared)[1] > 1:
+        args["overrides"] = [*args.get("overrides", []), "serving.layout=split"]
+        config = config.model_copy(update={"serving": config.serving.model_copy(update={"layout": "split"})})
     derived = deployment_options(config, kuberay=True)
     server = _deployment(app, SERVER)
     replicas = {"num_replicas", "autoscaling_config"}
     for key, value in derived[SERVER].items():
         if key not in replicas or not replicas & server.keys():  # a fixed count or bounds, never both
             server.setdefault(key, copy.deepcopy(value))
-    ingress = _deployment(app, INGRESS)
-    for key, value in derived[INGRESS].items():
-        ingress.setdefault(key, copy.deepcopy(value))
+    if INGRESS in derived:
+        ingress = _deployment(app, INGRESS)
+        for key, value in derived[INGRESS].items():
+            ingress.setdefault(key, copy.deepcopy(value))
+    elif any(d.get("name") == INGRESS for d in app.get("deployments", [])):
+        # Serve fails a config naming a deployment the application does not have, on the cluster, later.
+        raise ValueError(
+            f"application {application.get('name')!r} sets options of {INGRESS}, which "
+            "serving.layout=single does not deploy (its LLMServer replicas serve HTTP); set "
+            "serving.layout=split, or move the options to LLMServer"
+        )
     for name in config.serving.models:  # each extra model's deployment: the model deployment's options
         extra = _deployment(app, f"{SERVER}-{name}")
         for key, value in server.items():

@@ -411,20 +411,29 @@ class LLMIngress:
     """HTTP front door: checks keys, bodies and lengths, tokenizes, and streams from ``LLMServer`` replicas.
 
     Args:
-        llm: Handle of the ``LLMServer`` deployment.
+        llm: Handle of the ``LLMServer`` deployment, or for ``serving.layout=single`` a
+            ``serve_apps._local.LocalServer``, which starts the model in this replica's process.
         config: A :class:`RunConfig` as ``model_dump(mode="json")``.
         models: Handles of the `serving.models` deployments, by model name.
     """
 
     def __init__(
-        self, llm: DeploymentHandle, config: dict[str, Any], models: dict[str, DeploymentHandle] | None = None
+        self,
+        llm: DeploymentHandle | Any,
+        config: dict[str, Any],
+        models: dict[str, DeploymentHandle] | None = None,
     ):
         from llmopt.models import load_tokenizer, model_info
 
-        self.llm = llm
-        self.models = dict(models or {})
         self.config = RunConfig.model_validate(config)
         serving = self.config.serving
+        # serving.layout=single: the model replica object in this process (its batch settings and health).
+        self.local = None
+        if not isinstance(llm, DeploymentHandle):
+            llm = llm.start()
+            self.local = llm.server
+        self.llm = llm
+        self.models = dict(models or {})
         self.tokenizer = load_tokenizer(self.config.model)
         self.model_id = self.config.model.name_or_path
         self.adapters = set(serving.adapters)
@@ -723,6 +732,12 @@ class LLMIngress:
         self._owner(request)
         return {"routes": self.router.describe() if self.router is not None else {}}
 
+    async def check_health(self) -> None:
+        """Serve's periodic health check: with ``serving.layout=single``, the model's (a dead vLLM engine
+        core replaces the replica)."""
+        if self.local is not None:
+            await self.local.check_health()
+
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply new route weights (`{"routes": {route: {arm: weight}}}`) to the live ingress: requests in
         flight keep their arm, the next ones draw with the new weights; nothing restarts.
@@ -731,6 +746,8 @@ class LLMIngress:
             RouteWeightsError: weights that cannot apply (Serve keeps the previous ones, or fails the
                 deployment at its first start).
         """
+        if self.local is not None:  # serving.layout=single: the batch settings of the model it runs
+            self.local.reconfigure(user_config)
         if self.router is None:
             return
         changed = self.router.set_weights(user_config)

@@ -6,10 +6,13 @@ Run it with any of::
     serve deploy serve_apps/configs/llm.yaml          # a running cluster started with PYTHONPATH=<repo>
     llmopt serve --config jobs/configs/tiny-llama-reverse.yaml
 
-Deployments: ``LLMIngress`` (``serve_apps/_ingress.py``: validation, API keys, tokenization, the OpenAI
-and seed APIs, metrics; errors in ``serve_apps/_errors.py``) and ``LLMServer`` (``serve_apps/_server.py``:
-the model, the continuous-batching engine and session KV caches; the one that autoscales). Both are sized
-by ``llmopt.deployment.deployment_options``, which the KubeRay RayService renderer uses too.
+Deployments (``serving.layout=split``): ``LLMIngress`` (``serve_apps/_ingress.py``: validation, API keys,
+tokenization, the OpenAI and seed APIs, metrics; errors in ``serve_apps/_errors.py``) and ``LLMServer``
+(``serve_apps/_server.py``: the model, the continuous-batching engine and session KV caches; the one that
+autoscales). With ``serving.layout=single`` (what ``auto`` picks for one model on one replica) there is one
+deployment, named ``LLMServer``: each replica is the ingress and runs the model in its own process
+(``serve_apps/_local.py``). Both layouts are sized by ``llmopt.deployment.deployment_options``, which the
+KubeRay RayService renderer uses too.
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
 (OpenAI-compatible, ``stream: true`` as server-sent events, ``session_id`` extension), the seed API
@@ -28,6 +31,7 @@ from llmopt.config import load_config
 from llmopt.deployment import INGRESS, SERVER, deployment_args, deployment_options, model_deployment_args
 from llmopt.serve import check_models, check_native_setup, check_vllm_setup
 from serve_apps._ingress import LLMIngress
+from serve_apps._local import LocalServer
 from serve_apps._server import LLMServer
 
 __all__ = ["LLMIngress", "LLMServer", "app"]
@@ -55,6 +59,11 @@ def app(args: dict[str, Any]) -> Application:
         check_resources(config, "serving")
     check_models(config)  # serving.models: each loads and shares the main model's tokenizer
     options, data = deployment_options(config), deployment_args(config)
+    if config.serving.single_layout:
+        # One deployment named for the model it runs (its replicas autoscale, take the batch settings as
+        # user_config and are what the alert rules count), serving HTTP from the same process.
+        local = LocalServer(data[SERVER])
+        return LLMIngress.options(name=SERVER, **options[SERVER]).bind(local, data[INGRESS])
     server = LLMServer.options(**options[SERVER]).bind(data[SERVER])
     models = {
         name: LLMServer.options(**options[SERVER], name=deployment).bind(args)

@@ -64,7 +64,8 @@ def deployment_options(config: RunConfig, *, kuberay: bool = False) -> dict[str,
             and a worker pod's CPUs are its model replica's.
 
     Returns:
-        `{"LLMServer": {...}, "LLMIngress": {...}}`; plain data, safe to dump as YAML.
+        `{"LLMServer": {...}, "LLMIngress": {...}}`, or only `{"LLMServer": {...}}` for
+        `serving.layout=single` (its replicas serve HTTP too); plain data, safe to dump as YAML.
     """
     serving, res = config.serving, config.resources
     batching, scaling = serving.batching, serving.autoscaling
@@ -97,4 +98,11 @@ def deployment_options(config: RunConfig, *, kuberay: bool = False) -> dict[str,
         }
     if kuberay:
         server["max_replicas_per_node"] = 1
+    if serving.single_layout:
+        # One deployment, HTTP and engine in each replica. Serve's own bounds would answer overload with its
+        # plain-text 503 before the request reached us (its router counts a burst's requests waiting for a
+        # replica as queued, even with room); the replica bounds its generations itself instead
+        # (`serve_apps._local.LocalModel`: OpenAI's error body and Retry-After), so Serve lets every request
+        # the replica could hold or queue through.
+        return {SERVER: {**server, "max_ongoing_requests": ongoing + queued + 16, "max_queued_requests": -1}}
     return {SERVER: server, INGRESS: ingress}

@@ -120,7 +120,8 @@ def test_rendered_rayservice_deploys_and_answers(source, head_node, free_port, t
     # The run config the pods build the application from, read here from the same file and overrides.
     args = application["args"]
     config_file = REPO / PurePosixPath(args["config"]).relative_to(APP_DIR) if "config" in args else None
-    model = load_config(config_file, args.get("overrides", [])).model.name_or_path
+    run_config = load_config(config_file, args.get("overrides", []))
+    model = run_config.model.name_or_path
 
     port, key = free_port(), secrets.token_hex(16)
     adapted = _on_this_machine(rendered, port=port, keys_env=_api_keys_env(service), key=key)
@@ -129,7 +130,9 @@ def test_rendered_rayservice_deploys_and_answers(source, head_node, free_port, t
     try:
         _serve("deploy", str(path), head=head_node)
         status = _wait_running(head_node, application["name"])
-        assert set(status["deployments"]) == {"LLMServer", "LLMIngress"}, status
+        # One model on one replica serves HTTP from its own replica (serving.layout: auto -> single).
+        expected = {"LLMServer"} if run_config.serving.single_layout else {"LLMServer", "LLMIngress"}
+        assert set(status["deployments"]) == expected, status
 
         # The deployments run with the rendered options: Serve's view, and the replica's own batch settings
         # (a null in user_config would surface here as the mode's default instead of the rendered value).

@@ -153,7 +153,10 @@ def test_rayservice_from_the_shipped_serve_config():
     (application,) = serve["applications"]
     assert application["import_path"] == "serve_apps.llm:app"
     assert application["args"]["config"] == IN_IMAGE
-    assert application["args"]["overrides"] == ["serving.api_keys_env=LLMOPT_API_KEYS"]
+    assert application["args"]["overrides"] == [
+        "serving.layout=split",
+        "serving.api_keys_env=LLMOPT_API_KEYS",
+    ]
     deployments = {d["name"]: d for d in application["deployments"]}
     shipped_server = next(d for d in shipped["deployments"] if d["name"] == "LLMServer")
     server = deployments["LLMServer"]
@@ -368,7 +371,7 @@ def test_rayservice_of_the_default_config_carries_the_app_builders_options():
     LLMServer.reconfigure cannot apply), the same queue bounds and the same GPU request."""
     from llmopt.deployment import INGRESS, SERVER, deployment_options
 
-    for overrides in ([], ["resources.accelerator=gpu"]):
+    for overrides in ([], ["resources.accelerator=gpu"], ["serving.autoscaling.max_replicas=3"]):
         config = load_config(None, overrides)
         service = build_rayservice(config, llm_application(None, overrides), KubeRayOptions(auth=False))
         (application,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
@@ -380,6 +383,9 @@ def test_rayservice_of_the_default_config_carries_the_app_builders_options():
         for key, value in derived[SERVER].items():
             assert server[key] == value, key
         assert server["max_replicas_per_node"] == 1
+        if config.serving.single_layout:  # one model on one replica: it serves HTTP itself, no ingress
+            assert set(deployments) == {SERVER}
+            continue
         ingress = deployments[INGRESS]
         assert ingress["ray_actor_options"] == {"num_cpus": 0}  # the head advertises no CPUs
         assert ingress["max_ongoing_requests"] == derived[INGRESS]["max_ongoing_requests"]
@@ -435,10 +441,16 @@ def test_rendered_deployments_are_the_app_builders_deployment_options(config_fil
     monkeypatch.setattr(llm, "LLMIngress", bound[INGRESS])
     llm.app(args)
     local = deployment_options(config)
-    assert {name: b.options_given for name, b in bound.items()} == local
+    given = {}
+    for cls, b in bound.items():  # with serving.layout=single the ingress class is bound named LLMServer
+        if b.options_given is not None:
+            options = dict(b.options_given)
+            given[options.pop("name", cls)] = options
+    assert given == local
     # The two layouts differ in placement only: one model replica per worker pod, an ingress without CPU.
     assert rendered[SERVER] == {**local[SERVER], "max_replicas_per_node": 1}
-    assert rendered[INGRESS] == {**local[INGRESS], "ray_actor_options": {"num_cpus": 0}}
+    if INGRESS in local:
+        assert rendered[INGRESS] == {**local[INGRESS], "ray_actor_options": {"num_cpus": 0}}
 
 
 def test_render_rayservice_takes_a_run_config_or_a_serve_config_not_both():
@@ -447,3 +459,27 @@ def test_render_rayservice_takes_a_run_config_or_a_serve_config_not_both():
         ["render", "rayservice", "--config", str(TINY), "--serve-config", "serve_apps/configs/llm.yaml"],
     )
     assert result.exit_code == 2 and "not both" in result.output
+
+
+def test_rayservice_keeps_the_split_layout_where_the_serve_config_autoscales_the_model():
+    """`serving.layout: auto` decides from the run config; bounds above one replica that only the Serve
+    config's LLMServer entry states pin the split layout in the args, so the pods build what was rendered. A
+    single-layout app refuses options for an ingress it does not deploy."""
+    config = load_config(None)
+    assert config.serving.single_layout
+
+    def render(deployments, overrides=()):
+        application = {"name": "llm", "import_path": "serve_apps.llm:app", "args": {}}
+        application["deployments"] = deployments
+        cfg = load_config(None, list(overrides))
+        service = build_rayservice(cfg, application, KubeRayOptions(auth=False))
+        (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+        return app
+
+    scaled = render([{"name": "LLMServer", "autoscaling_config": {"min_replicas": 1, "max_replicas": 3}}])
+    assert scaled["args"]["overrides"] == ["serving.layout=split"]
+    assert {d["name"] for d in scaled["deployments"]} == {"LLMServer", "LLMIngress"}
+    alone = render([{"name": "LLMServer", "num_replicas": 1}])
+    assert "overrides" not in alone["args"] and {d["name"] for d in alone["deployments"]} == {"LLMServer"}
+    with pytest.raises(ValueError, match=r"LLMIngress, which serving\.layout=single does not deploy"):
+        render([{"name": "LLMIngress", "num_replicas": 1}], ["serving.layout=single"])

@@ -13,7 +13,7 @@ import yaml
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import DeploymentSchema, HTTPOptionsSchema, ServeApplicationSchema, ServeDeploySchema
 
-from llmopt.config import load_config, validate_config
+from llmopt.config import ConfigError, load_config, validate_config
 
 REPO = Path(__file__).resolve().parents[2]
 SERVE_CONFIGS = sorted((REPO / "serve_apps" / "configs").glob("*.yaml"))
@@ -77,7 +77,11 @@ def test_the_shipped_llm_config():
     (application,) = data["applications"]
     assert application["name"] == "llm" and application["route_prefix"] == "/"
     assert application["import_path"] == "serve_apps.llm:app"
-    assert application["args"] == {"config": "jobs/configs/tiny-llama-reverse.yaml"}
+    # It autoscales to two replicas, which the run config cannot see: it keeps the split layout explicitly.
+    assert application["args"] == {
+        "config": "jobs/configs/tiny-llama-reverse.yaml",
+        "overrides": ["serving.layout=split"],
+    }
     server = next(d for d in application["deployments"] if d["name"] == "LLMServer")
     assert server["user_config"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.0}
     scaling = AutoscalingConfig(**server["autoscaling_config"])
@@ -164,4 +168,42 @@ def test_deployment_options_are_valid_serve_options_and_resolved(overrides):
     actor = server["ray_actor_options"]
     assert actor["num_cpus"] == config.resources.cpus_per_worker
     assert actor.get("num_gpus", 0) == config.resources.gpus
-    assert options[INGRESS]["num_replicas"] == 1
+    if config.serving.single_layout:  # one deployment: the model replicas serve HTTP themselves
+        assert INGRESS not in options
+    else:
+        assert options[INGRESS]["num_replicas"] == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "single"),
+    [
+        ([], True),
+        (["serving.autoscaling.max_replicas=2"], False),
+        (["serving.models={b: tiny-llama}"], False),
+        (["serving.layout=split"], False),
+        (["serving.layout=single", "serving.autoscaling.max_replicas=3"], True),
+    ],
+    ids=["default", "autoscaled", "two-models", "split", "single-autoscaled"],
+)
+def test_layout_auto_is_single_for_one_model_on_one_replica(overrides, single):
+    """`auto` puts HTTP and the model in one deployment only where the split layout's routing has nothing to
+    do: one model, one replica (sessions and adapters return to the replica that holds them only through the
+    ingress's multiplexed routing)."""
+    from llmopt.deployment import INGRESS, SERVER, deployment_options
+
+    config = load_config(None, overrides)
+    assert config.serving.single_layout is single
+    options = deployment_options(config)
+    assert set(options) == ({SERVER} if single else {SERVER, INGRESS})
+    if single:
+        # Serve lets every request the replica can run or queue through; the replica bounds them itself.
+        ongoing = 2 * config.serving.batching.max_batch_size
+        assert options[SERVER]["max_ongoing_requests"] == ongoing + config.serving.max_queued_requests + 16
+        assert options[SERVER]["max_queued_requests"] == -1
+
+
+@pytest.mark.parametrize("field", ["models", "routes"])
+def test_single_layout_refuses_several_models_naming_the_field(field):
+    value = "{b: tiny-llama}" if field == "models" else "{r: {arms: {a: {model: tiny-llama, weight: 1}}}}"
+    with pytest.raises(ConfigError, match=rf"serving.layout=single .* serving.{field} is set.*layout=split"):
+        load_config(None, ["serving.layout=single", f"serving.{field}={value}"])

@@ -490,6 +490,15 @@ class ServingConfig(StrictModel):
         default_factory=ResponseCacheConfig, description="Cached answers to repeated deterministic requests."
     )
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replica scaling.")
+    layout: Literal["auto", "split", "single"] = Field(
+        "auto",
+        description="Deployments of the application. `split`: an HTTP ingress replica relaying to the model "
+        "replicas (a session's turns and an adapter's requests go back to the replica that holds them; "
+        "several models; routes). `single`: one deployment whose replicas serve HTTP and run the engine in "
+        "one process, with no Ray message per stream chunk between them (faster under load: "
+        "docs/serving-engine.md); one model, no `models` or `routes`. `auto`: `single` for one model on at "
+        "most one replica (`autoscaling.max_replicas: 1`), else `split`.",
+    )
     max_ongoing_requests: int | None = Field(
         None, ge=1, description="Per-replica concurrency; defaults to 2 x batching.max_batch_size."
     )
@@ -554,6 +563,24 @@ class ServingConfig(StrictModel):
                 f"serving.batching.max_batch_size={self.batching.max_batch_size}, so batches could never "
                 "fill; raise max_ongoing_requests or leave it unset"
             )
+        return self
+
+    @property
+    def single_layout(self) -> bool:
+        """Whether `layout` resolves to `single` (one deployment serving HTTP and running the model)."""
+        if self.layout != "auto":
+            return self.layout == "single"
+        return not self.models and not self.routes and self.autoscaling.max_replicas == 1
+
+    @model_validator(mode="after")
+    def _single_serves_one_model(self) -> ServingConfig:
+        if self.layout == "single":
+            for name in ("models", "routes"):
+                if getattr(self, name):
+                    raise ValueError(
+                        f"serving.layout=single serves one model, but serving.{name} is set; use "
+                        f"serving.layout=split, or leave serving.{name} empty"
+                    )
         return self
 
 

@@ -10,8 +10,8 @@ Prometheus's `histogram_quantile` does. Ray's metrics agent updates the values i
 
 Series are summed per replica (application, deployment, replica): routes, status codes and the labels Ray
 adds (worker id, node, session) are summed away. The ingress deployment records requests, errors, tokens
-and latencies; the model replicas record batch sizes, queues and their KV caches; each row shows what its
-replica records and "-" for the rest.
+and latencies; the model replicas record batch sizes, queues and their KV caches (with `serving.layout:
+single` one replica records both); each row shows what its replica records and "-" for the rest.
 """
 
 from __future__ import annotations
