@@ -192,10 +192,14 @@ def _many_requests(count: int) -> list[GenerationRequest]:
     ]
 
 
-def test_a_full_batch_on_fused_native_products_gives_transformers_logits(native, tok, monkeypatch):
+@pytest.mark.parametrize("low", [GEMM_ROWS[0], 8], ids=["shipped", "from-8-rows"])
+def test_a_full_batch_on_fused_native_products_gives_transformers_logits(native, tok, monkeypatch, low):
     """A batch wide enough for the native product (GEMM_ROWS) runs as one native step, a narrower one layer
-    by layer on fused products: each row, greedy or sampled, matches its run alone through transformers'
-    forward, on logits."""
+    by layer on fused products (from 8 rows: both paths in one run): each row, greedy or sampled, matches its
+    run alone through transformers' forward, on logits."""
+    import llmopt.serve.native._lean_step as lean_step
+
+    monkeypatch.setattr(lean_step, "GEMM_ROWS", (low, GEMM_ROWS[1]))
     native_rows, fused_rows = [], []
     whole_step, fused = LlamaDecodeStep._native_step, LlamaDecodeStep._fused_layer
 
@@ -207,11 +211,12 @@ def test_a_full_batch_on_fused_native_products_gives_transformers_logits(native,
 
     monkeypatch.setattr(LlamaDecodeStep, "_native_step", count_native)
     monkeypatch.setattr(LlamaDecodeStep, "_fused_layer", lambda *a: fused_rows.append(len(a[1])) or fused(*a))
-    count = GEMM_ROWS[0] + 4
+    count = low + 4
     requests = _many_requests(count)
     _, got = _run(native, tok, requests, lean=True, max_batch_size=count)
-    assert max(native_rows) == count and min(native_rows) >= GEMM_ROWS[0], sorted(set(native_rows))
-    assert fused_rows and max(fused_rows) < GEMM_ROWS[0], sorted(set(fused_rows))
+    assert max(native_rows) == count and min(native_rows) >= low, sorted(set(native_rows))
+    # Two rows or more run natively from the shipped bound on; one row takes the single-row step.
+    assert (fused_rows and max(fused_rows) < low) or low <= 2, sorted(set(fused_rows))
     for request in requests:
         _, alone = _run(native, tok, [request], lean=False)
         _assert_same(got[request.request_id], alone[request.request_id])

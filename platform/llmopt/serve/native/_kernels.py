@@ -310,7 +310,7 @@ def _check_batched(kernels: NativeKernels, gen: torch.Generator) -> str | None:
     accumulation), RMSNorm rows, RoPE + cache write + attention on fused q|k|v rows, SiLU * up."""
     F = torch.nn.functional
     if kernels.has_gemm:
-        for rows in (3, 29, 45):
+        for rows in (3, 11, 16, 29, 45):  # the few-row product (up to 16 rows) and the panel one
             x, w, b, y = (torch.randn(*s, generator=gen) for s in ((rows, 70), (27, 70), (27,), (rows, 27)))
             out, scratch = y.clone(), torch.empty(gemm_scratch_floats(70, 27))
             kernels.gemm(x.data_ptr(), w.data_ptr(), b.data_ptr(), out.data_ptr(), rows, 27, 70, 1,
@@ -375,11 +375,12 @@ def gemm_scratch_floats(in_features: int, out_features: int) -> int:
 
 
 # Rows on which the native product replaces torch's (MKL's SGEMM packs the whole weight matrix at every call,
-# a cost that does not shrink with the rows): a few-row batched decode step, a short prompt's prefill. On the
-# tiny preset's fused layers, 32 rows took 2.4 ms per decode step against 3.0 with torch, 64 rows 4.7 against
-# 5.0; below ~24 rows the native product (32 rows' work on zero padding) is the slower one, and beyond a few
-# hundred rows MKL's cache blocking wins.
-GEMM_ROWS = (24, 128)
+# a cost that does not shrink with the rows): a batched decode step of 2 rows or more, a short prompt's
+# prefill. Up to 16 rows it reads each weight row once for all rows (`GEMM_SMALL_ROWS` in _gemv.c), beyond
+# that on 32-row panels. Decode steps, engine alone, one thread, AVX-512, torch's products against these:
+# base-100m 8 rows 99 -> 55 ms, 16 rows 108 -> 81 ms; tiny-llama 8 rows 2.5 -> 1.8 ms, 16 rows 4.1 -> 2.8 ms.
+# Beyond a few hundred rows MKL's cache blocking wins.
+GEMM_ROWS = (2, 128)
 
 
 class DecodeLinear(torch.nn.Linear):
