@@ -269,6 +269,32 @@ def test_native_prefill_gives_transformers_logits_and_cache(native, tok, monkeyp
     assert sorted(prefilled) == sorted(2 * [len(r.prompt_ids) for r in requests])
 
 
+def test_a_wave_of_fresh_prompts_prefills_in_one_batched_forward(native, tok, monkeypatch):
+    """Fresh prompts of one step with more than BATCHED_PREFILL_TOKENS tokens in all skip the one-by-one
+    native prefill for one batched forward (left-padded, different lengths); each request, greedy or sampled,
+    then decodes on the lean step exactly as it does alone through transformers."""
+    from llmopt.serve._engine import BATCHED_PREFILL_TOKENS
+
+    native_prefills, original = [], LlamaDecodeStep.prefill
+    monkeypatch.setattr(
+        LlamaDecodeStep, "prefill", lambda self, ids: native_prefills.append(len(ids)) or original(self, ids)
+    )
+    requests = [
+        GenerationRequest(
+            f"w{i}",
+            [10 + (11 * i + 7 * j) % 900 for j in range(40 + 5 * i)],
+            SamplingParams(max_tokens=6, temperature=0.8 * (i % 2), seed=i),
+        )
+        for i in range(4)
+    ]
+    assert sum(len(r.prompt_ids) for r in requests) > BATCHED_PREFILL_TOKENS
+    _, got = _run(native, tok, requests, lean=True, max_batch_size=4)
+    assert native_prefills == []
+    for request in requests:
+        _, alone = _run(native, tok, [request], lean=False)
+        _assert_same(got[request.request_id], alone[request.request_id])
+
+
 def test_fused_weights_are_views_and_a_replaced_weight_is_never_stale(tok):
     """q|k|v and gate|up are fused without copying; a projection weight replaced after the engine was built
     makes its layer fall back to the separate products (and a wide batch to the layer-by-layer step), with

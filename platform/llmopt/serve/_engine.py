@@ -40,6 +40,11 @@ logger = logging.getLogger(__name__)
 # Temperatures below this sample greedily (vLLM's threshold): dividing scores by 1e-300, which is 0 in
 # float32, would leave no distribution to sample from.
 GREEDY_BELOW = 1e-5
+# Fresh prompts of one step with more tokens than this in all are prefilled together in one batched forward
+# (MKL's products on all their rows), fewer one by one in the native prefill call. Engine alone, one thread,
+# 64-token prompts, one by one natively against batched: tiny-llama 2 prompts 9.4 / 10.8 ms, 3 13.6 / 13.6,
+# 8 42 / 37; base-100m 2 prompts 303 / 275 ms, 3 457 / 364, 8 1,206 / 835, 16 2,491 / 1,608.
+BATCHED_PREFILL_TOKENS = 128
 
 
 @dataclass
@@ -423,7 +428,8 @@ class GenerationEngine:
             self._running += newcomers
         elif newcomers:
             fresh = [s for s in newcomers if s.request.prefix_cache is None]
-            fresh = [s for s in fresh if not self._prefill_native(s, outputs)]
+            if sum(len(s.request.prompt_ids) for s in fresh) <= BATCHED_PREFILL_TOKENS:
+                fresh = [s for s in fresh if not self._prefill_native(s, outputs)]
             if fresh:
                 ids, mask = self._left_padded([s.request.prompt_ids for s in fresh])
                 cache = DynamicCache()
