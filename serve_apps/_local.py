@@ -26,6 +26,8 @@ from llmopt.serve import GenerationRequest, TokenChunk
 
 __all__ = ["LocalModel", "LocalServer"]
 
+_CLOSING: set[asyncio.Task] = set()
+
 
 class _Method:
     def __init__(self, call) -> None:
@@ -49,7 +51,9 @@ class _LocalStream:
 
     def cancel(self) -> None:
         # Closing the generator runs LLMServer.generate's `finally`: its rows leave the batch next step.
-        asyncio.get_running_loop().create_task(self._stream.aclose())
+        task = asyncio.get_running_loop().create_task(self._stream.aclose())
+        _CLOSING.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(_CLOSING.discard)
 
 
 class LocalModel:
@@ -92,13 +96,17 @@ class LocalModel:
                 self._waiting -= 1
         else:
             await self._slots.acquire()
+        # A copy, as the split layout's replica gets one: the replica rewrites some of its fields (a
+        # virtual-token adapter's prompt, the cache it continues from), which the ingress reads after.
+        stream = self.server.generate(copy.copy(request))
         try:
-            # A copy, as the split layout's replica gets one: the replica rewrites some of its fields (a
-            # virtual-token adapter's prompt, the cache it continues from), which the ingress reads after.
-            async for chunk in self.server.generate(copy.copy(request)):
+            async for chunk in stream:
                 yield chunk
         finally:
-            self._slots.release()
+            try:  # at once, not when the generator is collected: its rows leave the batch at the next step
+                await stream.aclose()
+            finally:
+                self._slots.release()
 
 
 class LocalServer:
