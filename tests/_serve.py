@@ -34,6 +34,21 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
+def serve_on_loopback(repo: Path) -> Iterator[None]:
+    """Serve started on a free loopback port, the repository importable by its replicas' code; shut down
+    afterwards (needs a running Ray: the ``ray_cluster`` fixture)."""
+    from ray import serve
+
+    if str(repo) not in sys.path:
+        sys.path.insert(0, str(repo))
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    try:
+        yield
+    finally:
+        serve.shutdown()
+
+
+@contextlib.contextmanager
 def llm_app(repo: Path, overrides: list[str], name: str = "llm") -> Iterator[str]:
     """``serve_apps.llm`` with ``overrides`` on Serve's HTTP proxy at a free loopback port; yields its URL and
     shuts Serve down afterwards (needs a running Ray: the ``ray_cluster`` fixture)."""

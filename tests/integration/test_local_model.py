@@ -4,8 +4,6 @@ by an ``LLMServer`` object in the same replica, with the split layout's bounds a
 from __future__ import annotations
 
 import asyncio
-import socket
-import sys
 
 import pytest
 from ray import serve
@@ -13,6 +11,7 @@ from ray.serve.exceptions import BackPressureError
 
 from llmopt.serve import GenerationRequest, SamplingParams
 from serve_apps._local import LocalServer
+from tests._serve import serve_on_loopback
 
 pytestmark = [pytest.mark.integration]
 
@@ -81,11 +80,6 @@ class LocalProbe:
 def probe(ray_cluster, repo):
     from llmopt.config import load_config
 
-    if str(repo) not in sys.path:
-        sys.path.insert(0, str(repo))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     overrides = [
         "model.max_seq_len=2048",
         "serving.engine=native",
@@ -95,12 +89,9 @@ def probe(ray_cluster, repo):
         "resources.cpus_per_worker=1",
     ]
     config = load_config(None, overrides).model_dump(mode="json")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
+    with serve_on_loopback(repo):
         options = {"max_ongoing_requests": 4, "ray_actor_options": {"num_cpus": 1}}
         yield serve.run(LocalProbe.options(**options).bind(config), name="local-probe", route_prefix=None)
-    finally:
-        serve.shutdown()
 
 
 def test_a_cancelled_stream_leaves_the_batch_and_the_callers_request_is_untouched(probe):

@@ -4,8 +4,6 @@ leaves frees its batch slot, and a step that raises fails the live requests whil
 
 from __future__ import annotations
 
-import socket
-import sys
 import time
 
 import pytest
@@ -13,6 +11,7 @@ from ray import serve
 
 from llmopt.serve import GenerationRequest, SamplingParams
 from serve_apps._server import LLMServer
+from tests._serve import serve_on_loopback
 
 pytestmark = [pytest.mark.integration]
 
@@ -41,18 +40,10 @@ class ProbedServer(LLMServer.func_or_class):
 def handle(ray_cluster, repo):
     from llmopt.config import load_config
 
-    if str(repo) not in sys.path:
-        sys.path.insert(0, str(repo))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     config = load_config(None, ["model.max_seq_len=128", "resources.cpus_per_worker=1"])
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
+    with serve_on_loopback(repo):
         options = {"max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 1}}
         yield serve.run(ProbedServer.options(**options).bind(config.model_dump(mode="json")), name="probe")
-    finally:
-        serve.shutdown()
 
 
 def _payload(rid: str, prompt_ids: list[int], max_tokens: int) -> GenerationRequest:
