@@ -10,6 +10,7 @@ and runs the same CLI entry point, so the comparison uses vLLM's own server and 
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import os
 import sys
 
 _version = metadata.version
@@ -25,6 +26,15 @@ def _vllm_version(name: str) -> str:
 
 
 metadata.version = _vllm_version
+
+# `compare --isa avx2`: vLLM loads its AVX-512 kernel library (`_C`, `_C_AVX512`) wherever the CPU reports
+# AVX-512, with no setting of its own; reporting none makes it load `_C_AVX2`, as on a CPU without AVX-512.
+# This runs in vLLM's engine processes too: they start by importing this module again.
+if os.environ.get("LLMOPT_VLLM_AVX2") == "1":
+    import torch
+
+    torch.cpu._is_avx512_supported = lambda: False
+    torch.cpu._is_avx512_bf16_supported = lambda: False
 
 if __name__ == "__main__":
     from vllm.entrypoints.cli.main import main

@@ -18,6 +18,11 @@ The vLLM environment is the Python given by ``--vllm-python`` (default: ``.venv-
 every server; without a vLLM environment the job runs the ``llmopt`` column alone with llmopt's load
 generator (the same request shape: streamed /v1/completions, 64 + 64 tokens, greedy) and says so. Writes
 ``compare.json`` and ``compare.png`` (output tokens/s and TTFT p50/p99 per server and concurrency).
+
+``--isa avx2`` runs every server as it would run on a CPU without AVX-512 (AMD EPYC before Zen 4, Intel's
+client CPUs): llmopt's native kernels built for AVX2 + FMA (``LLMOPT_NATIVE_ISA``), torch's own kernels,
+oneDNN and MKL capped at AVX2, and vLLM's AVX2 kernel library in place of its AVX-512 one. On an AVX-512 CPU
+this is an emulation: the instruction set is AVX2's, the cores, caches and memory are still this machine's.
 """
 
 from __future__ import annotations
@@ -41,6 +46,15 @@ CONFIG = "jobs/configs/tiny-llama-reverse.yaml"
 VLLM_NAME = "m"  # the model name plain vLLM serves under
 SERVERS = ("llmopt", "llmopt-fast", "llmopt-vllm", "vllm")
 OURS = ("llmopt", "llmopt-fast", "llmopt-vllm")  # the columns compared with plain vLLM
+# What `--isa avx2` sets for every server: each library's own switch for its widest instruction set.
+# LLMOPT_VLLM_AVX2 is read by benchmarks._vllm_cli (vLLM picks its kernel library by the CPU's flags alone).
+AVX2_ENV = {
+    "LLMOPT_NATIVE_ISA": "avx2",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "LLMOPT_VLLM_AVX2": "1",
+}
 
 
 def add_compare_parser(sub) -> None:
@@ -78,11 +92,35 @@ def add_compare_parser(sub) -> None:
     parser.add_argument(
         "--without-vllm", action="store_true", help="llmopt alone with its own client, even where vLLM is."
     )
+    parser.add_argument(
+        "--isa",
+        choices=("native", "avx2"),
+        default="native",
+        help="avx2: every server limited to AVX2 + FMA, as on a CPU without AVX-512 (an emulation there).",
+    )
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
         "--ready-timeout", type=float, default=600.0, help="Seconds a server may take to start."
     )
     parser.add_argument("--out", default="outputs/benchmark", help="Output directory.")
+
+
+def _server_env(args: argparse.Namespace) -> dict[str, str]:
+    """The environment every server starts with: offline, and `--isa`'s limits."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_USE_AOT_COMPILE": "0"}
+    return env | (AVX2_ENV if args.isa == "avx2" else {})
+
+
+def _vector_isa(isa: str) -> str:
+    """The vector instruction set the servers run with, for the report."""
+    try:
+        flags = next(
+            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+        ).split()
+    except (OSError, StopIteration):
+        flags = []
+    native = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "unknown"
+    return native if isa == "native" or native == "AVX2" else f"AVX2 (emulated on an {native} CPU)"
 
 
 def _vllm_python(given: str | None) -> Path | None:
@@ -246,7 +284,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
         servers = [s for s in servers if s in ("llmopt", "llmopt-fast")]
     url = f"http://127.0.0.1:{args.port}"
     report: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count()},
+        "machine": {"cpus": os.cpu_count(), "vector_isa": _vector_isa(args.isa)},
         "client": "vllm bench serve" if vllm_python else "llmopt load generator",
         "settings": {k: v for k, v in vars(args).items() if k not in ("func",)},
         "results": [],
@@ -257,12 +295,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
             command = _server_command(server, preset, model_dir, args, vllm_python)
             log = (out / f"compare_{preset}_{server}.log").open("w")
             console.print(f"[bold]{preset} / {server}[/bold]: starting ({' '.join(command[:6])} ...)")
-            env = {
-                **os.environ,
-                "HF_HUB_OFFLINE": "1",
-                "VLLM_NO_USAGE_STATS": "1",
-                "VLLM_USE_AOT_COMPILE": "0",
-            }
+            env = _server_env(args)
             # Each server gets the port to itself: one still held (the last server's stragglers, another
             # program) fails this server with the holder named, not a measurement of the wrong server.
             problem = _port_free(args.port, 60.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -10,7 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from benchmarks.compare import _port_free, _wait_ready
+from benchmarks.compare import _port_free, _server_env, _vector_isa, _wait_ready
+from tests.unit.test_native_decode import HAS_AVX2
 
 
 class _Models(BaseHTTPRequestHandler):
@@ -64,3 +66,23 @@ def test_a_server_that_exits_fails_the_wait(straggler):
 def test_a_held_port_is_reported_with_its_holder(straggler):
     problem = _port_free(straggler, timeout_s=1.0)
     assert problem is not None and "cannot listen on 127.0.0.1" in problem and "held by" in problem
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="this CPU has no AVX2 + FMA")
+def test_isa_avx2_limits_every_library_a_server_loads():
+    """`compare --isa avx2`: a process started with the servers' environment runs llmopt's AVX2 build and
+    torch's AVX2 kernels, whatever this CPU has beyond; the report names the instruction set."""
+    args = argparse.Namespace(isa="avx2")
+    probe = (
+        "import torch; from llmopt.serve.native import load_kernels; "
+        "print(load_kernels()[1]); print(torch.backends.cpu.get_cpu_capability())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=_server_env(args), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    kernels, capability = done.stdout.split("\n")[:2]
+    assert kernels.startswith("native AVX2 + FMA"), kernels
+    assert capability == "AVX2"
+    assert _vector_isa("avx2").startswith("AVX2")
+    assert "LLMOPT_NATIVE_ISA" not in _server_env(argparse.Namespace(isa="native"))

@@ -9,19 +9,28 @@ import torch
 from llmopt.config import load_config
 from llmopt.models import load_tokenizer
 from llmopt.serve import GenerationEngine, GenerationRequest, SamplingParams, load_serving_model
-from llmopt.serve.native._kernels import GEMM_ROWS
+from llmopt.serve.native._kernels import GEMM_ROWS, use_native_decode
 from llmopt.serve.native._lean_step import LlamaDecodeStep
-from tests.unit.test_native_decode import needs_kernel
+from tests.unit.test_native_decode import HAS_AVX2, needs_kernel
 
 pytestmark = needs_kernel
 EXACT = {"atol": 1e-5, "rtol": 0.0}
 
 
-@pytest.fixture(scope="module")
-def native():
-    model = load_serving_model(load_config(None, ["model.max_seq_len=128"]))
-    assert model.decode_kernel.startswith("native")
-    return model
+@pytest.fixture(scope="module", params=["native", "avx2"])
+def native(request):
+    """The tiny preset on the native kernels: this CPU's widest build, then the AVX2 + FMA build (what CPUs
+    without AVX-512 run; `LLMOPT_NATIVE_ISA=avx2`)."""
+    if request.param == "avx2" and not HAS_AVX2:
+        pytest.skip("this CPU has no AVX2 + FMA")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("LLMOPT_NATIVE_ISA", request.param)
+        model = load_serving_model(load_config(None, ["model.max_seq_len=128"]))
+        assert model.decode_kernel.startswith("native")
+        if request.param == "avx2":
+            assert "AVX2 + FMA" in model.decode_kernel, model.decode_kernel
+        yield model
+    use_native_decode(torch.nn.Linear(1, 1))  # the products of later models: this CPU's widest build again
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,8 @@ from llmopt.serve.native._kernels import (
     HUGE_PAGE,
     DecodeLinear,
     _compiler,
+    _cpu_flags,
+    _load_kernels,
     huge_page_empty,
     huge_pages_available,
     load_gemv,
@@ -27,6 +29,7 @@ from llmopt.serve.native._kernels import (
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 BUILDABLE = platform.machine().lower() in ("x86_64", "amd64") and _compiler() is not None
 needs_kernel = pytest.mark.skipif(not BUILDABLE, reason="the native kernel needs x86-64 and a C compiler")
+HAS_AVX2 = BUILDABLE and {"avx2", "fma"} <= set(_cpu_flags().split())
 
 
 def _config(*overrides):
@@ -37,9 +40,9 @@ def _config(*overrides):
 def fresh_kernel_cache(tmp_path, monkeypatch):
     """An empty llmopt cache and a cleared in-process kernel, so the kernel is really rebuilt."""
     monkeypatch.setenv("LLMOPT_CACHE_DIR", str(tmp_path))
-    load_kernels.cache_clear()
+    _load_kernels.cache_clear()
     yield tmp_path
-    load_kernels.cache_clear()
+    _load_kernels.cache_clear()
 
 
 @needs_kernel
@@ -90,9 +93,8 @@ def test_only_single_row_inference_uses_the_kernel(monkeypatch):
 @needs_kernel
 def test_a_few_rows_use_the_native_product_where_it_builds(monkeypatch):
     """Prefill-sized inputs (GEMM_ROWS) run the native product and match F.linear; more rows keep torch's."""
-    kernels, _ = load_kernels()
-    if not kernels.has_gemm:
-        pytest.skip("this build has no AVX-512 product")
+    kernels, description = load_kernels()
+    assert kernels is not None, description
     gen = torch.Generator().manual_seed(3)
     layer = torch.nn.Linear(100, 45)
     torch.nn.init.normal_(layer.weight, generator=gen)
@@ -167,6 +169,25 @@ def test_torch_setting_and_non_fp32_keep_torch_kernels():
     int8 = load_serving_model(_config("serving.quantization=int8"))
     assert int8.decode_kernel == "torch"
     assert not any(type(m) is DecodeLinear for m in int8.modules())
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="this CPU has no AVX2 + FMA")
+def test_the_avx2_build_is_its_own_build_and_passes_the_self_check(fresh_kernel_cache, monkeypatch):
+    """LLMOPT_NATIVE_ISA=avx2 builds the 8-wide variant beside the native one (on an AVX-512 CPU, a second
+    library) and loads it only after it matched torch on every kernel; an unknown value is refused by name."""
+    native, native_description = load_kernels()
+    assert native is not None, native_description
+    monkeypatch.setenv("LLMOPT_NATIVE_ISA", "avx2")
+    avx2, description = load_kernels()
+    assert avx2 is not None, description
+    assert description.startswith("native AVX2 + FMA GEMV")
+    builds = list((fresh_kernel_cache / "kernels").glob("gemv-*.so"))
+    assert len(builds) == (2 if native_description.startswith("native AVX-512") else 1)
+    monkeypatch.setenv("LLMOPT_NATIVE_ISA", "avx1024")
+    kernels, reason = load_kernels()
+    assert kernels is None and "LLMOPT_NATIVE_ISA='avx1024'" in reason and "avx2" in reason
+    with pytest.raises(ServingPrecisionError, match="LLMOPT_NATIVE_ISA"):
+        load_serving_model(_config("serving.decode_kernel=native"))
 
 
 def test_native_where_it_cannot_run_is_a_config_error_and_auto_falls_back(fresh_kernel_cache, monkeypatch):

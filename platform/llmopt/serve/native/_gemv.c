@@ -18,6 +18,72 @@
 #include <immintrin.h>
 #endif
 
+/* The vector operations the batched kernels use, at the build's width: 16 floats (AVX-512) or 8 (AVX2 + FMA,
+ * where AMD's EPYCs before Zen 4 and Intel's client CPUs stop). One source for both, so each kernel's order of
+ * operations per output element is the same at either width; LLMOPT_SIMD is 0 where neither is available. */
+#if defined(__AVX512F__)
+#define LLMOPT_SIMD 1
+#define VW 16
+typedef __m512 vf;
+typedef __mmask16 vmask;
+#define vzero() _mm512_setzero_ps()
+#define vload(p) _mm512_loadu_ps(p)
+#define vload_aligned(p) _mm512_load_ps(p)
+#define vstore(p, a) _mm512_storeu_ps(p, a)
+#define vstore_aligned(p, a) _mm512_store_ps(p, a)
+#define vset1(x) _mm512_set1_ps(x)
+#define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define vfnma(a, b, c) _mm512_fnmadd_ps(a, b, c)
+#define vadd(a, b) _mm512_add_ps(a, b)
+#define vsub(a, b) _mm512_sub_ps(a, b)
+#define vmul(a, b) _mm512_mul_ps(a, b)
+#define vmax(a, b) _mm512_max_ps(a, b)
+#define vsum(a) _mm512_reduce_add_ps(a)
+#define vmask_first(n) ((__mmask16)((1u << (n)) - 1u))
+#define vload_masked(m, p) _mm512_maskz_loadu_ps(m, p)
+#define vstore_masked(p, m, a) _mm512_mask_storeu_ps(p, m, a)
+#define vkeep(m, a) _mm512_maskz_mov_ps(m, a)
+#define vround(a) _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define vscale2(a, n) _mm512_scalef_ps(a, n)
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LLMOPT_SIMD 1
+#define VW 8
+typedef __m256 vf;
+typedef __m256i vmask;
+#define vzero() _mm256_setzero_ps()
+#define vload(p) _mm256_loadu_ps(p)
+#define vload_aligned(p) _mm256_load_ps(p)
+#define vstore(p, a) _mm256_storeu_ps(p, a)
+#define vstore_aligned(p, a) _mm256_store_ps(p, a)
+#define vset1(x) _mm256_set1_ps(x)
+#define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define vfnma(a, b, c) _mm256_fnmadd_ps(a, b, c)
+#define vadd(a, b) _mm256_add_ps(a, b)
+#define vsub(a, b) _mm256_sub_ps(a, b)
+#define vmul(a, b) _mm256_mul_ps(a, b)
+#define vmax(a, b) _mm256_max_ps(a, b)
+static inline float vsum(__m256 a) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+/* Lanes [0, n) set (0 <= n <= 8). */
+static inline __m256i vmask_first(long n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+#define vload_masked(m, p) _mm256_maskload_ps(p, m)
+#define vstore_masked(p, m, a) _mm256_maskstore_ps(p, m, a)
+#define vkeep(m, a) _mm256_and_ps(_mm256_castsi256_ps(m), a)
+#define vround(a) _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+/* a * 2^n for integral n in [-126, 127] (AVX2 has no scalef): n's float built from its exponent bits. */
+static inline __m256 vscale2(__m256 a, __m256 n) {
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(a, _mm256_castsi256_ps(e));
+}
+#else
+#define LLMOPT_SIMD 0
+#endif
+
 /* The vector width this build uses: 512, 256, or 0 (no SIMD path; llmopt then keeps torch's kernel). */
 int llmopt_gemv_isa(void) {
 #if defined(__AVX512F__)
@@ -202,79 +268,78 @@ void llmopt_gemv(const float *restrict W, const float *restrict x, const float *
  * layout of a [1, kv_heads, capacity, dim] cache buffer. torch's SDPA spent 60-90 us per layer on this at
  * 100 positions inside a decode loop (17 us when called repeatedly on warm data); this is one pass.
  */
-#if defined(__AVX512F__)
-/* e^x for x <= 0 (scores minus their maximum), 16 at a time: Cephes' expf (range reduction by ln 2 in two
- * parts, a degree-6 polynomial, 2^n by scalef; within 2 ulp). The scalar expf of libm took most of the
+#if LLMOPT_SIMD
+/* e^x for x <= 0 (scores minus their maximum), a vector at a time: Cephes' expf (range reduction by ln 2 in
+ * two parts, a degree-6 polynomial, times 2^n; within 2 ulp). The scalar expf of libm took most of the
  * attention's time at ~100 positions: 12k calls per layer for 32 rows. */
-static inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-    return _mm512_scalef_ps(p, n);
+static inline vf exp_nonpositive(vf x) {
+    x = vmax(x, vset1(-87.3f));
+    const vf n = vround(vmul(x, vset1(1.44269504088896341f)));
+    vf r = vfnma(n, vset1(0.693359375f), x);
+    r = vfnma(n, vset1(-2.12194440e-4f), r);
+    vf p = vset1(1.9875691500e-4f);
+    p = vfma(p, r, vset1(1.3981999507e-3f));
+    p = vfma(p, r, vset1(8.3334519073e-3f));
+    p = vfma(p, r, vset1(4.1665795894e-2f));
+    p = vfma(p, r, vset1(1.6666665459e-1f));
+    p = vfma(p, r, vset1(5.0000001201e-1f));
+    p = vfma(p, vmul(r, r), vadd(r, vset1(1.f)));
+    return vscale2(p, n);
 }
 
-/* One head's attention with `dim` a multiple of 16: the scores, then a vector softmax, then the weighted sum
- * of values 16 dimensions at a time in a register. */
-static void attend_head16(const float *restrict qh, const float *restrict kh, const float *restrict vh,
-                          float *restrict oh, long len, long dim, float scale, float *restrict scores) {
+/* One head's attention with `dim` a multiple of the vector width: the scores, then a vector softmax, then
+ * the weighted sum of values a vector of dimensions at a time in a register. */
+static void attend_head_vec(const float *restrict qh, const float *restrict kh, const float *restrict vh,
+                            float *restrict oh, long len, long dim, float scale, float *restrict scores) {
     float top = -INFINITY;
     for (long i = 0; i < len; i++) {
         const float *ki = kh + i * dim;
-        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(ki), _mm512_loadu_ps(qh));
-        for (long d = 16; d < dim; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(ki + d), _mm512_loadu_ps(qh + d), a);
-        const float s = _mm512_reduce_add_ps(a) * scale;
+        vf a = vmul(vload(ki), vload(qh));
+        for (long d = VW; d < dim; d += VW) a = vfma(vload(ki + d), vload(qh + d), a);
+        const float s = vsum(a) * scale;
         scores[i] = s;
         top = s > top ? s : top;
     }
-    const __m512 shift = _mm512_set1_ps(top);
-    __m512 sum = _mm512_setzero_ps();
+    const vf shift = vset1(top);
+    vf sum = vzero();
     long i = 0;
-    for (; i + 16 <= len; i += 16) {
-        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(scores + i), shift));
-        _mm512_storeu_ps(scores + i, e);
-        sum = _mm512_add_ps(sum, e);
+    for (; i + VW <= len; i += VW) {
+        const vf e = exp_nonpositive(vsub(vload(scores + i), shift));
+        vstore(scores + i, e);
+        sum = vadd(sum, e);
     }
     if (i < len) {
-        const __mmask16 tail = (__mmask16)((1u << (len - i)) - 1u);
-        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, scores + i), shift));
-        _mm512_mask_storeu_ps(scores + i, tail, e);
-        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
+        const vmask tail = vmask_first(len - i);
+        const vf e = exp_nonpositive(vsub(vload_masked(tail, scores + i), shift));
+        vstore_masked(scores + i, tail, e);
+        sum = vadd(sum, vkeep(tail, e));
     }
-    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+    const vf inv = vset1(1.f / vsum(sum));
     long d = 0;
-    for (; d + 64 <= dim; d += 64) {  // four independent accumulators: one chain would wait on each FMA
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; d + 4 * VW <= dim; d += 4 * VW) {  // four independent accumulators: one chain would wait on each FMA
+        vf a0 = vzero(), a1 = a0, a2 = a0, a3 = a0;
         for (long j = 0; j < len; j++) {
-            const __m512 p = _mm512_set1_ps(scores[j]);
+            const vf p = vset1(scores[j]);
             const float *vj = vh + j * dim + d;
-            a0 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vj), a0);
-            a1 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vj + 16), a1);
-            a2 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vj + 32), a2);
-            a3 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vj + 48), a3);
+            a0 = vfma(p, vload(vj), a0);
+            a1 = vfma(p, vload(vj + VW), a1);
+            a2 = vfma(p, vload(vj + 2 * VW), a2);
+            a3 = vfma(p, vload(vj + 3 * VW), a3);
         }
-        _mm512_storeu_ps(oh + d, _mm512_mul_ps(a0, inv));
-        _mm512_storeu_ps(oh + d + 16, _mm512_mul_ps(a1, inv));
-        _mm512_storeu_ps(oh + d + 32, _mm512_mul_ps(a2, inv));
-        _mm512_storeu_ps(oh + d + 48, _mm512_mul_ps(a3, inv));
+        vstore(oh + d, vmul(a0, inv));
+        vstore(oh + d + VW, vmul(a1, inv));
+        vstore(oh + d + 2 * VW, vmul(a2, inv));
+        vstore(oh + d + 3 * VW, vmul(a3, inv));
     }
-    for (; d < dim; d += 16) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    for (; d < dim; d += VW) {
+        vf a0 = vzero(), a1 = a0;
         long j = 0;
         for (; j + 2 <= len; j += 2) {
-            a0 = _mm512_fmadd_ps(_mm512_set1_ps(scores[j]), _mm512_loadu_ps(vh + j * dim + d), a0);
-            a1 = _mm512_fmadd_ps(_mm512_set1_ps(scores[j + 1]), _mm512_loadu_ps(vh + (j + 1) * dim + d), a1);
+            a0 = vfma(vset1(scores[j]), vload(vh + j * dim + d), a0);
+            a1 = vfma(vset1(scores[j + 1]), vload(vh + (j + 1) * dim + d), a1);
         }
-        if (j < len) a0 = _mm512_fmadd_ps(_mm512_set1_ps(scores[j]), _mm512_loadu_ps(vh + j * dim + d), a0);
-        _mm512_storeu_ps(oh + d, _mm512_mul_ps(_mm512_add_ps(a0, a1), inv));
+        if (j < len) a0 = vfma(vset1(scores[j]), vload(vh + j * dim + d), a0);
+        vstore(oh + d, vmul(vadd(a0, a1), inv));
     }
 }
 #endif
@@ -285,9 +350,9 @@ void llmopt_attend(const float *restrict q, const float *restrict k, const float
     long group = heads / kv_heads;
     for (long h = 0; h < heads; h++) {
         const float *qh = q + h * dim, *kh = k + (h / group) * head_stride, *vh = v + (h / group) * head_stride;
-#if defined(__AVX512F__)
-        if (dim % 16 == 0) {
-            attend_head16(qh, kh, vh, out + h * dim, len, dim, scale, scores);
+#if LLMOPT_SIMD
+        if (dim % VW == 0) {
+            attend_head_vec(qh, kh, vh, out + h * dim, len, dim, scale, scores);
             continue;
         }
 #endif
@@ -406,33 +471,40 @@ void llmopt_layer_out(float *x, long hidden, const float *a, long attn_width, co
  * transposed into a [k, 32] panel once per call, and each output column n accumulates W[n, k] * panel[k]
  * over k for 32 rows in two 16-wide vectors; 12 output columns at a time keep 24 accumulators in registers.
  */
-#if defined(__AVX512F__)
-/* Columns n0 .. n0 + nb (nb <= NR) of the product for the VEC * 16 rows of `panel` [K, 32] into out [N, 32]
- * (out[n, j] = row j's column n). 16 rows or fewer take one vector per column and twice the columns. */
+#if LLMOPT_SIMD
+/* Columns n0 .. n0 + nb (nb <= NR) of the product for the VEC vectors of rows of `panel` [K, 32] into out [N,
+ * 32] (out[n, j] = row j's column n). 16 rows or fewer take half the vectors per column and twice the
+ * columns. NR x VEC accumulators plus VEC panel vectors fill the register file: 32 registers at AVX-512
+ * (12 x 2, 24 x 1), 16 at AVX2 (3 x 4, 6 x 2). */
 #define LLMOPT_GEMM_BLOCK(NAME, VEC, NR)                                                                   \
     static void NAME(const float *restrict panel, const float *restrict W, long n0, long nb, long K,      \
                      float *restrict out) {                                                               \
         const float *w[NR];                                                                               \
         for (long i = 0; i < NR; i++) w[i] = W + (n0 + (i < nb ? i : 0)) * K;                            \
-        __m512 acc[NR][VEC];                                                                              \
+        vf acc[NR][VEC];                                                                                  \
         for (long i = 0; i < NR; i++)                                                                     \
-            for (long h = 0; h < VEC; h++) acc[i][h] = _mm512_setzero_ps();                              \
+            for (long h = 0; h < VEC; h++) acc[i][h] = vzero();                                           \
         for (long k = 0; k < K; k++) {                                                                    \
-            __m512 a[VEC];                                                                                \
-            for (long h = 0; h < VEC; h++) a[h] = _mm512_load_ps(panel + k * 32 + h * 16);              \
+            vf a[VEC];                                                                                    \
+            for (long h = 0; h < VEC; h++) a[h] = vload_aligned(panel + k * 32 + h * VW);                 \
             for (long i = 0; i < NR; i++) {                                                               \
-                const __m512 b = _mm512_set1_ps(w[i][k]);                                                 \
-                for (long h = 0; h < VEC; h++) acc[i][h] = _mm512_fmadd_ps(b, a[h], acc[i][h]);          \
+                const vf b = vset1(w[i][k]);                                                              \
+                for (long h = 0; h < VEC; h++) acc[i][h] = vfma(b, a[h], acc[i][h]);                      \
             }                                                                                             \
         }                                                                                                 \
         for (long i = 0; i < nb; i++)                                                                     \
-            for (long h = 0; h < VEC; h++) _mm512_store_ps(out + (n0 + i) * 32 + h * 16, acc[i][h]);     \
+            for (long h = 0; h < VEC; h++) vstore_aligned(out + (n0 + i) * 32 + h * VW, acc[i][h]);      \
     }
-LLMOPT_GEMM_BLOCK(gemm_block32, 2, 12)
-LLMOPT_GEMM_BLOCK(gemm_block16, 1, 24)
+#if VW == 16
+#define GEMM_NR32 12
+#define GEMM_NR16 24
+#else
+#define GEMM_NR32 3
+#define GEMM_NR16 6
 #endif
+LLMOPT_GEMM_BLOCK(gemm_block32, 32 / VW, GEMM_NR32)
+LLMOPT_GEMM_BLOCK(gemm_block16, 16 / VW, GEMM_NR16)
 
-#if defined(__AVX512F__)
 /* One panel of rows' product: columns split into parts of whole blocks, each part computing its blocks and
  * writing its columns of y. */
 struct gemm_panel {
@@ -444,7 +516,7 @@ struct gemm_panel {
 
 static void gemm_part(void *ctx, long part, long parts) {
     const struct gemm_panel *t = ctx;
-    const long nr = t->mb > 16 ? 12 : 24, blocks = (t->N + nr - 1) / nr;
+    const long nr = t->mb > 16 ? GEMM_NR32 : GEMM_NR16, blocks = (t->N + nr - 1) / nr;
     const long lo = blocks * part / parts * nr, end = blocks * (part + 1) / parts * nr;
     const long hi = end < t->N ? end : t->N;
     for (long n0 = lo; n0 < hi; n0 += nr) {
@@ -473,34 +545,39 @@ static void gemm_part(void *ctx, long part, long parts) {
  * costs about one pass over the weights for any batch up to GEMM_SMALL_ROWS rows. */
 #define GEMM_SMALL_ROWS 16
 
-#if defined(__AVX512F__)
+#if LLMOPT_SIMD
 /* Rows m of x [MB, K] (row stride K) times W rows w0 and w1: s0[m] = x[m] . w0, s1[m] = x[m] . w1. One
- * function per group size, so that a batch of 3 does 3 rows' work, not 8. */
+ * function per group size, so that a batch of 3 does 3 rows' work, not 8. A group's 2 x MB accumulators and
+ * three operands stay in registers: up to 8 rows at AVX-512 (32 registers), 6 at AVX2 (16). */
+#if VW == 16
+#define GEMM_SMALL_GROUP 8
+#else
+#define GEMM_SMALL_GROUP 6
+#endif
 #define LLMOPT_GEMM_SMALL(NAME, MB)                                                                        \
     static void NAME(const float *restrict xr, const float *restrict w0, const float *restrict w1, long K,  \
                      float *restrict s0, float *restrict s1) {                                             \
-        const long K16 = K & ~15L;                                                                        \
-        const __mmask16 tail = (__mmask16)((1u << (K - K16)) - 1u);                                      \
-        __m512 a0[MB], a1[MB];                                                                            \
-        for (int j = 0; j < MB; j++) a0[j] = a1[j] = _mm512_setzero_ps();                                \
-        for (long k = 0; k < K16; k += 16) {                                                              \
-            const __m512 v0 = _mm512_loadu_ps(w0 + k), v1 = _mm512_loadu_ps(w1 + k);                    \
+        const long Kv = K / VW * VW;                                                                      \
+        vf a0[MB], a1[MB];                                                                                \
+        for (int j = 0; j < MB; j++) a0[j] = a1[j] = vzero();                                             \
+        for (long k = 0; k < Kv; k += VW) {                                                               \
+            const vf v0 = vload(w0 + k), v1 = vload(w1 + k);                                              \
             for (int j = 0; j < MB; j++) {                                                                \
-                const __m512 xv = _mm512_loadu_ps(xr + j * K + k);                                       \
-                a0[j] = _mm512_fmadd_ps(v0, xv, a0[j]);                                                   \
-                a1[j] = _mm512_fmadd_ps(v1, xv, a1[j]);                                                   \
+                const vf xv = vload(xr + j * K + k);                                                      \
+                a0[j] = vfma(v0, xv, a0[j]);                                                              \
+                a1[j] = vfma(v1, xv, a1[j]);                                                              \
             }                                                                                             \
         }                                                                                                 \
-        if (tail) {                                                                                       \
-            const __m512 v0 = _mm512_maskz_loadu_ps(tail, w0 + K16);                                      \
-            const __m512 v1 = _mm512_maskz_loadu_ps(tail, w1 + K16);                                      \
+        if (Kv < K) {                                                                                     \
+            const vmask tail = vmask_first(K - Kv);                                                       \
+            const vf v0 = vload_masked(tail, w0 + Kv), v1 = vload_masked(tail, w1 + Kv);                  \
             for (int j = 0; j < MB; j++) {                                                                \
-                const __m512 xv = _mm512_maskz_loadu_ps(tail, xr + j * K + K16);                         \
-                a0[j] = _mm512_fmadd_ps(v0, xv, a0[j]);                                                   \
-                a1[j] = _mm512_fmadd_ps(v1, xv, a1[j]);                                                   \
+                const vf xv = vload_masked(tail, xr + j * K + Kv);                                        \
+                a0[j] = vfma(v0, xv, a0[j]);                                                              \
+                a1[j] = vfma(v1, xv, a1[j]);                                                              \
             }                                                                                             \
         }                                                                                                 \
-        for (int j = 0; j < MB; j++) s0[j] = _mm512_reduce_add_ps(a0[j]), s1[j] = _mm512_reduce_add_ps(a1[j]); \
+        for (int j = 0; j < MB; j++) s0[j] = vsum(a0[j]), s1[j] = vsum(a1[j]);                            \
     }
 LLMOPT_GEMM_SMALL(gemm_small1, 1)
 LLMOPT_GEMM_SMALL(gemm_small2, 2)
@@ -508,11 +585,16 @@ LLMOPT_GEMM_SMALL(gemm_small3, 3)
 LLMOPT_GEMM_SMALL(gemm_small4, 4)
 LLMOPT_GEMM_SMALL(gemm_small5, 5)
 LLMOPT_GEMM_SMALL(gemm_small6, 6)
+#if GEMM_SMALL_GROUP == 8
 LLMOPT_GEMM_SMALL(gemm_small7, 7)
 LLMOPT_GEMM_SMALL(gemm_small8, 8)
+#endif
 typedef void (*gemm_small_fn)(const float *, const float *, const float *, long, float *, float *);
-static const gemm_small_fn gemm_small_group[9] = {
-    0, gemm_small1, gemm_small2, gemm_small3, gemm_small4, gemm_small5, gemm_small6, gemm_small7, gemm_small8,
+static const gemm_small_fn gemm_small_group[GEMM_SMALL_GROUP + 1] = {
+    0, gemm_small1, gemm_small2, gemm_small3, gemm_small4, gemm_small5, gemm_small6,
+#if GEMM_SMALL_GROUP == 8
+    gemm_small7, gemm_small8,
+#endif
 };
 
 struct gemm_small {
@@ -527,12 +609,12 @@ static void gemm_small_part(void *ctx, long part, long parts) {
     const long K = t->K, pairs = (t->N + 1) / 2;
     const long lo = pairs * part / parts * 2, end = pairs * (part + 1) / parts * 2;
     const long hi = end < t->N ? end : t->N;
-    float s0[8], s1[8];
+    float s0[GEMM_SMALL_GROUP], s1[GEMM_SMALL_GROUP];
     for (long n = lo; n < hi; n += 2) {
         const int two = n + 1 < hi;
         const float *w0 = t->W + n * K, *w1 = two ? w0 + K : w0;
-        for (long m0 = 0; m0 < t->rows; m0 += 8) {
-            const long mb = t->rows - m0 < 8 ? t->rows - m0 : 8;
+        for (long m0 = 0; m0 < t->rows; m0 += GEMM_SMALL_GROUP) {
+            const long mb = t->rows - m0 < GEMM_SMALL_GROUP ? t->rows - m0 : GEMM_SMALL_GROUP;
             gemm_small_group[mb](t->x + m0 * K, w0, w1, K, s0, s1);
             for (long j = 0; j < mb; j++) {
                 float *yr = t->y + (m0 + j) * t->N + n;
@@ -550,10 +632,10 @@ static void gemm_small_part(void *ctx, long part, long parts) {
 
 /* y[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]) (+ y[m, n] when `accumulate`), x [rows, K], W [N, K], y [rows,
  * N], all row-major, on the pool's threads when the product is large enough. `scratch` holds 32 * (K + N) +
- * 16 floats. Returns 0 where this build has no AVX-512 path (the caller keeps torch's product). */
+ * 16 floats. Returns 0 where this build has no vector path (the caller keeps torch's product). */
 int llmopt_gemm(const float *x, const float *W, const float *bias, float *y, long rows, long N, long K,
                 int accumulate, float *scratch) {
-#if defined(__AVX512F__)
+#if LLMOPT_SIMD
     float *panel = (float *)(((size_t)scratch + 63) & ~(size_t)63), *out = panel + 32 * K;
     if (rows <= GEMM_SMALL_ROWS) {
         struct gemm_small t = {x, W, bias, y, rows, N, K, accumulate};
@@ -626,7 +708,7 @@ void llmopt_silu_mul_rows(const float *gu, float *out, long rows, long inter) {
     }
 }
 
-#if defined(__AVX512F__)
+#if LLMOPT_SIMD
 /* The parts of a Llama layer on `rows` rows that a decode step and a prefill share, around their attention:
  * `layer_in` is RMSNorm and the fused q|k|v product into qkv; `layer_out` adds the output product of the
  * attention output `a` to x, then the gated MLP (RMSNorm, fused gate|up product, SiLU * up, down product).
@@ -658,7 +740,7 @@ static void layer_out(float *x, long rows, long hidden, long attn_width, long in
  * bias may be NULL), `eps[2 l]`, `eps[2 l + 1]` the two norms' epsilons, and `caches[2 l]`, `caches[2 l +
  * 1]` the keys and values at position 0 of row 0, with `strides[3 l ..]` = KV-head stride, row stride and
  * the new position `pos`. `scratch` holds `llmopt_decode_step_scratch(...)` floats. Returns 0, doing nothing,
- * on a build without the AVX-512 product. */
+ * on a build without a vector path (AVX2 + FMA or AVX-512). */
 long llmopt_decode_step_scratch(long batch, long hidden, long heads, long kv_heads, long dim, long inter,
                                 long vocab, long width) {
     const long qkv = (heads + 2 * kv_heads) * dim;
@@ -675,7 +757,7 @@ int llmopt_decode_step(float *x, long batch, long hidden, long heads, long kv_he
                        const long *strides, const long *starts, const float *cos, const float *sin,
                        float scale, const float *final_norm, float final_eps, const float *head,
                        const float *head_bias, long vocab, float *logits, float *scratch) {
-#if defined(__AVX512F__)
+#if LLMOPT_SIMD
     const long qkv_width = (heads + 2 * kv_heads) * dim;
     float *h = scratch, *qkv = h + batch * hidden, *a = qkv + batch * qkv_width, *gu = a + batch * heads * dim;
     float *g = gu + batch * 2 * inter, *scores = g + batch * inter;
@@ -709,7 +791,7 @@ int llmopt_decode_step(float *x, long batch, long hidden, long heads, long kv_he
  * and `caches[2 l + 1]` ([kv_heads, rows, dim] each, KV-head stride rows * dim); then the final RMSNorm and
  * the output head on the last position only, into logits [vocab]. cos and sin are [rows, dim]; x [rows,
  * hidden] holds the prompt's embeddings and is overwritten; weights and eps as in llmopt_decode_step.
- * `scratch` holds `llmopt_prefill_scratch(...)` floats. Returns 0, doing nothing, without AVX-512. */
+ * `scratch` holds `llmopt_prefill_scratch(...)` floats. Returns 0, doing nothing, without a vector path. */
 struct prefill_attention {
     const float *qkv, *k, *v;
     float *a, *scores;
@@ -734,7 +816,7 @@ int llmopt_prefill(float *x, long rows, long hidden, long heads, long kv_heads, 
                    long layers, const float *const *weights, const float *eps, float *const *caches,
                    const float *cos, const float *sin, float scale, const float *final_norm, float final_eps,
                    const float *head, const float *head_bias, long vocab, float *logits, float *scratch) {
-#if defined(__AVX512F__)
+#if LLMOPT_SIMD
     const long qkv_width = (heads + 2 * kv_heads) * dim, head_stride = rows * dim;
     float *h = scratch, *qkv = h + rows * hidden, *a = qkv + rows * qkv_width, *gu = a + rows * heads * dim;
     float *g = gu + rows * 2 * inter, *scores = g + rows * inter;

@@ -16,11 +16,13 @@ ctypes call per step keeps the engine thread off the GIL, which a serving replic
 threads also want.
 
 The kernels are compiled at first use with the system C compiler (`$CC`, else cc/gcc/clang; `-O3
--march=native`) into llmopt's cache, keyed by the source, the compiler and the CPU's flags, checked against
-`F.linear`, SDPA and torch's norms on random inputs, and loaded with ctypes (which releases the GIL during
-the call). Only fp32 inputs without autograd use them (single rows, and `GEMM_ROWS` rows where the AVX-512
-product builds); every other input, and every machine where they cannot be built, keeps torch's kernels. The
-switched layers' weights move onto 2 MiB pages (`huge_page_empty`).
+-march=native`) into llmopt's cache, keyed by the source, the compiler, its flags and the CPU's flags, checked
+against `F.linear`, SDPA and torch's norms on random inputs, and loaded with ctypes (which releases the GIL
+during the call). One source serves AVX-512 (16 floats a vector) and AVX2 + FMA (8); `LLMOPT_NATIVE_ISA=avx2`
+builds the AVX2 variant on an AVX-512 CPU, to check or measure what AVX2-only machines (AMD EPYC before Zen 4)
+get. Only fp32 inputs without autograd use them (single rows, and `GEMM_ROWS` rows); every other input, and
+every machine where they cannot be built, keeps torch's kernels. The switched layers' weights move onto 2 MiB
+pages (`huge_page_empty`).
 """
 
 from __future__ import annotations
@@ -64,7 +66,25 @@ def _compiler() -> list[str] | None:
     return None
 
 
-def _build(compiler: list[str], target: Path) -> None:
+# `LLMOPT_NATIVE_ISA`: the vector width to build for. `native` (the default) is the widest this CPU has;
+# `avx2` leaves AVX-512 out, so an AVX-512 machine runs and checks the code AVX2-only machines run.
+ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"]}
+
+
+def native_isa() -> str:
+    """The build `LLMOPT_NATIVE_ISA` asks for (`native` when unset).
+
+    Raises:
+        ValueError: an unknown value (the message names the variable and its choices).
+    """
+    isa = os.environ.get("LLMOPT_NATIVE_ISA", "native").strip().lower() or "native"
+    if isa not in ISA_FLAGS:
+        choices = ", ".join(ISA_FLAGS)
+        raise ValueError(f"LLMOPT_NATIVE_ISA={isa!r} is not one of {choices}; unset it or pick one")
+    return isa
+
+
+def _build(compiler: list[str], target: Path, flags: list[str]) -> None:
     """Compile `_gemv.c` to `target` atomically (replicas starting together may build at once)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
@@ -74,6 +94,7 @@ def _build(compiler: list[str], target: Path) -> None:
             *compiler,
             "-O3",
             "-march=native",
+            *flags,
             "-shared",
             "-fPIC",
             "-pthread",
@@ -109,7 +130,7 @@ class NativeKernels:
             place (`scratch`: hidden + 2 * inter floats).
         gemm: `gemm(x, W, bias_or_None, y, rows, n, k, accumulate, scratch) -> int`: y = x W^T (+ bias)
             (+ y when `accumulate`) for a few rows (`scratch`: `gemm_scratch_floats(k, n)` floats); returns
-            0, doing nothing, on a build without AVX-512.
+            0, doing nothing, on a build without a vector path.
         rms_norm_rows: `rms_norm_rows(x, weight, eps, out, rows, n)`: RMSNorm of each row.
         decode_attention: `decode_attention(qkv, batch, heads, kv_heads, dim, cos, sin, k, v, head_stride,
             row_stride, pos, starts, scale, out, scores)`: a batched decode step's RoPE, cache write (at
@@ -117,12 +138,12 @@ class NativeKernels:
         silu_mul_rows: `silu_mul_rows(gu, out, rows, inter)`: SiLU(gate) * up of fused gate|up rows.
         decode_step: `decode_step(x, batch, hidden, heads, kv_heads, dim, inter, layers, weights, eps, caches,
             strides, starts, cos, sin, scale, final_norm, final_eps, head, head_bias, vocab, logits, scratch)
-            -> int`: a whole batched decode step of a Llama model (see `_gemv.c`); 0 without AVX-512.
+            -> int`: a whole batched decode step of a Llama model (see `_gemv.c`); 0 without a vector path.
         decode_step_scratch: `decode_step_scratch(batch, hidden, heads, kv_heads, dim, inter, vocab, width)`:
             the floats of scratch `decode_step` needs.
         prefill: `prefill(x, rows, hidden, heads, kv_heads, dim, inter, layers, weights, eps, caches, cos,
             sin, scale, final_norm, final_eps, head, head_bias, vocab, logits, scratch) -> int`: one prompt's
-            prefill of a Llama model (see `_gemv.c`); 0 without AVX-512.
+            prefill of a Llama model (see `_gemv.c`); 0 without a vector path.
         prefill_scratch: `prefill_scratch(rows, hidden, heads, kv_heads, dim, inter, vocab)`: its scratch.
         set_threads: `set_threads(n) -> int`: the threads the batched paths (`gemm`, `decode_step`,
             `prefill`, and `gemv` on matrices of 2 MiB or more) split their work over; returns the number
@@ -155,20 +176,23 @@ class NativeKernels:
         if _THREADS.get(id(self.set_threads)) != n:
             _THREADS[id(self.set_threads)] = self.set_threads(n) and n
 
-    @property
-    def has_gemm(self) -> bool:
-        """Whether `gemm` computes here (AVX-512 builds); elsewhere callers keep torch's product."""
-        return self.description.startswith("native AVX-512")
 
-
-@functools.cache
 def load_kernels() -> tuple[NativeKernels | None, str]:
-    """Build (once per machine) and load the kernels.
+    """Build (once per machine and `LLMOPT_NATIVE_ISA`) and load the kernels.
 
     Returns:
         `(kernels, description)`, or `(None, reason)` when they are unavailable (not x86-64, no C compiler,
-        no AVX2/AVX-512, a failed build or self-check).
+        no AVX2/AVX-512, a failed build or self-check, an unknown `LLMOPT_NATIVE_ISA`).
     """
+    try:
+        isa = native_isa()
+    except ValueError as exc:
+        return None, str(exc)
+    return _load_kernels(isa)
+
+
+@functools.cache
+def _load_kernels(isa_name: str) -> tuple[NativeKernels | None, str]:
     from llmopt.models import cache_dir
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -179,13 +203,14 @@ def load_kernels() -> tuple[NativeKernels | None, str]:
             None,
             "no C compiler found (cc, gcc or clang on PATH, or $CC) to build the native decode kernel",
         )
+    flags = ISA_FLAGS[isa_name]
     key = hashlib.sha256(
-        b"\0".join([_SOURCE.read_bytes(), shlex.join(compiler).encode(), _cpu_flags().encode()])
+        b"\0".join([_SOURCE.read_bytes(), shlex.join([*compiler, *flags]).encode(), _cpu_flags().encode()])
     ).hexdigest()[:16]
     path = cache_dir() / "kernels" / f"gemv-{key}.so"
     try:
         if not path.exists():
-            _build(compiler, path)
+            _build(compiler, path, flags)
         lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
         return None, f"could not build the native decode kernel: {exc}"
@@ -218,7 +243,7 @@ def load_kernels() -> tuple[NativeKernels | None, str]:
     lib.llmopt_set_threads.argtypes, lib.llmopt_set_threads.restype = [ctypes.c_int], ctypes.c_int
     lib.llmopt_get_threads.argtypes, lib.llmopt_get_threads.restype = [], ctypes.c_int
     step_scratch.restype = prefill_scratch.restype = size
-    description = f"native AVX-{isa} GEMV ({path.name})"
+    description = f"native {'AVX-512' if isa == 512 else 'AVX2 + FMA'} GEMV ({path.name})"
     batched = (gemm, norm_rows, attention, silu_mul, step, step_scratch, prefill, prefill_scratch)
     kernels = NativeKernels(
         gemv,
@@ -309,21 +334,21 @@ def _check_batched(kernels: NativeKernels, gen: torch.Generator) -> str | None:
     """The batched decode kernels against torch: the product (both row widths, a tail of columns, bias,
     accumulation), RMSNorm rows, RoPE + cache write + attention on fused q|k|v rows, SiLU * up."""
     F = torch.nn.functional
-    if kernels.has_gemm:
-        for rows in (3, 11, 16, 29, 45):  # the few-row product (up to 16 rows) and the panel one
-            x, w, b, y = (torch.randn(*s, generator=gen) for s in ((rows, 70), (27, 70), (27,), (rows, 27)))
-            out, scratch = y.clone(), torch.empty(gemm_scratch_floats(70, 27))
-            kernels.gemm(x.data_ptr(), w.data_ptr(), b.data_ptr(), out.data_ptr(), rows, 27, 70, 1,
-                         scratch.data_ptr())  # fmt: skip
-            if not torch.allclose(out, y + F.linear(x, w, b), atol=1e-4, rtol=1e-4):
-                return f"F.linear on {rows} rows"
+    for rows in (3, 7, 11, 16, 29, 45):  # the few-row product (groups of 8 or 6, up to 16) and the panel one
+        x, w, b, y = (torch.randn(*s, generator=gen) for s in ((rows, 70), (27, 70), (27,), (rows, 27)))
+        out, scratch = y.clone(), torch.empty(gemm_scratch_floats(70, 27))
+        kernels.gemm(x.data_ptr(), w.data_ptr(), b.data_ptr(), out.data_ptr(), rows, 27, 70, 1,
+                     scratch.data_ptr())  # fmt: skip
+        if not torch.allclose(out, y + F.linear(x, w, b), atol=1e-4, rtol=1e-4):
+            return f"F.linear on {rows} rows"
     rows, hidden, eps = 5, 37, 1e-5
     x, weight = torch.randn(rows, hidden, generator=gen), torch.randn(hidden, generator=gen)
     out = torch.empty(rows, hidden)
     kernels.rms_norm_rows(x.data_ptr(), weight.data_ptr(), eps, out.data_ptr(), rows, hidden)
     if not torch.allclose(out, F.rms_norm(x, (hidden,), weight, eps), atol=1e-5, rtol=1e-5):
         return "RMSNorm on rows"
-    # A head size of 10 takes the scalar path; 32 (a multiple of 16) the vector one, over 41 positions.
+    # A head size of 10 takes the scalar path; 32 (a multiple of the vector width) the vector one, over 41
+    # positions (a tail of 9 or 1).
     for dim, capacity, pos in ((10, 12, 8), (32, 45, 40)):
         if failed := _check_decode_attention(kernels, gen, dim, capacity, pos):
             return failed
@@ -390,10 +415,9 @@ class DecodeLinear(torch.nn.Linear):
     (prefill, batches, autograd, another dtype) calls `nn.Linear.forward`.
     """
 
-    # Set once per process by use_native_decode (a ctypes function never binds as a method); `_gemm` is
-    # None where the build has no AVX-512 product.
+    # Set once per process by use_native_decode (a ctypes function never binds as a method).
     _gemv: Callable[..., None]
-    _gemm: Callable[..., int] | None = None
+    _gemm: Callable[..., int]
     _kernels: NativeKernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -414,7 +438,7 @@ class DecodeLinear(torch.nn.Linear):
                     w.data_ptr(), x.data_ptr(), bias, y.data_ptr(), self.out_features, self.in_features
                 )
                 return y
-            if self._gemm is not None and GEMM_ROWS[0] <= rows <= GEMM_ROWS[1]:
+            if GEMM_ROWS[0] <= rows <= GEMM_ROWS[1]:
                 y = x.new_empty((*x.shape[:-1], self.out_features))
                 scratch = torch.empty(gemm_scratch_floats(self.in_features, self.out_features))
                 self._gemm(x.data_ptr(), w.data_ptr(), bias, y.data_ptr(), rows, self.out_features,
@@ -447,7 +471,7 @@ def use_native_decode(
             raise RuntimeError(description)
         return 0, description
     DecodeLinear._gemv = kernels.gemv
-    DecodeLinear._gemm = kernels.gemm if kernels.has_gemm else None
+    DecodeLinear._gemm = kernels.gemm
     DecodeLinear._kernels = kernels
     switched = []
     for module in model.modules():

@@ -205,13 +205,10 @@ class LlamaDecodeStep:
         return self.model.model.layers[0].self_attn.scaling
 
     def _native_ready(self) -> bool:
-        """Whether the whole-model native calls apply: the AVX-512 product, a native output head, and every
-        layer fused and intact."""
-        return (
-            self._kernels.has_gemm
-            and type(self.model.lm_head) is DecodeLinear
-            and all(f is not None and f.intact() for f in self._fused)
-        )
+        """Whether the whole-model native calls apply: a native output head, and every layer fused and
+        intact."""
+        fused = all(f is not None and f.intact() for f in self._fused)
+        return type(self.model.lm_head) is DecodeLinear and fused
 
     def _layer_args(self) -> tuple[ctypes.Array, ctypes.Array]:
         """Each layer's ten weight pointers and two norm epsilons, as the whole-model native calls take them
@@ -308,7 +305,7 @@ class LlamaDecodeStep:
         """x W^T (+ bias) for a batch of rows, added into `out` when given: the native product on the rows
         where it beats torch's (`GEMM_ROWS`), torch's otherwise."""
         rows, (n, k) = x.shape[0], weight.shape
-        if self._kernels.has_gemm and GEMM_ROWS[0] <= rows <= GEMM_ROWS[1]:
+        if GEMM_ROWS[0] <= rows <= GEMM_ROWS[1]:
             if self._scratch.numel() < gemm_scratch_floats(k, n):
                 self._scratch = torch.empty(gemm_scratch_floats(k, n))
             target = x.new_empty(rows, n) if out is None else out
