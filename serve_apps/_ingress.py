@@ -434,6 +434,9 @@ class LLMIngress:
             self.local = llm.server
         self.llm = llm
         self.models = dict(models or {})
+        # Its own tokenizer even beside a local model's: a fast tokenizer is a Rust object that raises
+        # "Already borrowed" when two threads use it at once (huggingface/tokenizers#537), and the local
+        # model's engine thread tokenizes while this event loop does.
         self.tokenizer = load_tokenizer(self.config.model)
         self.model_id = self.config.model.name_or_path
         self.adapters = set(serving.adapters)

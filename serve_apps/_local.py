@@ -124,5 +124,6 @@ class LocalServer:
         from serve_apps._server import LLMServer
 
         serving = RunConfig.model_validate(self.config).serving
-        ongoing = serving.max_ongoing_requests or 2 * serving.batching.max_batch_size
-        return LocalModel(LLMServer.func_or_class(self.config), ongoing, serving.max_queued_requests)
+        return LocalModel(
+            LLMServer.func_or_class(self.config), serving.ongoing_requests, serving.max_queued_requests
+        )

@@ -69,8 +69,7 @@ def deployment_options(config: RunConfig, *, kuberay: bool = False) -> dict[str,
     """
     serving, res = config.serving, config.resources
     batching, scaling = serving.batching, serving.autoscaling
-    # Serve's default max_ongoing_requests (5) would silently cap the batch size: size it from the batch.
-    ongoing = serving.max_ongoing_requests or 2 * batching.max_batch_size
+    ongoing = serving.ongoing_requests
     actor: dict[str, Any] = {"num_cpus": res.cpus_per_worker}
     if res.gpus:
         actor["num_gpus"] = res.gpus

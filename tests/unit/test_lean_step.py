@@ -363,7 +363,7 @@ def test_results_do_not_depend_on_the_kernels_thread_count(native, tok, torch_th
     bit, and so do an engine's logits where only the native kernels compute (native prefills of 24-60
     tokens, then whole native steps of 26 rows, greedy and sampled). torch's own products (MKL) can round
     differently with another thread count, so paths through them are compared elsewhere, to 1e-5."""
-    from llmopt.serve.native._kernels import gemm_scratch_floats, load_kernels
+    from llmopt.serve.native._kernels import load_kernels
 
     kernels, _ = load_kernels()
     gen = torch.Generator().manual_seed(5)
@@ -389,7 +389,7 @@ def test_results_do_not_depend_on_the_kernels_thread_count(native, tok, torch_th
         for rows, n, k in products:
             g = torch.Generator().manual_seed(rows)
             x, w, b, y = (torch.randn(*s, generator=g) for s in ((rows, k), (n, k), (n,), (rows, n)))
-            scratch = torch.empty(gemm_scratch_floats(k, n))
+            scratch = torch.empty(kernels.gemm_scratch(rows, n, k))
             kernels.gemm(x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), rows, n, k, 1,
                          scratch.data_ptr())  # fmt: skip
             out.append(y)

@@ -566,6 +566,12 @@ class ServingConfig(StrictModel):
         return self
 
     @property
+    def ongoing_requests(self) -> int:
+        """Requests a model replica holds at once: `max_ongoing_requests`, or twice the batch when unset
+        (Serve's default of 5 would silently cap the batch)."""
+        return self.max_ongoing_requests or 2 * self.batching.max_batch_size
+
+    @property
     def single_layout(self) -> bool:
         """Whether `layout` resolves to `single` (one deployment serving HTTP and running the model)."""
         if self.layout != "auto":

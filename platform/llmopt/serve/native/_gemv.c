@@ -473,9 +473,9 @@ void llmopt_layer_out(float *x, long hidden, const float *a, long attn_width, co
  */
 #if LLMOPT_SIMD
 /* Columns n0 .. n0 + nb (nb <= NR) of the product for the VEC vectors of rows of `panel` [K, 32] into out [N,
- * 32] (out[n, j] = row j's column n). 16 rows or fewer take half the vectors per column and twice the
- * columns. NR x VEC accumulators plus VEC panel vectors fill the register file: 32 registers at AVX-512
- * (12 x 2, 24 x 1), 16 at AVX2 (3 x 4, 6 x 2). */
+ * 32] (out[n, j] = row j's column n). A last panel of 16 rows or fewer takes half the vectors per column.
+ * NR x VEC accumulators plus VEC panel vectors fill the register file: 32 registers at AVX-512 (12 x 2), 16
+ * at AVX2 (3 x 4). */
 #define LLMOPT_GEMM_BLOCK(NAME, VEC, NR)                                                                   \
     static void NAME(const float *restrict panel, const float *restrict W, long n0, long nb, long K,      \
                      float *restrict out) {                                                               \
@@ -496,39 +496,45 @@ void llmopt_layer_out(float *x, long hidden, const float *a, long attn_width, co
             for (long h = 0; h < VEC; h++) vstore_aligned(out + (n0 + i) * 32 + h * VW, acc[i][h]);      \
     }
 #if VW == 16
-#define GEMM_NR32 12
-#define GEMM_NR16 24
+#define GEMM_NR 12
 #else
-#define GEMM_NR32 3
-#define GEMM_NR16 6
+#define GEMM_NR 3
 #endif
-LLMOPT_GEMM_BLOCK(gemm_block32, 32 / VW, GEMM_NR32)
-LLMOPT_GEMM_BLOCK(gemm_block16, 16 / VW, GEMM_NR16)
+LLMOPT_GEMM_BLOCK(gemm_block32, 32 / VW, GEMM_NR)
+LLMOPT_GEMM_BLOCK(gemm_block16, 16 / VW, GEMM_NR)
 
-/* One panel of rows' product: columns split into parts of whole blocks, each part computing its blocks and
- * writing its columns of y. */
-struct gemm_panel {
-    const float *panel, *W, *bias;
-    float *y, *out;
-    long mb, N, K;
+/* The product on 32-row panels of x ([K, 32] each, rows transposed; a last panel zero-filled), columns
+ * split into parts of whole blocks of GEMM_NR columns. Each block of W rows is read once, from memory, for
+ * every panel while it sits in L1/L2: a 64-token prompt of the ~100M preset read its 450 MB of weights twice
+ * when the panels ran one after the other. */
+struct gemm_panels {
+    const float *panels, *W, *bias;
+    float *y, *out; /* out: [N, 32] per panel */
+    long rows, N, K;
     int accumulate;
 };
 
 static void gemm_part(void *ctx, long part, long parts) {
-    const struct gemm_panel *t = ctx;
-    const long nr = t->mb > 16 ? GEMM_NR32 : GEMM_NR16, blocks = (t->N + nr - 1) / nr;
+    const struct gemm_panels *t = ctx;
+    const long nr = GEMM_NR, blocks = (t->N + nr - 1) / nr, count = (t->rows + 31) / 32;
     const long lo = blocks * part / parts * nr, end = blocks * (part + 1) / parts * nr;
     const long hi = end < t->N ? end : t->N;
     for (long n0 = lo; n0 < hi; n0 += nr) {
-        if (t->mb > 16)
-            gemm_block32(t->panel, t->W, n0, hi - n0 < nr ? hi - n0 : nr, t->K, t->out);
-        else
-            gemm_block16(t->panel, t->W, n0, hi - n0 < nr ? hi - n0 : nr, t->K, t->out);
+        const long nb = hi - n0 < nr ? hi - n0 : nr;
+        for (long p = 0; p < count; p++) {
+            const float *panel = t->panels + p * 32 * t->K;
+            float *out = t->out + p * 32 * t->N;
+            if (t->rows - 32 * p > 16)
+                gemm_block32(panel, t->W, n0, nb, t->K, out);
+            else
+                gemm_block16(panel, t->W, n0, nb, t->K, out);
+        }
     }
-    for (long j = 0; j < t->mb; j++) {
-        float *yr = t->y + j * t->N;
+    for (long m = 0; m < t->rows; m++) {
+        const float *out = t->out + m / 32 * 32 * t->N + m % 32;
+        float *yr = t->y + m * t->N;
         for (long n = lo; n < hi; n++) {
-            const float v = t->out[n * 32 + j] + (t->bias ? t->bias[n] : 0.f);
+            const float v = out[n * 32] + (t->bias ? t->bias[n] : 0.f);
             yr[n] = t->accumulate ? yr[n] + v : v;
         }
     }
@@ -631,25 +637,29 @@ static void gemm_small_part(void *ctx, long part, long parts) {
 #endif
 
 /* y[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]) (+ y[m, n] when `accumulate`), x [rows, K], W [N, K], y [rows,
- * N], all row-major, on the pool's threads when the product is large enough. `scratch` holds 32 * (K + N) +
- * 16 floats. Returns 0 where this build has no vector path (the caller keeps torch's product). */
+ * N], all row-major, on the pool's threads when the product is large enough. `scratch` holds
+ * llmopt_gemm_scratch(rows, N, K) floats. Returns 0 where this build has no vector path (the caller keeps
+ * torch's product). */
+long llmopt_gemm_scratch(long rows, long N, long K) { return (rows + 31) / 32 * 32 * (K + N) + 16; }
+
 int llmopt_gemm(const float *x, const float *W, const float *bias, float *y, long rows, long N, long K,
                 int accumulate, float *scratch) {
 #if LLMOPT_SIMD
-    float *panel = (float *)(((size_t)scratch + 63) & ~(size_t)63), *out = panel + 32 * K;
     if (rows <= GEMM_SMALL_ROWS) {
         struct gemm_small t = {x, W, bias, y, rows, N, K, accumulate};
         parallel(gemm_small_part, &t, rows * N * K >> 16);
-        (void)panel, (void)out;
         return 1;
     }
-    for (long m0 = 0; m0 < rows; m0 += 32) {
-        const long mb = rows - m0 < 32 ? rows - m0 : 32;
+    const long count = (rows + 31) / 32;
+    float *panels = (float *)(((size_t)scratch + 63) & ~(size_t)63), *out = panels + count * 32 * K;
+    for (long p = 0; p < count; p++) {
+        float *panel = panels + p * 32 * K;
+        const long m0 = 32 * p, mb = rows - m0 < 32 ? rows - m0 : 32;
         for (long k = 0; k < K; k++)
             for (long j = 0; j < 32; j++) panel[k * 32 + j] = j < mb ? x[(m0 + j) * K + k] : 0.f;
-        struct gemm_panel t = {panel, W, bias, y + m0 * N, out, mb, N, K, accumulate};
-        parallel(gemm_part, &t, 32 * N * K >> 16); /* a part per ~64K multiply-adds */
     }
+    struct gemm_panels t = {panels, W, bias, y, out, rows, N, K, accumulate};
+    parallel(gemm_part, &t, count * 32 * N * K >> 16); /* a part per ~64K multiply-adds */
     return 1;
 #else
     (void)x, (void)W, (void)bias, (void)y, (void)rows, (void)N, (void)K, (void)accumulate, (void)scratch;
@@ -749,7 +759,7 @@ long llmopt_decode_step_scratch(long batch, long hidden, long heads, long kv_hea
     long k_max = inter > hidden ? inter : hidden;
     k_max = heads * dim > k_max ? heads * dim : k_max;
     return batch * (hidden + qkv + heads * dim + 2 * inter + inter) + width * LLMOPT_MAX_THREADS +
-           32 * (k_max + big) + 64;
+           llmopt_gemm_scratch(batch, big, k_max) + 64;
 }
 
 int llmopt_decode_step(float *x, long batch, long hidden, long heads, long kv_heads, long dim, long inter,

@@ -129,7 +129,7 @@ class NativeKernels:
             scratch)`: the rest of the layer after attention output `a`, adding both residuals to `x` in
             place (`scratch`: hidden + 2 * inter floats).
         gemm: `gemm(x, W, bias_or_None, y, rows, n, k, accumulate, scratch) -> int`: y = x W^T (+ bias)
-            (+ y when `accumulate`) for a few rows (`scratch`: `gemm_scratch_floats(k, n)` floats); returns
+            (+ y when `accumulate`) for a few rows (`scratch`: `gemm_scratch(rows, n, k)` floats); returns
             0, doing nothing, on a build without a vector path.
         rms_norm_rows: `rms_norm_rows(x, weight, eps, out, rows, n)`: RMSNorm of each row.
         decode_attention: `decode_attention(qkv, batch, heads, kv_heads, dim, cos, sin, k, v, head_stride,
@@ -158,6 +158,7 @@ class NativeKernels:
     layer_qkv: Callable[..., None]
     layer_out: Callable[..., None]
     gemm: Callable[..., int]
+    gemm_scratch: Callable[[int, int, int], int]
     rms_norm_rows: Callable[..., None]
     decode_attention: Callable[..., None]
     silu_mul_rows: Callable[..., None]
@@ -229,6 +230,8 @@ def _load_kernels(isa_name: str) -> tuple[NativeKernels | None, str]:
     attention, silu_mul = lib.llmopt_decode_attention, lib.llmopt_silu_mul_rows
     gemm.argtypes = [*[ptr] * 4, size, size, size, ctypes.c_int, ptr]
     gemm.restype = ctypes.c_int
+    gemm_scratch = lib.llmopt_gemm_scratch
+    gemm_scratch.argtypes, gemm_scratch.restype = [size] * 3, size
     norm_rows.argtypes = [ptr, ptr, real, ptr, size, size]
     attention.argtypes = [ptr, *[size] * 4, *[ptr] * 4, size, size, size, ptr, real, ptr, ptr]
     silu_mul.argtypes = [ptr, ptr, size, size]
@@ -244,7 +247,8 @@ def _load_kernels(isa_name: str) -> tuple[NativeKernels | None, str]:
     lib.llmopt_get_threads.argtypes, lib.llmopt_get_threads.restype = [], ctypes.c_int
     step_scratch.restype = prefill_scratch.restype = size
     description = f"native {'AVX-512' if isa == 512 else 'AVX2 + FMA'} GEMV ({path.name})"
-    batched = (gemm, norm_rows, attention, silu_mul, step, step_scratch, prefill, prefill_scratch)
+    products = (gemm, gemm_scratch, norm_rows, attention, silu_mul)
+    batched = (*products, step, step_scratch, prefill, prefill_scratch)
     kernels = NativeKernels(
         gemv,
         attend_rows,
@@ -334,9 +338,9 @@ def _check_batched(kernels: NativeKernels, gen: torch.Generator) -> str | None:
     """The batched decode kernels against torch: the product (both row widths, a tail of columns, bias,
     accumulation), RMSNorm rows, RoPE + cache write + attention on fused q|k|v rows, SiLU * up."""
     F = torch.nn.functional
-    for rows in (3, 7, 11, 16, 29, 45):  # the few-row product (groups of 8 or 6, up to 16) and the panel one
+    for rows in (3, 7, 11, 16, 29, 45, 83):  # few rows (groups of 8 or 6, up to 16), 1 to 3 panels of 32
         x, w, b, y = (torch.randn(*s, generator=gen) for s in ((rows, 70), (27, 70), (27,), (rows, 27)))
-        out, scratch = y.clone(), torch.empty(gemm_scratch_floats(70, 27))
+        out, scratch = y.clone(), torch.empty(kernels.gemm_scratch(rows, 27, 70))
         kernels.gemm(x.data_ptr(), w.data_ptr(), b.data_ptr(), out.data_ptr(), rows, 27, 70, 1,
                      scratch.data_ptr())  # fmt: skip
         if not torch.allclose(out, y + F.linear(x, w, b), atol=1e-4, rtol=1e-4):
@@ -394,11 +398,6 @@ def load_gemv() -> tuple[Callable[..., None] | None, str]:
     return (kernels.gemv if kernels else None), description
 
 
-def gemm_scratch_floats(in_features: int, out_features: int) -> int:
-    """Floats of scratch the native product needs (a 32-row panel of x and of y, and 64-byte alignment)."""
-    return 32 * (in_features + out_features) + 16
-
-
 # Rows on which the native product replaces torch's (MKL's SGEMM packs the whole weight matrix at every call,
 # a cost that does not shrink with the rows): a batched decode step of 2 rows or more, a short prompt's
 # prefill. Up to 16 rows it reads each weight row once for all rows (`GEMM_SMALL_ROWS` in _gemv.c), beyond
@@ -440,7 +439,7 @@ class DecodeLinear(torch.nn.Linear):
                 return y
             if GEMM_ROWS[0] <= rows <= GEMM_ROWS[1]:
                 y = x.new_empty((*x.shape[:-1], self.out_features))
-                scratch = torch.empty(gemm_scratch_floats(self.in_features, self.out_features))
+                scratch = torch.empty(self._kernels.gemm_scratch(rows, self.out_features, self.in_features))
                 self._gemm(x.data_ptr(), w.data_ptr(), bias, y.data_ptr(), rows, self.out_features,
                            self.in_features, 0, scratch.data_ptr())  # fmt: skip
                 return y

@@ -39,7 +39,6 @@ from llmopt.serve.native._kernels import (
     GEMM_ROWS,
     DecodeLinear,
     apply_rope,
-    gemm_scratch_floats,
     huge_page_empty,
     load_kernels,
 )
@@ -306,8 +305,8 @@ class LlamaDecodeStep:
         where it beats torch's (`GEMM_ROWS`), torch's otherwise."""
         rows, (n, k) = x.shape[0], weight.shape
         if GEMM_ROWS[0] <= rows <= GEMM_ROWS[1]:
-            if self._scratch.numel() < gemm_scratch_floats(k, n):
-                self._scratch = torch.empty(gemm_scratch_floats(k, n))
+            if self._scratch.numel() < (need := self._kernels.gemm_scratch(rows, n, k)):
+                self._scratch = torch.empty(need)
             target = x.new_empty(rows, n) if out is None else out
             bias_ptr = None if bias is None else bias.data_ptr()
             self._kernels.follow_torch_threads()
