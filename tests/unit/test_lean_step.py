@@ -232,40 +232,54 @@ def test_a_full_batch_on_fused_native_products_gives_transformers_logits(native,
 
 
 def test_native_prefill_gives_transformers_logits_and_cache(native, tok, monkeypatch):
-    """A prompt of GEMM_ROWS tokens prefills in one native call: its last logits and every position's keys
-    and values match transformers' forward; a longer prompt is left to transformers. In the engine, requests
-    prefilled that way (greedy and sampled, decoded alone and batched) match runs through transformers."""
+    """Fresh prompts of up to GEMM_ROWS[1] tokens in all prefill in one native call, left-padded to the
+    longest: each prompt's last logits, and its keys and values at its own positions, match transformers'
+    forward of that prompt alone; the padding is zeros and masked out. More tokens, or an empty prompt, are
+    left to transformers. In the engine, requests prefilled that way (greedy and sampled, decoded alone and
+    batched) match runs through transformers."""
     from transformers import DynamicCache
 
     step = LlamaDecodeStep(native)
-    low, high = GEMM_ROWS
-    for rows in (low, 40, high):
-        ids = [10 + (11 * j) % 900 for j in range(rows)]
-        logits, cache = step.prefill(ids)
-        want_cache = DynamicCache()
-        with torch.no_grad():
-            want = native(input_ids=torch.tensor([ids]), past_key_values=want_cache, use_cache=True).logits
-        torch.testing.assert_close(logits, want[:, -1], **EXACT)
-        for got, expected in zip(cache.layers, want_cache.layers, strict=True):
-            torch.testing.assert_close(got.keys, expected.keys, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(got.values, expected.values, atol=1e-5, rtol=1e-5)
-    assert step.prefill(list(range(10, 10 + high + 1))) is None
-    assert step.prefill(list(range(10, 10 + low - 1))) is None
+    high = GEMM_ROWS[1]
+    for lengths in ([1], [2], [40], [high], [3, 17, 40], [64, 64], [1, 5, 9, 100]):
+        prompts = [[10 + (11 * j + 7 * i) % 900 for j in range(n)] for i, n in enumerate(lengths)]
+        logits, cache, mask = step.prefill_many(prompts)
+        width = max(lengths)
+        assert logits.shape == (len(prompts), native.config.vocab_size)
+        assert mask.tolist() == [[0] * (width - n) + [1] * n for n in lengths]
+        for row, ids in enumerate(prompts):
+            want_cache = DynamicCache()
+            with torch.no_grad():
+                want = native(
+                    input_ids=torch.tensor([ids]), past_key_values=want_cache, use_cache=True
+                ).logits
+            torch.testing.assert_close(logits[row : row + 1], want[:, -1], **EXACT)
+            first = width - len(ids)
+            for got, expected in zip(cache.layers, want_cache.layers, strict=True):
+                torch.testing.assert_close(
+                    got.keys[row : row + 1, :, first:], expected.keys, atol=1e-5, rtol=1e-5
+                )
+                torch.testing.assert_close(
+                    got.values[row : row + 1, :, first:], expected.values, atol=1e-5, rtol=1e-5
+                )
+                assert not got.keys[row, :, :first].any() and not got.values[row, :, :first].any()
+    assert step.prefill_many([list(range(10, 10 + high // 2 + 1))] * 2) is None
+    assert step.prefill_many([[11, 12], []]) is None
 
     prefilled = []
-    original = LlamaDecodeStep.prefill
+    original = LlamaDecodeStep.prefill_many
 
-    def counted(self, ids):
-        done = original(self, ids)
+    def counted(self, prompts):
+        done = original(self, prompts)
         if done is not None:
-            prefilled.append(len(ids))
+            prefilled.append(sorted(len(ids) for ids in prompts))
         return done
 
-    monkeypatch.setattr(LlamaDecodeStep, "prefill", counted)
+    monkeypatch.setattr(LlamaDecodeStep, "prefill_many", counted)
     requests = [
         GenerationRequest(
             f"p{i}",
-            [10 + (13 * i + 5 * j) % 900 for j in range(low + 9 * i)],
+            [10 + (13 * i + 5 * j) % 900 for j in range(2 + 9 * i)],
             SamplingParams(max_tokens=3 + i, temperature=0.8 * (i % 2), seed=i),
         )
         for i in range(4)
@@ -275,18 +289,19 @@ def test_native_prefill_gives_transformers_logits_and_cache(native, tok, monkeyp
         for request in requests:
             _, alone = _run(native, tok, [request], lean=False)
             _assert_same(got[request.request_id], alone[request.request_id])
-    assert sorted(prefilled) == sorted(2 * [len(r.prompt_ids) for r in requests])
+    lengths = sorted(len(r.prompt_ids) for r in requests)
+    assert sorted(prefilled) == sorted([[n] for n in lengths] + [lengths])  # one by one, then one wave
 
 
-def test_a_wave_of_fresh_prompts_prefills_in_one_batched_forward(native, tok, monkeypatch):
-    """Fresh prompts of one step with more than BATCHED_PREFILL_TOKENS tokens in all skip the one-by-one
-    native prefill for one batched forward (left-padded, different lengths); each request, greedy or sampled,
-    then decodes on the lean step exactly as it does alone through transformers."""
-    from llmopt.serve._engine import BATCHED_PREFILL_TOKENS
-
-    native_prefills, original = [], LlamaDecodeStep.prefill
+def test_a_wave_wider_than_the_native_prefill_runs_one_batched_forward(native, tok, monkeypatch):
+    """Fresh prompts of one step with more than GEMM_ROWS[1] tokens in all are prefilled in one batched
+    forward of transformers (left-padded, different lengths), where MKL's products are faster; each request,
+    greedy or sampled, then decodes on the lean step exactly as it does alone through transformers."""
+    native_prefills, original = [], LlamaDecodeStep.prefill_many
     monkeypatch.setattr(
-        LlamaDecodeStep, "prefill", lambda self, ids: native_prefills.append(len(ids)) or original(self, ids)
+        LlamaDecodeStep,
+        "prefill_many",
+        lambda self, p: (native_prefills.append(len(p)), original(self, p))[1],
     )
     requests = [
         GenerationRequest(
@@ -296,9 +311,15 @@ def test_a_wave_of_fresh_prompts_prefills_in_one_batched_forward(native, tok, mo
         )
         for i in range(4)
     ]
-    assert sum(len(r.prompt_ids) for r in requests) > BATCHED_PREFILL_TOKENS
+    assert sum(len(r.prompt_ids) for r in requests) > GEMM_ROWS[1]
+    forwards, forward = [], GenerationEngine._forward
+    monkeypatch.setattr(
+        GenerationEngine,
+        "_forward",
+        lambda self, ids, *a: forwards.append(ids.shape) or forward(self, ids, *a),
+    )
     _, got = _run(native, tok, requests, lean=True, max_batch_size=4)
-    assert native_prefills == []
+    assert native_prefills == [4] and forwards == [(4, 55)]  # tried natively, then one forward of the wave
     for request in requests:
         _, alone = _run(native, tok, [request], lean=False)
         _assert_same(got[request.request_id], alone[request.request_id])
@@ -360,8 +381,8 @@ def torch_threads():
 def test_results_do_not_depend_on_the_kernels_thread_count(native, tok, torch_threads):
     """A replica with a share of several CPUs splits the native products, the batched attention and the
     prefill over that many threads (torch's count): at odd sizes the products equal one thread's bit for
-    bit, and so do an engine's logits where only the native kernels compute (native prefills of 24-60
-    tokens, then whole native steps of 26 rows, greedy and sampled). torch's own products (MKL) can round
+    bit, and so do an engine's logits where only the native kernels compute (one native prefill of four
+    prompts of 2-35 tokens, then whole native steps, greedy and sampled). torch's own products (MKL) can round
     differently with another thread count, so paths through them are compared elsewhere, to 1e-5."""
     from llmopt.serve.native._kernels import load_kernels
 
@@ -379,7 +400,7 @@ def test_results_do_not_depend_on_the_kernels_thread_count(native, tok, torch_th
         for i in range(GEMM_ROWS[0] + 2)
     ]
     native_rows, prefilled = [], []
-    whole_step, prefill = LlamaDecodeStep._native_step, LlamaDecodeStep.prefill
+    whole_step, prefill = LlamaDecodeStep._native_step, LlamaDecodeStep.prefill_many
 
     def run_all(threads: int) -> list[torch.Tensor]:
         torch.set_num_threads(threads)
@@ -404,10 +425,12 @@ def test_results_do_not_depend_on_the_kernels_thread_count(native, tok, torch_th
         patch.setattr(
             LlamaDecodeStep, "_native_step", lambda *a: native_rows.append(len(a[1])) or whole_step(*a)
         )
-        patch.setattr(LlamaDecodeStep, "prefill", lambda *a: prefilled.append(prefill(*a)) or prefilled[-1])
+        patch.setattr(
+            LlamaDecodeStep, "prefill_many", lambda *a: prefilled.append(prefill(*a)) or prefilled[-1]
+        )
         one = run_all(1)
         for threads in (3, 2):
             for a, b in zip(one, run_all(threads), strict=True):
                 assert torch.equal(a, b)
     assert native_rows == 9 * [len(requests)]  # 3 steps after the prefills, on each of 3 runs
-    assert len(prefilled) == 3 * len(requests) and None not in prefilled
+    assert len(prefilled) == 3 and None not in prefilled  # the wave in one call, on each of 3 runs

@@ -40,11 +40,6 @@ logger = logging.getLogger(__name__)
 # Temperatures below this sample greedily (vLLM's threshold): dividing scores by 1e-300, which is 0 in
 # float32, would leave no distribution to sample from.
 GREEDY_BELOW = 1e-5
-# Fresh prompts of one step with more tokens than this in all are prefilled together in one batched forward
-# (MKL's products on all their rows), fewer one by one in the native prefill call. Engine alone, one thread,
-# 64-token prompts, one by one natively against batched: tiny-llama 2 prompts 9.4 / 10.8 ms, 3 13.6 / 13.6,
-# 8 42 / 37; base-100m 2 prompts 303 / 275 ms, 3 457 / 364, 8 1,206 / 835, 16 2,491 / 1,608.
-BATCHED_PREFILL_TOKENS = 128
 
 
 @dataclass
@@ -427,9 +422,7 @@ class GenerationEngine:
             outputs += self._advance_rows(newcomers, logits)
             self._running += newcomers
         elif newcomers:
-            fresh = [s for s in newcomers if s.request.prefix_cache is None]
-            if sum(len(s.request.prompt_ids) for s in fresh) <= BATCHED_PREFILL_TOKENS:
-                fresh = [s for s in fresh if not self._prefill_native(s, outputs)]
+            fresh = self._prefill_native([s for s in newcomers if s.request.prefix_cache is None], outputs)
             if fresh:
                 ids, mask = self._left_padded([s.request.prompt_ids for s in fresh])
                 cache = DynamicCache()
@@ -494,16 +487,18 @@ class GenerationEngine:
             mask[i, width - len(seq) :] = 1
         return ids, mask
 
-    def _prefill_native(self, seq: _Sequence, outputs: list[StepOutput]) -> bool:
-        """Prefill a fresh prompt in the lean step's one native call and admit it (its first output appended
-        to ``outputs``); False, doing nothing, where that does not apply."""
-        done = self._lean.prefill(seq.request.prompt_ids) if self._lean is not None else None
+    def _prefill_native(self, fresh: list[_Sequence], outputs: list[StepOutput]) -> list[_Sequence]:
+        """Prefill fresh prompts together on the lean step (`LlamaDecodeStep.prefill_many`) and admit them
+        (their first outputs appended to ``outputs``); returns the ones left to transformers' forward (all of
+        them where the lean step does not apply)."""
+        prompts = [s.request.prompt_ids for s in fresh]
+        done = self._lean.prefill_many(prompts) if self._lean is not None and fresh else None
         if done is None:
-            return False
-        logits, cache = done
-        outputs += self._advance_rows([seq], logits)
-        self._merge([seq], cache, torch.ones(1, len(seq.request.prompt_ids), dtype=torch.long))
-        return True
+            return fresh
+        logits, cache, mask = done
+        outputs += self._advance_rows(fresh, logits)
+        self._merge(fresh, cache, mask)
+        return []
 
     def _prompt_logprobs(self, seq: _Sequence) -> list:
         """Log-probabilities of each prompt token given the ones before it (one forward pass of the whole

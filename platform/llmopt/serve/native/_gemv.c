@@ -795,61 +795,96 @@ int llmopt_decode_step(float *x, long batch, long hidden, long heads, long kv_he
 #endif
 }
 
-/* A prompt's prefill of a Llama model in one call, without the GIL (the decode step's counterpart, for one
- * sequence without padding or cached prefix): every layer on the prompt's `rows` positions, with causal
- * attention (position t attends to positions 0..t) and each layer's keys and values written to `caches[2 l]`
- * and `caches[2 l + 1]` ([kv_heads, rows, dim] each, KV-head stride rows * dim); then the final RMSNorm and
- * the output head on the last position only, into logits [vocab]. cos and sin are [rows, dim]; x [rows,
- * hidden] holds the prompt's embeddings and is overwritten; weights and eps as in llmopt_decode_step.
- * `scratch` holds `llmopt_prefill_scratch(...)` floats. Returns 0, doing nothing, without a vector path. */
+/* The prefill of `count` prompts of a Llama model in one call, without the GIL (the decode step's
+ * counterpart): every layer on all prompts' positions at once (`rows`, their lengths' sum, so each weight is
+ * read once for the whole wave), with causal attention within each prompt, and each layer's keys and values
+ * written left-padded to `width` positions: `caches[2 l]` and `caches[2 l + 1]` are [count, kv_heads, width,
+ * dim] each, prompt s at positions [width - lengths[s], width) (the layout of the engine's batch cache);
+ * then the final RMSNorm and the output head on each prompt's last position, into logits [count, vocab].
+ * x [rows, hidden] holds the prompts' embeddings one after another and is overwritten; cos and sin are [rows,
+ * dim] (each prompt's positions from 0); weights and eps as in llmopt_decode_step. `scratch` holds
+ * `llmopt_prefill_scratch(rows, ...)` floats. Returns 0, doing nothing, without a vector path. */
 struct prefill_attention {
     const float *qkv, *k, *v;
     float *a, *scores;
-    long rows, heads, kv_heads, dim;
+    const long *lengths;
+    long count, width, heads, kv_heads, dim;
     float scale;
 };
 
-/* Causal attention of positions part, part + parts, ... (interleaved: later positions attend to more). */
+/* Causal attention of rows part, part + parts, ... of all prompts (interleaved: later positions attend to
+ * more), each over its own prompt's keys and values. */
 static void prefill_attention_part(void *ctx, long part, long parts) {
     const struct prefill_attention *p = ctx;
-    const long qkv_width = (p->heads + 2 * p->kv_heads) * p->dim;
-    for (long t = part; t < p->rows; t += parts)
-        llmopt_attend(p->qkv + t * qkv_width, p->k, p->v, p->a + t * p->heads * p->dim, p->heads, p->kv_heads,
-                      t + 1, p->dim, p->rows * p->dim, p->scale, p->scores + part * p->rows);
+    const long qkv_width = (p->heads + 2 * p->kv_heads) * p->dim, row_stride = p->kv_heads * p->width * p->dim;
+    long r = 0;
+    for (long s = 0; s < p->count; s++) {
+        const long len = p->lengths[s], first = (p->width - len) * p->dim;
+        const float *k = p->k + s * row_stride + first, *v = p->v + s * row_stride + first;
+        for (long t = 0; t < len; t++, r++)
+            if (r % parts == part)
+                llmopt_attend(p->qkv + r * qkv_width, k, v, p->a + r * p->heads * p->dim, p->heads, p->kv_heads,
+                              t + 1, p->dim, p->width * p->dim, p->scale, p->scores + part * p->width);
+    }
+}
+
+/* RoPE, the cache write and causal attention of a prefill's layer on fused q|k|v rows [rows, (heads + 2
+ * kv_heads) dim] of `count` prompts (lengths, width, caches k and v of one layer as in llmopt_prefill; cos and
+ * sin [rows, dim]), into a [rows, heads dim]; `scores` holds `width` floats per thread. */
+static void prefill_attend(float *qkv, long count, const long *lengths, long width, long heads, long kv_heads,
+                           long dim, const float *cos, const float *sin, float *k, float *v, float scale,
+                           float *a, float *scores) {
+    const long qkv_width = (heads + 2 * kv_heads) * dim, head_stride = width * dim;
+    const long row_stride = kv_heads * head_stride;
+    long work = 0;
+    for (long s = 0, r = 0; s < count; s++) {
+        const long first = width - lengths[s];
+        for (long t = 0; t < lengths[s]; t++, r++)
+            rope_and_store(qkv + r * qkv_width, cos + r * dim, sin + r * dim, heads, kv_heads, dim,
+                           k + s * row_stride + (first + t) * dim, v + s * row_stride + (first + t) * dim,
+                           head_stride);
+        work += lengths[s] * lengths[s];
+    }
+    struct prefill_attention t = {qkv, k, v, a, scores, lengths, count, width, heads, kv_heads, dim, scale};
+    parallel(prefill_attention_part, &t, work * heads * dim >> 15);
 }
 
 long llmopt_prefill_scratch(long rows, long hidden, long heads, long kv_heads, long dim, long inter, long vocab) {
     return llmopt_decode_step_scratch(rows, hidden, heads, kv_heads, dim, inter, vocab, rows);
 }
 
-int llmopt_prefill(float *x, long rows, long hidden, long heads, long kv_heads, long dim, long inter,
-                   long layers, const float *const *weights, const float *eps, float *const *caches,
-                   const float *cos, const float *sin, float scale, const float *final_norm, float final_eps,
-                   const float *head, const float *head_bias, long vocab, float *logits, float *scratch) {
+int llmopt_prefill(float *x, long count, const long *lengths, long width, long hidden, long heads, long kv_heads,
+                   long dim, long inter, long layers, const float *const *weights, const float *eps,
+                   float *const *caches, const float *cos, const float *sin, float scale, const float *final_norm,
+                   float final_eps, const float *head, const float *head_bias, long vocab, float *logits,
+                   float *scratch) {
 #if LLMOPT_SIMD
-    const long qkv_width = (heads + 2 * kv_heads) * dim, head_stride = rows * dim;
+    long rows = 0;
+    for (long s = 0; s < count; s++) rows += lengths[s];
+    const long qkv_width = (heads + 2 * kv_heads) * dim;
     float *h = scratch, *qkv = h + rows * hidden, *a = qkv + rows * qkv_width, *gu = a + rows * heads * dim;
     float *g = gu + rows * 2 * inter, *scores = g + rows * inter;
     float *gemm_scratch = scores + rows * LLMOPT_MAX_THREADS;
     for (long l = 0; l < layers; l++) {
         const float *const *w = weights + 10 * l;
-        float *k = caches[2 * l], *v = caches[2 * l + 1];
         layer_in(x, rows, hidden, qkv_width, w, eps + 2 * l, h, qkv, gemm_scratch);
-        for (long t = 0; t < rows; t++)
-            rope_and_store(qkv + t * qkv_width, cos + t * dim, sin + t * dim, heads, kv_heads, dim,
-                           k + t * dim, v + t * dim, head_stride);
-        struct prefill_attention t = {qkv, k, v, a, scores, rows, heads, kv_heads, dim, scale};
-        parallel(prefill_attention_part, &t, rows * rows * heads * dim >> 15);
+        prefill_attend(qkv, count, lengths, width, heads, kv_heads, dim, cos, sin, caches[2 * l],
+                       caches[2 * l + 1], scale, a, scores);
         layer_out(x, rows, hidden, heads * dim, inter, w, eps + 2 * l, a, h, gu, g, gemm_scratch);
     }
-    const float *last = x + (rows - 1) * hidden;
-    llmopt_rms_norm_rows(last, final_norm, final_eps, h, 1, hidden);
-    llmopt_gemv(head, h, head_bias, logits, vocab, hidden);
+    for (long s = 0, r = 0; s < count; s++) {
+        r += lengths[s];
+        llmopt_rms_norm_rows(x + (r - 1) * hidden, final_norm, final_eps, h + s * hidden, 1, hidden);
+    }
+    if (count == 1)
+        llmopt_gemv(head, h, head_bias, logits, vocab, hidden);
+    else
+        llmopt_gemm(h, head, head_bias, logits, count, vocab, hidden, 0, gemm_scratch);
     return 1;
 #else
-    (void)x, (void)rows, (void)hidden, (void)heads, (void)kv_heads, (void)dim, (void)inter, (void)layers;
-    (void)weights, (void)eps, (void)caches, (void)cos, (void)sin, (void)scale, (void)final_norm;
-    (void)final_eps, (void)head, (void)head_bias, (void)vocab, (void)logits, (void)scratch;
+    (void)x, (void)count, (void)lengths, (void)width, (void)hidden, (void)heads, (void)kv_heads, (void)dim;
+    (void)inter, (void)layers, (void)weights, (void)eps, (void)caches, (void)cos, (void)sin, (void)scale;
+    (void)final_norm, (void)final_eps, (void)head, (void)head_bias, (void)vocab, (void)logits, (void)scratch;
     return 0;
 #endif
 }

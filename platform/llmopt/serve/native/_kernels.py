@@ -11,7 +11,7 @@ over a KV cache, for the engine's lean Llama step (`_lean_step.py`).
 
 For continuous batching it holds a few-row product (MKL packs the whole weight matrix at every call, a cost
 that does not shrink with the rows; `GEMM_ROWS`), RMSNorm, RoPE + cache write + attention and SiLU kernels
-on rows, and two whole-model calls built from them: a batched decode step and a prompt's prefill. One
+on rows, and two whole-model calls built from them: a batched decode step and a wave of prompts' prefill. One
 ctypes call per step keeps the engine thread off the GIL, which a serving replica's event loop and Ray's
 threads also want.
 
@@ -141,9 +141,10 @@ class NativeKernels:
             -> int`: a whole batched decode step of a Llama model (see `_gemv.c`); 0 without a vector path.
         decode_step_scratch: `decode_step_scratch(batch, hidden, heads, kv_heads, dim, inter, vocab, width)`:
             the floats of scratch `decode_step` needs.
-        prefill: `prefill(x, rows, hidden, heads, kv_heads, dim, inter, layers, weights, eps, caches, cos,
-            sin, scale, final_norm, final_eps, head, head_bias, vocab, logits, scratch) -> int`: one prompt's
-            prefill of a Llama model (see `_gemv.c`); 0 without a vector path.
+        prefill: `prefill(x, count, lengths, width, hidden, heads, kv_heads, dim, inter, layers, weights, eps,
+            caches, cos, sin, scale, final_norm, final_eps, head, head_bias, vocab, logits, scratch) -> int`:
+            the prefill of `count` prompts of a Llama model into left-padded caches (see `_gemv.c`); 0 without
+            a vector path.
         prefill_scratch: `prefill_scratch(rows, hidden, heads, kv_heads, dim, inter, vocab)`: its scratch.
         set_threads: `set_threads(n) -> int`: the threads the batched paths (`gemm`, `decode_step`,
             `prefill`, and `gemv` on matrices of 2 MiB or more) split their work over; returns the number
@@ -240,7 +241,7 @@ def _load_kernels(isa_name: str) -> tuple[NativeKernels | None, str]:
     step.argtypes = [ptr, *[size] * 7, *[ptr] * 7, real, ptr, real, ptr, ptr, size, ptr, ptr]
     step_scratch.argtypes = [size] * 8
     prefill, prefill_scratch = lib.llmopt_prefill, lib.llmopt_prefill_scratch
-    prefill.argtypes = [ptr, *[size] * 7, *[ptr] * 5, real, ptr, real, ptr, ptr, size, ptr, ptr]
+    prefill.argtypes = [ptr, size, ptr, *[size] * 7, *[ptr] * 5, real, ptr, real, ptr, ptr, size, ptr, ptr]
     prefill_scratch.argtypes = [size] * 7
     step.restype = prefill.restype = ctypes.c_int
     lib.llmopt_set_threads.argtypes, lib.llmopt_set_threads.restype = [ctypes.c_int], ctypes.c_int

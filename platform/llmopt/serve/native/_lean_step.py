@@ -15,7 +15,7 @@ process, alternating (engine, 1 thread): tiny-llama 485-671 -> 757-970 tokens/s,
 `decode_batch` does the same for a left-padded batch, attending from each row's first real position, on
 fused q|k|v and gate|up weights (views of the projections' own). A batch of `GEMM_ROWS[0]` rows or more runs
 as one native call (`llmopt_decode_step`: every layer, the final norm and the output head), narrower ones
-layer by layer. `prefill` runs a prompt of `GEMM_ROWS` tokens the same way (`llmopt_prefill`). With 32
+layer by layer. `prefill_many` runs a wave of fresh prompts the same way (`llmopt_prefill`). With 32
 staggered requests on the tiny preset the engine decoded about 2,050 tokens/s through transformers'
 forward, 2,550 through the first batched step (torch's products, per-row torch operations) and 3,200-3,270
 through the native calls with the native prefill.
@@ -223,41 +223,49 @@ class LlamaDecodeStep:
         return (ctypes.c_void_p * len(weights))(*weights), (ctypes.c_float * len(eps))(*eps)
 
     @torch.no_grad()
-    def prefill(self, prompt_ids: list[int]) -> tuple[torch.Tensor, DynamicCache] | None:
-        """One prompt's prefill in one native call (`llmopt_prefill`, without the GIL): its last position's
-        logits ``[1, vocab]`` and a batch-1 cache of every position; None (nothing done) where it does not
-        apply (a prompt shorter or longer than the native product's rows, or the conditions of the whole-step
-        call). transformers' forward took ~2 ms of a 64-token prompt's 7 ms on the tiny preset in Python and
-        small torch calls, each letting other threads take the GIL.
+    def prefill_many(
+        self, prompts: list[list[int]]
+    ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor] | None:
+        """Fresh prompts' prefill, all at once: the last positions' logits ``[count, vocab]``, a left-padded
+        cache of every position ``[count, kv_heads, width, dim]`` per layer and its attention mask ``[count,
+        width]`` (the layout of transformers' batched forward); None (nothing done) where it does not apply
+        (an empty prompt, or the conditions of the whole-step call).
+
+        One native call (`llmopt_prefill`, without the GIL) reads each weight once for every prompt, up to
+        `GEMM_ROWS[1]` tokens in all (None beyond: MKL's blocking wins there, 170-186 GFLOP/s at 512 rows
+        where the native product stays near 140, and transformers' batched forward takes the wave; run
+        layer by layer on torch's products around native attention, it was no faster). Engine alone, one
+        thread, 64-token prompts: see docs/serving-engine.md.
         """
-        rows = len(prompt_ids)
-        if not (GEMM_ROWS[0] <= rows <= GEMM_ROWS[1] and self._native_ready()):
+        lengths = [len(ids) for ids in prompts]
+        if not prompts or min(lengths) < 1 or sum(lengths) > GEMM_ROWS[1] or not self._native_ready():
             return None
         inner, head = self.model.model, self.model.lm_head
         (heads, kv_heads, dim, inter), count = self._dims(), len(inner.layers)
-        x = inner.embed_tokens.weight[torch.tensor(prompt_ids)]
+        rows, width, n = sum(lengths), max(lengths), len(prompts)
+        x = inner.embed_tokens.weight[torch.tensor([t for ids in prompts for t in ids])]
         hidden = x.shape[1]
-        cos, sin = self._rope_tables(torch.arange(rows))
-        kv = torch.empty(count, 2, 1, kv_heads, rows, dim)
+        cos, sin = self._rope_tables(torch.cat([torch.arange(length) for length in lengths]))
+        # Zeros, not garbage, in the padding: transformers' masked attention multiplies it by 0.
+        kv = torch.zeros(count, 2, n, kv_heads, width, dim)
         weights, eps = self._layer_args()
         caches = [t.data_ptr() for layer in kv for t in layer]
-        kernels = self._kernels
+        kernels, vocab = self._kernels, head.out_features
         kernels.follow_torch_threads()
-        scratch = torch.empty(
-            kernels.prefill_scratch(rows, hidden, heads, kv_heads, dim, inter, head.out_features)
-        )
-        logits = x.new_empty(1, head.out_features)
+        scratch = torch.empty(kernels.prefill_scratch(rows, hidden, heads, kv_heads, dim, inter, vocab))
+        logits = x.new_empty(n, vocab)
         bias = None if head.bias is None else head.bias.data_ptr()
         kernels.prefill(
-            x.data_ptr(), rows, hidden, heads, kv_heads, dim, inter, count, weights, eps,
-            (ctypes.c_void_p * len(caches))(*caches), cos.data_ptr(), sin.data_ptr(), self._scale(),
-            inner.norm.weight.data_ptr(), inner.norm.variance_epsilon, head.weight.data_ptr(), bias,
-            head.out_features, logits.data_ptr(), scratch.data_ptr(),
+            x.data_ptr(), n, (ctypes.c_long * n)(*lengths), width, hidden, heads, kv_heads, dim, inter, count,
+            weights, eps, (ctypes.c_void_p * len(caches))(*caches), cos.data_ptr(), sin.data_ptr(),
+            self._scale(), inner.norm.weight.data_ptr(), inner.norm.variance_epsilon, head.weight.data_ptr(),
+            bias, vocab, logits.data_ptr(), scratch.data_ptr(),
         )  # fmt: skip
         cache = DynamicCache()
         for index, (keys, values) in enumerate(kv):
             cache.update(keys, values, index)
-        return logits, cache
+        mask = (torch.arange(width) >= width - torch.tensor(lengths)[:, None]).long()
+        return logits, cache, mask
 
     def _native_step(self, x, starts, cos, sin, cache) -> torch.Tensor | None:
         """The whole step in one native call (`llmopt_decode_step`, without the GIL), for a batch wide enough
