@@ -134,31 +134,6 @@ def batch_settings(user_config: Any, batching: BatchingConfig) -> tuple[int, flo
     return checked.max_batch_size, checked.wait_timeout_s
 
 
-def gather_wave(inbox: SimpleQueue, commands: list, expected: int, gap_s: float) -> None:
-    """Wait for a wave of new requests before an idle engine's first step (``serving.batching.wave_gap_s``).
-
-    ``commands`` holds the inbox's first command since the engine went idle after finishing ``expected``
-    requests in one step; more are appended while "add" commands keep coming less than ``gap_s`` apart, until
-    ``expected`` requests have arrived or ten gaps have passed. With ``vllm bench serve``'s equal-length
-    requests, a wave's 8 or 32 successors reach the replica over several milliseconds: starting at the first
-    one prefilled it alone and gave the rest their first token a whole prefill later (base-100m at
-    concurrency 8: TTFT p50 663-871 ms, p99 1,314-1,500 ms, where vLLM's were 897 and 955).
-    """
-    arrived = sum(len(value) for kind, value in commands if kind == "add")
-    deadline = time.monotonic() + 10 * gap_s
-    while arrived < expected:
-        wait = min(gap_s, deadline - time.monotonic())
-        if wait <= 0:
-            return
-        try:
-            kind, value = inbox.get(timeout=wait)
-        except Empty:
-            return
-        commands.append((kind, value))
-        if kind == "add":
-            arrived += len(value)
-
-
 class _Mallinfo2(ctypes.Structure):
     """glibc's ``struct mallinfo2`` (2.33 and later): every arena's figures, in bytes."""
 
@@ -363,7 +338,6 @@ class LLMServer:
         # streams left the replica's CPU a quarter idle.
         self._inbox: SimpleQueue = SimpleQueue()
         self._engine_thread: threading.Thread | None = None
-        self._wave = 0  # requests the last step finished, when it left the engine with no work
         self._steps = 0
         self._rows = 0
         self._max_rows = 0
@@ -470,9 +444,6 @@ class LLMServer:
         while True:
             try:
                 commands = [] if self.engine.has_work() else [self._inbox.get()]
-                if commands and self._wave > 1:
-                    gather_wave(self._inbox, commands, self._wave, self.config.serving.batching.wave_gap_s)
-                self._wave = 0
                 while True:
                     try:
                         commands.append(self._inbox.get_nowait())
@@ -500,8 +471,6 @@ class LLMServer:
                     loop.call_soon_threadsafe(self._fail_all, exc)
                     continue
                 counts = (self.engine.num_waiting, self.engine.num_running)
-                if not self.engine.has_work():  # the batch emptied: as many successors may come at once
-                    self._wave = sum(out.finished for out in outputs)
                 loop.call_soon_threadsafe(self._deliver, outputs, *counts, step_s)
             except Exception:  # never let the thread die with requests waiting on it
                 logger.exception("llmopt engine thread: unexpected error")

@@ -30,27 +30,6 @@ class ProbedServer(LLMServer.func_or_class):
     def engine_state(self) -> dict:
         return {"engine": id(self.engine), "has_work": self.engine.has_work()}
 
-    def watch_admissions(self) -> None:
-        """Record how many requests each step of the current engine admits (its outputs beyond the rows
-        that were running)."""
-        self.admitted, step = [], self.engine.step
-
-        def counted():
-            running = self.engine.num_running
-            outputs = step()
-            self.admitted.append(len(outputs) - running)
-            return outputs
-
-        self.engine.step = counted
-
-    def admissions(self) -> list[int]:
-        return [n for n in self.admitted if n]
-
-    def set_wave_gap(self, seconds: float) -> None:
-        batching = self.config.serving.batching.model_copy(update={"wave_gap_s": seconds})
-        serving = self.config.serving.model_copy(update={"batching": batching})
-        self.config = self.config.model_copy(update={"serving": serving})
-
     def set_stream_interval(self, seconds: float) -> None:
         # model_copy skips validation: the test sets an interval beyond the configurable 5 s.
         serving = self.config.serving.model_copy(update={"stream_interval_s": seconds})
@@ -138,31 +117,3 @@ def test_a_finished_request_is_not_held_back_by_the_stream_interval(handle):
         handle.set_stream_interval.remote(0.05).result()
     assert len(got) == 2  # the first token at once, then everything else in one chunk when it finished
     assert [t for item in got for t in item.token_ids] == _reference(prompt, 6)
-
-
-@pytest.mark.parametrize("gap_s", [0.25, 0.0], ids=["gathered", "first-alone"])
-def test_a_wave_after_a_batch_finished_together_is_prefilled_in_one_step(handle, gap_s):
-    """Once a step finished every running request, the idle engine admits the next arrivals together while
-    they come less than `wave_gap_s` apart (here 4 requests 20 ms apart after 4 choices finished together);
-    with a gap of 0 it starts at the first. Either way every request gets its reference tokens."""
-    import concurrent.futures
-
-    prompts = [[1, 5, 9, 13], [1, 7, 7, 2], [1, 300, 20], [1, 8, 8]]
-    handle.set_wave_gap.remote(gap_s).result()
-    try:
-        wave = GenerationRequest("wave", prompts[0], SamplingParams(max_tokens=3, n=4, ignore_eos=True))
-        assert len(list(handle.options(stream=True).generate.remote(wave))) > 0
-        assert _idle(handle)
-        handle.watch_admissions.remote().result()
-
-        def send(i: int) -> list[int]:
-            time.sleep(0.02 * i)
-            return _tokens(handle, _payload(f"next{i}", prompts[i], 4))
-
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            got = list(pool.map(send, range(4)))
-        admitted = handle.admissions.remote().result()
-    finally:
-        handle.set_wave_gap.remote(0.01).result()
-    assert got == [_reference(p, 4) for p in prompts]
-    assert admitted[0] == (4 if gap_s else 1), admitted

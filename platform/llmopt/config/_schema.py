@@ -327,16 +327,6 @@ class BatchingConfig(StrictModel):
         description="Wait for a batch to fill; default 0.01 s for `static`, 0 otherwise (a continuous batch "
         "takes newcomers at every decode step, so waiting only delays their first token).",
     )
-    wave_gap_s: float = Field(
-        0.01,
-        ge=0.0,
-        le=1.0,
-        description="`continuous` only: after a step finishes every running request at once (clients of "
-        "equal-length requests then send their next ones together), the idle engine keeps admitting arrivals "
-        "that come less than this far apart, up to as many as finished and at most ten gaps in all, so the "
-        "wave is prefilled in one step instead of its first request alone and the rest a whole prefill "
-        "later; 0 starts at the first arrival. It never delays a request while others are running.",
-    )
     max_prefill_tokens: int | None = Field(
         None,
         ge=1,
