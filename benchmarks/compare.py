@@ -407,7 +407,9 @@ def _plot(report: dict[str, Any], servers: list[str], path: Path) -> None:
             ax.set_ylabel(label)
             ax.set_title(f"{preset}: {label}")
             ax.legend(fontsize=8)
-    fig.suptitle(f"Serving on {report['machine']['cpus']} CPUs, one server at a time ({report['client']})")
+    machine = report["machine"]
+    isa = f", {machine['vector_isa']}" if machine.get("vector_isa") else ""
+    fig.suptitle(f"Serving on {machine['cpus']} CPUs{isa}, one server at a time ({report['client']})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
