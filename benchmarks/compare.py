@@ -113,12 +113,9 @@ def _server_env(args: argparse.Namespace) -> dict[str, str]:
 
 def _vector_isa(isa: str) -> str:
     """The vector instruction set the servers run with, for the report."""
-    try:
-        flags = next(
-            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-        ).split()
-    except (OSError, StopIteration):
-        flags = []
+    from llmopt.serve.native._kernels import _cpu_flags
+
+    flags = _cpu_flags().split()
     native = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "unknown"
     return native if isa == "native" or native == "AVX2" else f"AVX2 (emulated on an {native} CPU)"
 

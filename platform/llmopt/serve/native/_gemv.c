@@ -64,8 +64,8 @@ typedef __m256i vmask;
 #define vmax(a, b) _mm256_max_ps(a, b)
 static inline float vsum(__m256 a) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+    h = _mm_hadd_ps(h, h);
+    return _mm_cvtss_f32(_mm_hadd_ps(h, h));
 }
 /* Lanes [0, n) set (0 <= n <= 8). */
 static inline __m256i vmask_first(long n) {
@@ -212,30 +212,16 @@ static void parallel(llmopt_task fn, void *ctx, long parts) {
 static inline float row_dot(const float *restrict r, const float *restrict x, long n) {
     long i = 0;
     float s = 0.f;
-#if defined(__AVX512F__)
-    __m512 a = _mm512_setzero_ps(), b = a, c = a, d = a;
-    for (; i + 64 <= n; i += 64) {
-        a = _mm512_fmadd_ps(_mm512_loadu_ps(r + i), _mm512_loadu_ps(x + i), a);
-        b = _mm512_fmadd_ps(_mm512_loadu_ps(r + i + 16), _mm512_loadu_ps(x + i + 16), b);
-        c = _mm512_fmadd_ps(_mm512_loadu_ps(r + i + 32), _mm512_loadu_ps(x + i + 32), c);
-        d = _mm512_fmadd_ps(_mm512_loadu_ps(r + i + 48), _mm512_loadu_ps(x + i + 48), d);
+#if LLMOPT_SIMD
+    vf a = vzero(), b = a, c = a, d = a;
+    for (; i + 4 * VW <= n; i += 4 * VW) {
+        a = vfma(vload(r + i), vload(x + i), a);
+        b = vfma(vload(r + i + VW), vload(x + i + VW), b);
+        c = vfma(vload(r + i + 2 * VW), vload(x + i + 2 * VW), c);
+        d = vfma(vload(r + i + 3 * VW), vload(x + i + 3 * VW), d);
     }
-    for (; i + 16 <= n; i += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(r + i), _mm512_loadu_ps(x + i), a);
-    s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
-#elif defined(__AVX2__) && defined(__FMA__)
-    __m256 a = _mm256_setzero_ps(), b = a, c = a, d = a;
-    for (; i + 32 <= n; i += 32) {
-        a = _mm256_fmadd_ps(_mm256_loadu_ps(r + i), _mm256_loadu_ps(x + i), a);
-        b = _mm256_fmadd_ps(_mm256_loadu_ps(r + i + 8), _mm256_loadu_ps(x + i + 8), b);
-        c = _mm256_fmadd_ps(_mm256_loadu_ps(r + i + 16), _mm256_loadu_ps(x + i + 16), c);
-        d = _mm256_fmadd_ps(_mm256_loadu_ps(r + i + 24), _mm256_loadu_ps(x + i + 24), d);
-    }
-    for (; i + 8 <= n; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(r + i), _mm256_loadu_ps(x + i), a);
-    __m256 t = _mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d));
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-    h = _mm_hadd_ps(h, h);
-    h = _mm_hadd_ps(h, h);
-    s = _mm_cvtss_f32(h);
+    for (; i + VW <= n; i += VW) a = vfma(vload(r + i), vload(x + i), a);
+    s = vsum(vadd(vadd(a, b), vadd(c, d)));
 #endif
     for (; i < n; i++) s += r[i] * x[i];
     return s;
