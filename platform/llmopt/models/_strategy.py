@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from llmopt.config import PROMPT_METHODS, RunConfig
+from llmopt.models._experts import pad_expert_groups
 from llmopt.models._upcycle import upcycle_to_moe
 from llmopt.models._zoo import _DTYPES, load_model
 
@@ -110,6 +111,7 @@ def load_for_training(
     `training_dtype` is the precision the engine will cast the model to; QLoRA stores its 4-bit
     weights in it (see `quantization_config`).
     """
+    pad_expert_groups()
     quant = quantization_config(config, training_dtype)
     if quant is None:
         return load_model(config.model, dtype=dtype, device=device)
