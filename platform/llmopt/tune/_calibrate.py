@@ -190,7 +190,8 @@ def _fit(
 
     Step time, split the way `measure` times it, each part against the terms that drive it:
     - the pass floor (forward + backward of two tokens) against the per-layer overhead units and the
-      parameters under ZeRO's gradient hooks;
+      parameters under ZeRO's gradient hooks, on the reference precision's probes, and each other
+      precision's floors as a scale of those (`_fit_floors`);
     - the forward + backward of a micro-batch less its floor against its FLOPs, one rate per precision
       (least squares through the origin): compute no longer shares a fit with fixed costs, which made
       the rate and the overhead trade off against each other from a handful of probes;
@@ -204,7 +205,7 @@ def _fit(
     import numpy as np
 
     mem_rows, mem_targets, mem_precisions = [], [], []
-    floor_rows, floors, opt_rows, opt_targets = [], [], [], []
+    floor_rows, floors, opt_rows, opt_targets, precisions = [], [], [], [], []
     compute: dict[str, list[tuple[float, float]]] = {}
     for config, m in zip(configs, measured, strict=True):
         workload = workload_for(config)
@@ -215,6 +216,7 @@ def _fit(
         mem_targets.append(m.peak_bytes - m.base_bytes - known)
         terms = model.time_terms(config, workload, trainable, total, int(acts["checkpointed"]))
         mem_precisions.append(terms["precision"])
+        precisions.append(terms["precision"])
         accum = terms["accumulation"]
         zero3 = defaults.zero3_layer_overhead_s * terms["zero3_units"]
         floor_rows.append([terms["overhead_units"], terms["grad_params"]])
@@ -225,11 +227,7 @@ def _fit(
         opt_rows.append([1.0, terms["optimizer"]])
         opt_targets.append(m.optimizer_time_s - terms["offload"])
     fixed, scale = _fit_memory(mem_rows, mem_targets, mem_precisions, defaults)
-    if any(r[1] for r in floor_rows):
-        layer_s, zero_grad = _lstsq(floor_rows, floors, [0.0, 0.0])
-    else:  # no probe under ZeRO >= 1: its hooks keep their default cost
-        zero_grad = defaults.zero_grad_s_per_param
-        layer_s = max(0.0, statistics.mean(f / r[0] for r, f in zip(floor_rows, floors, strict=True)))
+    layer_s, zero_grad, overhead_scale = _fit_floors(floor_rows, floors, precisions, defaults)
     rates = {}
     for precision, points in compute.items():
         flops, busy = np.array(points).T
@@ -245,11 +243,40 @@ def _fit(
         "transient_scale": scale,
         "flops_per_s": rates,
         "layer_overhead_s": layer_s,
+        "overhead_scale": overhead_scale,
         "zero_grad_s_per_param": zero_grad,
         "step_overhead_s": step_s,
         "optimizer_s_per_param": defaults.optimizer_s_per_param * factor,
         "zero_step_s_per_param": defaults.zero_step_s_per_param * factor,
     }
+
+
+def _fit_floors(
+    rows: list[list[float]], floors: list[float], precisions: list[str], defaults: Coefficients
+) -> tuple[float, float, dict[str, float]]:
+    """`(layer overhead, ZeRO hook cost per parameter, overhead scale by precision)` from the pass floors.
+
+    The reference precision's probes (fp32 where two or more ran, else the most probed) fit the per-layer
+    and hook costs; every other precision's floors, against what those costs predict for the same
+    strategies, give its scale. Fitted together, a CPU's slow 16-bit floors (2.7x fp32's with AVX2 alone)
+    raised every fp32 prediction by their share: +40% on the tiny MoE's smallest probe.
+    """
+    reference = "fp32" if precisions.count("fp32") >= 2 else max(set(precisions), key=precisions.count)
+    own = [i for i, p in enumerate(precisions) if p == reference]
+    ref_rows, ref_floors = [rows[i] for i in own], [floors[i] for i in own]
+    if any(r[1] for r in ref_rows):
+        layer_s, zero_grad = _lstsq(ref_rows, ref_floors, [0.0, 0.0])
+    else:  # no probe under ZeRO >= 1: its hooks keep their default cost
+        zero_grad = defaults.zero_grad_s_per_param
+        layer_s = max(0.0, statistics.mean(f / r[0] for r, f in zip(ref_rows, ref_floors, strict=True)))
+    overhead_scale = {}
+    for precision in sorted(set(precisions) - {reference}):
+        mine = [i for i, p in enumerate(precisions) if p == precision]
+        expected = sum(layer_s * rows[i][0] for i in mine)
+        spent = sum(floors[i] - zero_grad * rows[i][1] for i in mine)
+        if expected > 0 and spent > 0:
+            overhead_scale[precision] = spent / expected
+    return layer_s, zero_grad, overhead_scale
 
 
 def _varies(values: list[float]) -> bool:
@@ -261,7 +288,7 @@ def _fit_memory(rows, targets, precisions, defaults: Coefficients) -> tuple[int,
     """`(fixed bytes, transient scale)` from the probes' own memory: the fp32 probes' where there are
     two or more. A CPU process's first 16-bit steps set up kernels and caches that stay; in the one
     calibration process they count as a bf16 probe's own memory (~50 MiB with the tiny dense preset,
-    ~150 MiB with the MoE), while a trial worker's runtime memory already holds them: fitted on the bf16
+    ~90 MiB with the MoE), while a trial worker's runtime memory already holds them: fitted on the bf16
     probes too, the model over-predicted bf16 trial workers by 12-16%, on the fp32 ones by 3-7%."""
     keep = [i for i, p in enumerate(precisions) if p == "fp32"]
     if len(keep) >= 2:
@@ -296,7 +323,7 @@ def _in_process_prediction(model: CostModel, config: RunConfig, m: Measurement):
 def calibrate(
     config: RunConfig,
     probes: list[tuple[str, list[str]]] | None = None,
-    steps: int = 8,
+    steps: int = 16,
     hardware: Hardware | None = None,
     save: bool = True,
     log=None,
@@ -307,6 +334,9 @@ def calibrate(
         config: The run whose model, data and resources are profiled.
         probes: `(label, overrides)` strategies to measure (default: `DEFAULT_PROBES`).
         steps: Optimizer steps per probe (the first is not timed; the median of the rest is the figure).
+            Step times on a small CPU spread by a tenth or more between steps, and 16-bit steps start slow
+            while oneDNN compiles kernels for new shapes: over 5 calibrations each of the tiny MoE, 8 steps
+            gave leave-one-out step-time errors of 5-19%, and 16 steps 7-14%.
         hardware: This machine (default: detected).
         save: Write the calibration to its cache file.
         log: Optional callable taking a line of progress text.

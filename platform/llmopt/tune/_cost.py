@@ -90,6 +90,10 @@ class Coefficients:
             micro-batch (gradient copies into the reduce buckets).
         recompute_overhead: A checkpointed layer's extra fixed cost per micro-batch, as a share of a layer's
             (its forward again and the checkpoint wrapper; ~0.6 measured on CPU, one-token passes).
+        overhead_scale: The fixed costs (`layer_overhead_s`) of a precision against the calibration's
+            reference precision (fp32 on CPU), where probes measured both: a CPU without native 16-bit
+            arithmetic converts around every op, so a bf16 pass of two tokens took 2.7x an fp32 one with
+            AVX2 alone, and 1.1x with AVX512-BF16. A precision not listed counts 1.
     """
 
     flops_per_s: dict[str, float]
@@ -109,6 +113,7 @@ class Coefficients:
     zero3_live_params: int = 1_000_000_000
     zero_grad_s_per_param: float = 0.0
     recompute_overhead: float = 0.6
+    overhead_scale: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def defaults(cls, hardware: Hardware) -> Coefficients:
@@ -398,13 +403,20 @@ class CostModel:
         if lora is None:
             per_token = 3 * (layers_linear + 2 * head + attention)
         else:
-            adapters = 6 * lora.adapter_params if lora.method not in PROMPT_METHODS else 0
+            per_token_adapters = lora.adapter_params - lora.expert_adapter_params
+            adapters = 6 * per_token_adapters if lora.method not in PROMPT_METHODS else 0
             per_token = 2 * (layers_linear + 2 * head) + 3 * attention + adapters
             # LoHa / LoKr multiply by the built delta weight: forward, input and weight gradients.
             per_token += 6 * lora.delta_elems_per_layer * shape.num_layers
             if lora.saves_lm_head:
                 per_token += 2 * head
+        per_micro = 0.0
+        if lora is not None and lora.expert_elems_per_layer:
+            token_part, micro_part = lora.expert_flops(shape.top_k, shape.num_experts)
+            per_token += token_part * shape.num_layers
+            per_micro += micro_part * shape.num_layers
         per_token += (checkpointed / shape.num_layers) * (layers_linear + attention)
+        per_token += self._expert_padding_flops(shape, lora, precision, micro * seq, checkpointed)
         if lora is not None and lora.method == "prompt_tuning":
             per_token *= keys / seq  # the virtual tokens are computed like real ones, but not counted
         dequant = 0.0
@@ -425,7 +437,7 @@ class CostModel:
         if n > 1:
             comm = 2 * (n - 1) / n * trainable * wb / c.comm_bytes_per_s + 2 * (n - 1) * c.comm_latency_s
         return {
-            "flops": micro * seq * per_token,
+            "flops": micro * seq * per_token + per_micro,
             "threads": threads,
             "overhead_units": (shape.num_layers + 2)
             * (1 + c.recompute_overhead * checkpointed / shape.num_layers),
@@ -440,6 +452,25 @@ class CostModel:
             "precision": precision,
         }
 
+    def _expert_padding_flops(
+        self, shape: ModelShape, lora: LoraCount | None, precision: str, tokens: int, checkpointed: int
+    ) -> float:
+        """Per token: the experts' products on the zero rows `llmopt.models._experts` pads each expert's
+        group with on CPU in 16-bit (on average half a granule a group)."""
+        if not shape.is_moe or self.hardware.accelerator != "cpu" or precision not in ("bf16", "fp16"):
+            return 0.0
+        from llmopt.models._experts import granule
+
+        rows = tokens * shape.top_k
+        size = granule(rows, shape.num_experts)
+        if size == 1:
+            return 0.0
+        share = shape.num_experts * (size - 1) / 2 / rows
+        forward = 2.0 * shape.top_k * sum(a * b for a, b in shape.expert_shapes().values())
+        passes = (3.0 if lora is None else 2.0) + checkpointed / shape.num_layers
+        weight_grads = lora.expert_flops(shape.top_k, shape.num_experts)[0] if lora is not None else 0.0
+        return share * (passes * forward + weight_grads) * shape.num_layers
+
     def step_time(self, terms: dict[str, Any]) -> tuple[float, dict[str, float]]:
         """Seconds per optimizer step from `time_terms`, and its breakdown."""
         c = self.coefficients
@@ -449,7 +480,7 @@ class CostModel:
             "compute": accum * terms["flops"] / rate,
             "overhead": accum
             * (
-                c.layer_overhead_s * terms["overhead_units"]
+                c.layer_overhead_s * c.overhead_scale.get(terms["precision"], 1.0) * terms["overhead_units"]
                 + c.zero_grad_s_per_param * terms["grad_params"]
                 + c.zero3_layer_overhead_s * terms["zero3_units"]
             )

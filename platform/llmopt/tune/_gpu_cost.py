@@ -37,7 +37,9 @@ Step time per GPU (seconds per micro-batch, then tokens/s over all GPUs):
     compute = tokens x FLOPs per token / (peak FLOP/s x MFU)
     FLOPs per token: forward F = 2 x (weights a token multiplies, head included) + 2 x q_dim x seq per layer
     (causal attention); full fine-tune 3F, frozen base (LoRA / QLoRA) 2F + 6 x adapter params
-    (input gradients only, plus the adapters' weight gradients); gradient checkpointing adds one F.
+    (input gradients only, plus the adapters' weight gradients); adapters on fused experts (peft's
+    `target_parameters`) add the experts' full weight gradients and the building of B @ A
+    (`LoraCount.expert_flops`); gradient checkpointing adds one F.
     dequant (QLoRA) = passes x quantized weights x (packed bytes + 2 x 2 bytes) / (memory bandwidth x eff)
     collectives = ring all-gather / reduce-scatter / all-reduce bytes x (n-1)/n / link bandwidth,
     overlapped with compute inside a micro-batch, exposed at the optimizer step
@@ -449,7 +451,10 @@ def flops_per_token(shape: ModelShape, strategy: GpuStrategy) -> float:
     """Training FLOPs per token (see the module doc)."""
     fwd = 2.0 * shape.matmul_params_per_token() + 2.0 * shape.num_layers * shape.q_dim * strategy.seq_len
     lora = lora_count(shape, strategy)
-    total = 3 * fwd if lora is None else 2 * fwd + 6.0 * lora.trainable
+    total = 3 * fwd if lora is None else 2 * fwd + 6.0 * (lora.trainable - lora.expert_adapter_params)
+    if lora is not None and lora.expert_elems_per_layer:
+        per_token, per_micro = lora.expert_flops(shape.top_k, shape.num_experts)
+        total += shape.num_layers * (per_token + per_micro / strategy.tokens)
     return total + (fwd if strategy.gradient_checkpointing else 0.0)
 
 

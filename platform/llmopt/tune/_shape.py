@@ -33,6 +33,13 @@ class LoraCount:
             and multiply by it: its elements per layer (0 for the other methods).
         virtual_tokens: Prompt tuning's extra positions in every sequence; prefix tuning's extra keys and
             values in every attention.
+        expert_elems_per_layer: Elements of the fused expert parameters with adapters, all experts of one
+            layer. peft folds `W + B @ A` into them on every forward (`ParamWrapper`), so the grouped product
+            takes a weight that needs a gradient: the full weight gradient is computed, and `B @ A` is built
+            and differentiated, where a linear's adapter multiplies each token by `A` and `B`.
+        expert_adapter_params: The part of `adapter_params` on fused experts (all layers): trained like the
+            others, but computed through the fold, not per token.
+        rank: The adapter rank.
     """
 
     adapter_params: int
@@ -43,10 +50,25 @@ class LoraCount:
     method: str = "lora"
     delta_elems_per_layer: int = 0
     virtual_tokens: int = 0
+    expert_elems_per_layer: int = 0
+    expert_adapter_params: int = 0
+    rank: int = 0
 
     @property
     def trainable(self) -> int:
         return self.adapter_params + self.saved_params
+
+    def expert_flops(self, top_k: int, num_experts: int) -> tuple[float, float]:
+        """FLOPs of the adapters on fused experts, per layer: `(per token, per micro-batch)`.
+
+        A token's `top_k` experts each add a weight-gradient product. Each forward builds `B @ A` for every
+        expert twice: peft registers the fold as a parametrization on every forward, and torch evaluates a
+        new parametrization once to check it. The backward differentiates one build for both factors.
+        (Counted with torch's FlopCounterMode on tiny-moe in tests/unit/test_tune_cost.py.)"""
+        if not self.expert_elems_per_layer:
+            return 0.0, 0.0
+        per_expert = self.expert_elems_per_layer / max(1, num_experts)
+        return 2.0 * top_k * per_expert, 8.0 * self.rank * self.expert_elems_per_layer
 
 
 @dataclass(frozen=True)
@@ -229,7 +251,8 @@ class ModelShape:
             for name in self.expert_shapes()
             if any(_matches(name, t) for t in targets.get("target_parameters") or [])
         }
-        adapter += sum(r * self.num_experts * sum(self.expert_shapes()[n]) for n in experts)
+        on_experts = sum(r * self.num_experts * sum(self.expert_shapes()[n]) for n in experts)
+        adapter += on_experts
         saved, saves_head = 0, False
         for target in targets.get("modules_to_save") or []:
             if target in ("lm_head", "model.lm_head"):
@@ -244,6 +267,7 @@ class ModelShape:
         elif method == "prefix_tuning":
             adapter = virtual_tokens * self.num_layers * 2 * self.kv_dim
         rank = {"ia3": 0, "prompt_tuning": 0, "prefix_tuning": 0}.get(method, r)
+        prompt = method if method in ("prompt_tuning", "prefix_tuning") else None
         return LoraCount(
             adapter_params=adapter,
             saved_params=saved,
@@ -255,6 +279,12 @@ class ModelShape:
             if method in ("loha", "lokr")
             else 0,
             virtual_tokens=virtual_tokens if method in ("prompt_tuning", "prefix_tuning") else 0,
+            expert_elems_per_layer=self.num_experts
+            * sum(a * b for a, b in (self.expert_shapes()[n] for n in experts))
+            if prompt is None
+            else 0,
+            expert_adapter_params=on_experts * self.num_layers if prompt is None else 0,
+            rank=rank,
         )
 
     # --- activations -------------------------------------------------------------------------------
