@@ -120,3 +120,25 @@ def test_a_bf16_moe_training_step_runs_padded_and_matches_the_unpadded_step(kern
 def test_fp32_training_keeps_transformers_product(kernel_groups):
     _moe_step(torch.float32)
     assert any(size % 32 for sizes in kernel_groups for size in sizes)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["moe.adapter_targets=[attention]"], ["lora.enabled=false"]],
+    ids=["lora-experts", "lora-attention", "full"],
+)
+def test_padding_keeps_no_more_for_backward_than_the_unpadded_product(monkeypatch, overrides):
+    """The cost model's activation counts hold in padded training: autograd keeps the same bytes (frozen
+    experts keep no input, adapted or trained ones their input and weight)."""
+    from llmopt.models import load_model
+    from llmopt.train._checkpointing import measure_layer_activations
+
+    config = load_config("jobs/configs/tiny-moe-reverse.yaml", overrides)
+    ids = torch.randint(5, 200, (8, 64), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    original, saved = _unpadded(), {}
+    for name, product in (("padded", moe._grouped_mm), ("unpadded", original)):
+        monkeypatch.setattr(moe, "_grouped_mm", product)
+        model, _ = apply_strategy(load_model("tiny-moe"), config)
+        saved[name] = measure_layer_activations(model.to(torch.bfloat16).train(), batch)
+    assert saved["padded"] == saved["unpadded"]
