@@ -336,7 +336,7 @@ def calibrate(
         steps: Optimizer steps per probe (the first is not timed; the median of the rest is the figure).
             Step times on a small CPU spread by a tenth or more between steps, and 16-bit steps start slow
             while oneDNN compiles kernels for new shapes: calibrating the tiny MoE, 8 steps gave leave-one-out
-            step-time errors of 5-19% (6 calibrations), 16 steps 7-15% (9).
+            step-time errors of 5-19% (6 calibrations), 16 steps 7-15% (12).
         hardware: This machine (default: detected).
         save: Write the calibration to its cache file.
         log: Optional callable taking a line of progress text.
