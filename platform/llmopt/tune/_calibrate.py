@@ -204,8 +204,8 @@ def _fit(
     """
     import numpy as np
 
-    mem_rows, mem_targets, mem_precisions = [], [], []
-    floor_rows, floors, opt_rows, opt_targets, precisions = [], [], [], [], []
+    mem_rows, mem_targets, precisions = [], [], []
+    floor_rows, floors, opt_rows, opt_targets = [], [], [], []
     compute: dict[str, list[tuple[float, float]]] = {}
     for config, m in zip(configs, measured, strict=True):
         workload = workload_for(config)
@@ -215,7 +215,6 @@ def _fit(
         mem_rows.append([1.0, acts["transient_units"]])
         mem_targets.append(m.peak_bytes - m.base_bytes - known)
         terms = model.time_terms(config, workload, trainable, total, int(acts["checkpointed"]))
-        mem_precisions.append(terms["precision"])
         precisions.append(terms["precision"])
         accum = terms["accumulation"]
         zero3 = defaults.zero3_layer_overhead_s * terms["zero3_units"]
@@ -226,7 +225,7 @@ def _fit(
         compute.setdefault(terms["precision"], []).append((terms["flops"] / terms["threads"], busy))
         opt_rows.append([1.0, terms["optimizer"]])
         opt_targets.append(m.optimizer_time_s - terms["offload"])
-    fixed, scale = _fit_memory(mem_rows, mem_targets, mem_precisions, defaults)
+    fixed, scale = _fit_memory(mem_rows, mem_targets, precisions, defaults)
     layer_s, zero_grad, overhead_scale = _fit_floors(floor_rows, floors, precisions, defaults)
     rates = {}
     for precision, points in compute.items():

@@ -411,10 +411,10 @@ class CostModel:
             if lora.saves_lm_head:
                 per_token += 2 * head
         per_micro = 0.0
-        if lora is not None and lora.expert_elems_per_layer:
+        if lora is not None:  # adapters on fused experts (zero without them)
             token_part, micro_part = lora.expert_flops(shape.top_k, shape.num_experts)
             per_token += token_part * shape.num_layers
-            per_micro += micro_part * shape.num_layers
+            per_micro = micro_part * shape.num_layers
         per_token += (checkpointed / shape.num_layers) * (layers_linear + attention)
         per_token += self._expert_padding_flops(shape, lora, precision, micro * seq, checkpointed)
         if lora is not None and lora.method == "prompt_tuning":

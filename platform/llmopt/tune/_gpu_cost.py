@@ -452,7 +452,7 @@ def flops_per_token(shape: ModelShape, strategy: GpuStrategy) -> float:
     fwd = 2.0 * shape.matmul_params_per_token() + 2.0 * shape.num_layers * shape.q_dim * strategy.seq_len
     lora = lora_count(shape, strategy)
     total = 3 * fwd if lora is None else 2 * fwd + 6.0 * (lora.trainable - lora.expert_adapter_params)
-    if lora is not None and lora.expert_elems_per_layer:
+    if lora is not None:  # adapters on fused experts (zero without them)
         per_token, per_micro = lora.expert_flops(shape.top_k, shape.num_experts)
         total += shape.num_layers * (per_token + per_micro / strategy.tokens)
     return total + (fwd if strategy.gradient_checkpointing else 0.0)
