@@ -293,12 +293,13 @@ class LLMServer:
     def __init__(self, config: dict[str, Any]):
         from llmopt.devices import ray_assigned_device
         from llmopt.models import load_tokenizer
-        from llmopt.runtime import set_torch_threads
+        from llmopt.runtime import available_cpus, set_torch_threads
         from llmopt.serve import load_adapters, load_serving_model, load_virtual_prefixes
 
         self.config = RunConfig.model_validate(config)
         # Threads from this replica's CPU share: 1 thread per 0.5-1 CPU ran ~10x faster than oversubscribing.
-        set_torch_threads(self.config.resources.cpus_per_worker)
+        self.decode_threads = set_torch_threads(self.config.resources.cpus_per_worker)
+        self.prefill_threads = self.config.serving.prefill_thread_count(self.decode_threads, available_cpus())
         # The GPU Ray assigned this replica (from resources.gpus_per_worker), else the CPU.
         self.device = ray_assigned_device(self.config.resources.accelerator)
         if self.device.type == "cuda":
@@ -377,6 +378,7 @@ class LLMServer:
             continuous=batching.mode == "continuous",
             use_cache=self.config.serving.kv_cache.enabled,
             max_prefill_tokens=batching.max_prefill_tokens,
+            prefill_threads=self.prefill_threads if self.device.type == "cpu" else None,
         )
 
     def _set_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
@@ -725,6 +727,10 @@ class LLMServer:
                 "waiting": self.engine.num_waiting,
                 "decode_kernel": getattr(self.model, "decode_kernel", "torch"),
                 "decode_path": self.engine.decode_path,
+                "threads": {
+                    "decode": self.decode_threads,
+                    "prefill": self.engine.prefill_threads or self.decode_threads,
+                },
             },
             "batch_size": {
                 "steps": self._steps,

@@ -5,7 +5,26 @@ Torch-free until `set_torch_threads` runs, so the cost model can predict the thr
 
 from __future__ import annotations
 
-__all__ = ["set_torch_threads", "threads_for_cpus"]
+import os
+from pathlib import Path
+
+__all__ = ["available_cpus", "set_torch_threads", "threads_for_cpus"]
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota (a container's or
+    a Kubernetes pod's limit), at least one."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    try:  # "max 100000" or "200000 100000"
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
 
 
 def threads_for_cpus(cpus: float) -> int:

@@ -323,7 +323,7 @@ def test_openai_session_id_reuses_the_prefix(server, engine):
     assert fresh.json()["choices"] == second["choices"]
 
 
-def test_batch_generate_and_batching_under_concurrency(server, reference, engine):
+def test_batch_generate_and_batching_under_concurrency(server, reference, engine, setup):
     body = {"prompts": PROMPTS[:4], "max_tokens": 8}
     response = httpx.post(f"{server}/api/v1/model/batch-generate", json=body, headers=AUTH, timeout=60)
     assert response.status_code == 200, response.text
@@ -344,6 +344,15 @@ def test_batch_generate_and_batching_under_concurrency(server, reference, engine
     assert kernel.startswith("native") or kernel == "torch"  # torch's: no C compiler on this machine
     # This app loads a LoRA adapter, so its replicas decode through peft's model, not the lean Llama step.
     assert stats["engine"]["decode_path"] == "transformers (PeftModel is not LlamaForCausalLM)"
+    # Decode steps on the replica's CPU share; prefills (`serving.prefill_threads: auto`, one replica) on
+    # every CPU the process may use.
+    from llmopt.config import load_config
+    from llmopt.runtime import available_cpus, threads_for_cpus
+
+    config = load_config(None, setup)
+    assert config.serving.prefill_threads == "auto" and config.serving.autoscaling.max_replicas == 1
+    decode = threads_for_cpus(config.resources.cpus_per_worker)
+    assert stats["engine"]["threads"] == {"decode": decode, "prefill": max(decode, available_cpus())}
     assert stats["batch_size"]["max"] > 1  # requests really were decoded together
     assert stats["kv_cache"]["hits"] >= 1
     clock = stats["engine_thread"]

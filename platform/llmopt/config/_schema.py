@@ -8,7 +8,7 @@ name both values plus the fix.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -499,6 +499,16 @@ class ServingConfig(StrictModel):
         "docs/serving-engine.md); one model, no `models` or `routes`. `auto`: `single` for one model on at "
         "most one replica (`autoscaling.max_replicas: 1`), else `split`.",
     )
+    prefill_threads: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] | None = Field(
+        "auto",
+        description="CPU threads of a replica's prompt prefills; decode steps keep one per CPU of "
+        "`resources.cpus_per_worker`. A prefill's products have a row per prompt token and scale with "
+        "threads; a decode step's have a row per request and share the cores with the HTTP path. `auto`: "
+        "every CPU this process may use (its affinity and cgroup quota) when the model has at most one "
+        "replica (`autoscaling.max_replicas: 1`, one model), else the decode steps' count; null: the "
+        "decode steps' count. No effect on a GPU.",
+    )
+
     max_ongoing_requests: int | None = Field(
         None, ge=1, description="Per-replica concurrency; defaults to 2 x batching.max_batch_size."
     )
@@ -570,6 +580,16 @@ class ServingConfig(StrictModel):
         """Requests a model replica holds at once: `max_ongoing_requests`, or twice the batch when unset
         (Serve's default of 5 would silently cap the batch)."""
         return self.max_ongoing_requests or 2 * self.batching.max_batch_size
+
+    def prefill_thread_count(self, decode_threads: int, available_cpus: int) -> int:
+        """Threads for a replica's prefills (`prefill_threads` resolved): `auto` takes every available CPU
+        for the one replica of the one model, whose decode steps use `decode_threads`."""
+        if self.prefill_threads is None:
+            return decode_threads
+        if self.prefill_threads == "auto":
+            alone = not self.models and self.autoscaling.max_replicas == 1
+            return max(decode_threads, available_cpus) if alone else decode_threads
+        return self.prefill_threads
 
     @property
     def single_layout(self) -> bool:

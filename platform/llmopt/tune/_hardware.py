@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Literal
 
 from llmopt.config import format_bytes
 from llmopt.config._resolve import GIB
+from llmopt.runtime import available_cpus
 
 _UNITS = {
     "": GIB,  # a bare number is GiB, like the schema's *_gb fields
@@ -74,20 +74,6 @@ def _cgroup_limit(paths: list[str]) -> int | None:
         if text and text != "max" and text.isdigit() and int(text) < 1 << 60:
             return int(text)
     return None
-
-
-def _cpu_count() -> int:
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    try:  # cgroup v2 quota ("max 100000" or "200000 100000")
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cpus = min(cpus, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, cpus)
 
 
 def _cpu_has_bf16() -> bool:
@@ -153,7 +139,7 @@ class Hardware:
             gpu_memory, gpu_name = int(props.total_memory), props.name
         return cls(
             accelerator="gpu" if gpus else "cpu",
-            cpus=_cpu_count(),
+            cpus=available_cpus(),
             memory_bytes=int(memory),
             gpus=gpus,
             gpu_memory_bytes=gpu_memory,
