@@ -63,6 +63,8 @@ def test_search_completes_and_writes_outputs(search):
     summary = json.loads((search.out_dir / "summary.json").read_text())
     assert summary["counts"] == c
     assert summary["cost_model"]["calibrated"] is False  # the defaults this module asks for
+    # Uncalibrated, the cost model's memory error is unknown: no margin under the budget.
+    assert summary["cost_model"]["memory_margin"] == 0.0 and c["pruned_margin"] == 0
     assert summary["cost_model"]["trial_errors"]["peak_memory"]["trials"] >= 1
     assert summary["baseline"]["trial_id"] == "baseline"
     # The baseline ran through the same trial code, on the same token budget, as every trial.

@@ -402,6 +402,15 @@ def tune_command(
     memory_budget: Annotated[
         str | None, typer.Option(help="Peak memory per worker, e.g. 1GiB (a bare number is GiB).")
     ] = None,
+    memory_margin: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=0.49,
+            help="Prune strategies predicted within this share of --memory-budget (default: the cost "
+            "model's measured memory error on this machine, 0 uncalibrated).",
+        ),
+    ] = None,
     objective: Annotated[str, typer.Option(help="`throughput` or `loss`.")] = "throughput",
     loss_ceiling: Annotated[
         str | None, typer.Option(help="Highest held-out loss allowed: a number or 'baseline'.")
@@ -462,6 +471,7 @@ def tune_command(
     settings = SearchSettings(
         objective=objective,  # type: ignore[arg-type]
         memory_budget_bytes=budget,
+        memory_margin=memory_margin,
         loss_ceiling=ceiling,  # type: ignore[arg-type]
         num_samples=num_samples,
         max_concurrent_trials=None if max_concurrent == "auto" else int(max_concurrent),
@@ -507,7 +517,9 @@ def _report(result) -> None:
     c = result.counts
     wide.print(
         f"{c['sampled']} trials: {c['ran']} ran, {c['feasible']} of them feasible; {c['pruned']} pruned "
-        f"without running ({c['pruned'] - c['pruned_loss']} by the cost model, {c['pruned_loss']} "
+        f"without running ({c['pruned'] - c['pruned_loss']} by the cost model"
+        + (f", {c['pruned_margin']} of them within its memory margin" if c.get("pruned_margin") else "")
+        + f", {c['pruned_loss']} "
         f"projected to miss the loss ceiling), {c['infeasible']} infeasible, {c['stopped']} stopped early, "
         f"{c['error']} errors; grid: {c['grid_pruned']} of {c['grid_candidates']} strategies pruned; "
         f"{result.seconds:.0f} s",

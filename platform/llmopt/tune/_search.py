@@ -62,6 +62,10 @@ class SearchSettings:
         objective: `throughput` (highest tokens/s under the memory budget and loss ceiling) or `loss`
             (lowest held-out loss under the memory budget, within `trial_time_s` per trial).
         memory_budget_bytes: Peak memory allowed per worker (None: only the machine's limits).
+        memory_margin: Share of the budget a prediction must stay under to run: a strategy predicted above
+            `memory_budget_bytes x (1 - memory_margin)` is pruned, as the cost model cannot tell whether it
+            fits. None: the calibration's mean leave-one-out peak-memory error on this machine (0 when
+            uncalibrated, whose error is not known).
         loss_ceiling: Highest held-out loss a feasible strategy may reach; `"baseline"` takes the
             rule-based template's measured held-out loss from the same run; None: no ceiling.
         num_samples: Trials the searcher proposes.
@@ -88,6 +92,7 @@ class SearchSettings:
 
     objective: Objective = "throughput"
     memory_budget_bytes: int | None = None
+    memory_margin: float | None = None
     loss_ceiling: float | Literal["baseline"] | None = None
     num_samples: int = 12
     max_concurrent_trials: int | None = 1
@@ -117,6 +122,10 @@ class SearchSettings:
                 issues.append(ConfigIssue(name, f"{getattr(self, name)} must be at least 1"))
         if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
             issues.append(ConfigIssue("memory_budget", "must be positive, e.g. 1GiB"))
+        if self.memory_margin is not None and not 0 <= self.memory_margin < 0.5:
+            issues.append(
+                ConfigIssue("memory_margin", f"{self.memory_margin} must be a share in [0, 0.5), e.g. 0.05")
+            )
         if isinstance(self.loss_ceiling, str) and self.loss_ceiling != "baseline":
             issues.append(ConfigIssue("loss_ceiling", f"{self.loss_ceiling!r}: give a number or 'baseline'"))
         if self.loss_ceiling == "baseline" and not self.baseline:
@@ -229,6 +238,7 @@ class TrialContext:
     settings: SearchSettings
     loss_ceiling: float | None = None
     loss_reference: Observation | None = None  # the baseline's (family, log(steps x lr), held-out loss)
+    memory_margin: float = 0.0  # `SearchSettings.memory_margin`, resolved
     # The experiment's storage directory. A trial's own directory is on the node that runs it (Tune syncs
     # no artifacts by default), so outcome records are written here, where every node's trials and the
     # driver read them; on a cluster of several machines it is a shared filesystem, as Tune requires.
@@ -353,6 +363,13 @@ def run_trial(
     )
     if s.prune and not prediction.fits:
         return finish(status="pruned", reason="pruned by cost model: " + "; ".join(prediction.reasons))
+    if s.prune and budget is not None and prediction.peak_bytes > budget * (1 - ctx.memory_margin):
+        return finish(
+            status="pruned",
+            reason=f"pruned by cost model: predicted peak {format_bytes(prediction.peak_bytes)} is within "
+            f"{ctx.memory_margin:.1%} of the budget {format_bytes(budget)}, the cost model's memory error "
+            "on this machine (--memory-margin 0 runs it)",
+        )
     record.update(
         family=family(config),
         loss_progress=progress(config.training.max_steps, config.training.lr, update_scale(config)),
@@ -689,6 +706,16 @@ def _rows_from(results, experiment: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def memory_margin(setting: float | None, probe_errors: dict[str, float] | None) -> float:
+    """`SearchSettings.memory_margin` resolved: the setting, else the calibration's mean leave-one-out
+    peak-memory error (a strategy predicted that close to the budget fits or not by the model's error), else
+    0 (uncalibrated: the defaults' error here is not known)."""
+    if setting is not None:
+        return setting
+    error = (probe_errors or {}).get("loo_memory_error")
+    return min(0.25, error) if error is not None and math.isfinite(error) else 0.0
+
+
 def run_search(
     base: RunConfig,
     space: SearchSpace,
@@ -766,14 +793,23 @@ def run_search(
         facts = space_facts(cost.shape, cost.hardware)
         workload = workload_for(trial_base)
         ctx = TrialContext(trial_base, space, facts, cost, workload, settings)
+        # The trials' margin, set once the baseline ran: the template is the reference, never pruned for it.
+        margin = memory_margin(settings.memory_margin, probe_errors)
+        budget = settings.memory_budget_bytes
+        usable = int(budget * (1 - margin)) if budget is not None else None
 
         # The cost model's view of the whole space: how many strategies it prunes, and the seeds.
-        ranking = recommend(trial_base, space, cost, settings.memory_budget_bytes, settings.workers, points=2)
+        ranking = recommend(trial_base, space, cost, usable, settings.workers, points=2)
         grid = ranking.counts()
         log(
             f"cost model: {grid['candidates']} grid strategies, {grid['fit']} predicted to fit, "
             f"{grid['pruned']} pruned before running (budget "
-            f"{format_bytes(settings.memory_budget_bytes) if settings.memory_budget_bytes else 'none'})"
+            + (
+                f"{format_bytes(budget)}, less a {margin:.1%} margin for the cost model's "
+                f"memory error: {format_bytes(usable)})"
+                if budget is not None
+                else "none)"
+            )
         )
         max_batch, scale = None, None
         # Twice the probes' mean leave-one-out step-time error: how far apart two predictions must be
@@ -804,6 +840,7 @@ def run_search(
             log(f"loss ceiling: the baseline's held-out loss {ceiling}")
         ctx.loss_ceiling = ceiling
         ctx.loss_reference = _observation(baseline) if baseline is not None else None
+        ctx.memory_margin = margin
         if baseline is not None and ceiling is not None and baseline.get("eval_loss") is not None:
             ok, why = feasibility(
                 baseline["status"] in ("ok", "infeasible") and baseline.get("tokens_per_s") is not None,
@@ -876,6 +913,7 @@ def run_search(
         "feasible": sum(bool(r.get("feasible")) for r in rows),
         "pruned": sum(r["status"] == "pruned" for r in rows),
         "pruned_loss": sum(str(r.get("reason", "")).startswith("projected to miss") for r in rows),
+        "pruned_margin": sum("the cost model's memory error" in str(r.get("reason", "")) for r in rows),
         "ran": sum(r["status"] in ("ok", "infeasible", "stopped") for r in rows),
         "infeasible": sum(r["status"] == "infeasible" for r in rows),
         "stopped": sum(r["status"] == "stopped" for r in rows),
@@ -902,7 +940,7 @@ def run_search(
         seconds=time.perf_counter() - start,
         seeds=seeds,
         loss_ceiling=ceiling,
-        cost_model=cost_info,
+        cost_model={**cost_info, "memory_margin": margin},
     )
     write_outputs(result)
     return result
