@@ -10,7 +10,7 @@ import pytest
 from llmopt.config import ConfigError, load_config
 from llmopt.tune import CostModel, Hardware, load_space, model_shape
 from llmopt.tune._loss_guard import Observation, progress
-from llmopt.tune._search import SearchSettings, TrialContext, memory_margin, run_trial
+from llmopt.tune._search import MARGIN_REASON, SearchSettings, TrialContext, memory_margin, run_trial
 from llmopt.tune._workload import workload_for
 
 CONFIG = "jobs/configs/tiny-llama-reverse.yaml"
@@ -57,6 +57,7 @@ def test_a_strategy_predicted_within_the_margin_of_the_budget_is_pruned_before_i
     near = trial("five-percent", 0.05)
     assert near["status"] == "pruned" and near["predicted_peak_bytes"] == predicted
     assert "within 5.0% of the budget" in near["reason"] and "--memory-margin 0" in near["reason"]
+    assert near["reason"].endswith(MARGIN_REASON)  # how the search's counts find it (`pruned_margin`)
     assert not (tmp_path / "exp" / "five-percent" / "run").exists()  # nothing trained
     # A margin under the 3% the prediction leaves passes it on to the next check (the loss guard here).
     passed = trial("two-percent", 0.02)

@@ -464,8 +464,8 @@ class GenerationEngine:
         request and share the replica's cores with its HTTP path. torch's count is per thread under
         OpenMP: this changes the engine thread's own, which the native kernels follow.
         """
-        threads = torch.get_num_threads()
-        if not needed or self.prefill_threads is None or self.prefill_threads == threads:
+        threads = torch.get_num_threads() if needed and self.prefill_threads is not None else None
+        if threads is None or self.prefill_threads == threads:
             yield
             return
         torch.set_num_threads(self.prefill_threads)

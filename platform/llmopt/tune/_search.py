@@ -192,6 +192,8 @@ def trial_placement(
 # --- scoring (pure) ------------------------------------------------------------------------------------
 TRIAL_RESOURCES = {"memory": 64 * 2**20}  # a trial's own actor; see the module doc
 SEED_SCALE_FACTOR = 2.0  # a seeded adapter's update scale over the baseline's; see `_seed_points`
+# Ends the reason of a trial pruned for the memory margin; the search's counts find those trials by it.
+MARGIN_REASON = "the cost model's memory error on this machine (--memory-margin 0 runs it)"
 UNCALIBRATED_SPREAD = 0.25  # seeds of another precision within this share of the top, uncalibrated
 
 
@@ -367,8 +369,7 @@ def run_trial(
         return finish(
             status="pruned",
             reason=f"pruned by cost model: predicted peak {format_bytes(prediction.peak_bytes)} is within "
-            f"{ctx.memory_margin:.1%} of the budget {format_bytes(budget)}, the cost model's memory error "
-            "on this machine (--memory-margin 0 runs it)",
+            f"{ctx.memory_margin:.1%} of the budget {format_bytes(budget)}, {MARGIN_REASON}",
         )
     record.update(
         family=family(config),
@@ -913,7 +914,7 @@ def run_search(
         "feasible": sum(bool(r.get("feasible")) for r in rows),
         "pruned": sum(r["status"] == "pruned" for r in rows),
         "pruned_loss": sum(str(r.get("reason", "")).startswith("projected to miss") for r in rows),
-        "pruned_margin": sum("the cost model's memory error" in str(r.get("reason", "")) for r in rows),
+        "pruned_margin": sum(str(r.get("reason", "")).endswith(MARGIN_REASON) for r in rows),
         "ran": sum(r["status"] in ("ok", "infeasible", "stopped") for r in rows),
         "infeasible": sum(r["status"] == "infeasible" for r in rows),
         "stopped": sum(r["status"] == "stopped" for r in rows),
